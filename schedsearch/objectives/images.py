@@ -1,0 +1,24 @@
+"""Image helpers shared by the CLI, training and reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def to_unit_interval(images: torch.Tensor) -> torch.Tensor:
+    """Model pixel space [-1, 1] -> [0, 1], clamped."""
+    return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def save_grid(images: torch.Tensor, path: Path | str, nrow: int = 8) -> Path:
+    """Write images in [-1, 1] as one PNG grid, atomically (a killed run leaves no half-written file)."""
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    save_image(to_unit_interval(images), tmp, nrow=nrow, padding=2)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,643 @@
+"""diffusers pipelines as schedsearch models: `load_model("diffusers:<local dir or hub id>")`.
+
+The pipeline is only a container here: we take its denoiser (transformer or UNet), scheduler config, text encoders
+and VAE, and expose them through the same `LoadedModel` interface as the builtin model, so the unified sampler and the
+cache hooks see one calling convention for every family:
+
+- `denoise(x, t, step_index)` gets x in the *unpacked* latent layout `info.sample_shape` and the sampler's model time
+  t ∈ [0, num_train_timesteps); it returns the raw network output (ε, v or flow velocity) with guidance applied.
+- For flow-matching models t is the *unshifted* time of `FlowSchedule`; the network receives the shifted σ(t) in the
+  unit its pipeline uses (SD3: σ·T, Flux: σ), which is what diffusers' `FlowMatchEulerDiscreteScheduler.timesteps`
+  holds (σ·T after the shift). With shift = 1 the two coincide.
+
+Nothing is ever downloaded: a hub id must already be in the local Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from schedsearch.runtime.models import BlockGroup, LoadedModel, ModelInfo, ModelNotAvailableError
+from schedsearch.runtime.noise import FlowSchedule, NoiseSchedule, VPSchedule
+
+# denoiser class name -> family ("sd" UNets with SDXL's text_time added conditioning become "sdxl")
+FAMILY_BY_CLASS = {
+    "DiTTransformer2DModel": "dit",
+    "PixArtTransformer2DModel": "pixart",
+    "UNet2DConditionModel": "sd",
+    "SD3Transformer2DModel": "sd3",
+    "FluxTransformer2DModel": "flux",
+}
+# the pipelines' own `guidance_scale` defaults
+GUIDANCE_DEFAULTS = {"dit": 4.0, "pixart": 4.5, "sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5}
+FLOW_FAMILIES = ("sd3", "flux")
+# Pre-encoded conditions: a dict with these keys (diffusers' own `__call__` argument names), each batched (N, ...),
+# plus `negative_<key>` for the unconditional branch of CFG (batch N or 1). Flux is guidance-distilled: no negatives.
+EMBEDDING_KEYS = {
+    "pixart": ("prompt_embeds", "prompt_attention_mask"),  # the mask is optional (default: all tokens)
+    "sd": ("prompt_embeds",),
+    "sdxl": ("prompt_embeds", "pooled_prompt_embeds"),
+    "sd3": ("prompt_embeds", "pooled_prompt_embeds"),
+    "flux": ("prompt_embeds", "pooled_prompt_embeds"),
+}
+DECODE_BATCH = 4  # VAE decoding at full resolution is memory-bound on CPU
+
+Conds = dict[str, torch.Tensor]
+Forward = Callable[[torch.Tensor, float, Conds], torch.Tensor]
+Denoise = Callable[[torch.Tensor, float, int], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------------- locating
+
+
+def _hub_cache(cache_dir: str | os.PathLike | None) -> Path:
+    from huggingface_hub import constants
+
+    return Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+
+
+def _looks_like_path(path_or_id: str) -> bool:
+    """Hub ids are `name` or `owner/name`; anything else (absolute, ./, ~, deeper) can only be a path."""
+    return path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1 or "\\" in path_or_id
+
+
+def _not_available(path_or_id: str, cache: Path, reason: str) -> ModelNotAvailableError:
+    repo_dir = cache / f"models--{path_or_id.replace('/', '--')}"
+    return ModelNotAvailableError(
+        f"diffusers model {path_or_id!r} is not available on this machine: {reason}. schedsearch never downloads. "
+        f"Looked for a local pipeline directory {str(Path(path_or_id).expanduser())!r} and for the hub repository in "
+        f"the Hugging Face cache {str(cache)!r}. To make it available: on a machine with internet run "
+        f"`huggingface-cli download {path_or_id}` (or `hf download {path_or_id}`), copy its cache directory "
+        f"({repo_dir.name}) into {str(cache)!r} here (or set HF_HOME / HF_HUB_CACHE to where you copied it); "
+        "or pass a local pipeline directory holding model_index.json (e.g. written by `pipe.save_pretrained(dir)`)."
+    )
+
+
+def _resolve(path_or_id: str, cache_dir: str | os.PathLike | None, revision: str | None = None) -> tuple[str, Path]:
+    """The local directory or cached hub id to load from, and its model_index.json; ModelNotAvailableError when
+    neither holds a pipeline."""
+    cache = _hub_cache(cache_dir)
+    local = Path(path_or_id).expanduser()
+    if local.is_dir():
+        if not (local / "model_index.json").is_file():
+            raise _not_available(path_or_id, cache, f"directory {str(local)!r} has no model_index.json")
+        return str(local), local / "model_index.json"
+    if _looks_like_path(path_or_id):
+        raise _not_available(path_or_id, cache, f"no directory {str(local)!r}")
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(path_or_id, "model_index.json", cache_dir=str(cache), revision=revision)
+    except ValueError as err:  # HFValidationError: not a valid repo id either
+        raise _not_available(path_or_id, cache, f"neither a directory nor a valid hub id ({err})") from err
+    if not isinstance(found, str):
+        raise _not_available(path_or_id, cache, "no cached model_index.json for this hub id")
+    return path_or_id, Path(found)
+
+
+def _absent_components(model_index: Path) -> dict[str, None]:
+    """Components saved as null or whose folder is not there (e.g. a directory holding only the denoiser, scheduler
+    and VAE): loaded as None, so that pipelines whose text encoders are not optional still load without them."""
+    index = json.loads(model_index.read_text())
+    root = model_index.parent
+    return {
+        name: None
+        for name, entry in index.items()
+        if isinstance(entry, list) and len(entry) == 2 and (entry[0] is None or not (root / name).is_dir())
+    }
+
+
+def cached_pipelines(cache_dir: str | os.PathLike | None = None) -> list[tuple[str, str]]:
+    """(hub id, snapshot dir) of every diffusers pipeline in the local HF cache; [] when there is no cache."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        info = scan_cache_dir(_hub_cache(cache_dir))
+    except CacheNotFound:
+        return []
+    rows = []
+    for repo in sorted(info.repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model":
+            continue
+        snapshots = [
+            rev
+            for rev in repo.revisions
+            if any(f.file_path == rev.snapshot_path / "model_index.json" for f in rev.files)
+        ]
+        if snapshots:
+            newest = max(snapshots, key=lambda rev: rev.last_modified)
+            rows.append((repo.repo_id, str(newest.snapshot_path)))
+    return rows
+
+
+def load_diffusers_model(
+    path_or_id: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    *,
+    resolution: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> LoadedModel:
+    """Load a pipeline from a local directory or the local HF cache (never the network) and adapt it.
+
+    `resolution` (pixels, square) overrides the pipeline's default image size; other keyword arguments go to
+    `DiffusionPipeline.from_pretrained` (e.g. `variant="fp16"`, `revision=`).
+    """
+    from diffusers import DiffusionPipeline
+
+    source, model_index = _resolve(path_or_id, cache_dir, kwargs.get("revision"))
+    kwargs = _absent_components(model_index) | kwargs
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            source, torch_dtype=dtype, local_files_only=True, cache_dir=cache_dir, **kwargs
+        )
+    except OSError as err:  # weights or a component missing from an otherwise present snapshot
+        raise _not_available(path_or_id, _hub_cache(cache_dir), f"loading failed ({err})") from err
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return loaded_model_from_pipeline(pipe, name=f"diffusers:{path_or_id}", resolution=resolution)
+
+
+# ---------------------------------------------------------------------------------------------------- info
+
+
+def denoiser_of(pipe: Any) -> torch.nn.Module:
+    """The pipeline's denoising network (diffusers names it `transformer` or `unet`)."""
+    for attr in ("transformer", "unet"):
+        network = getattr(pipe, attr, None)
+        if network is not None:
+            return network
+    raise ValueError(f"diffusers pipeline {type(pipe).__name__} has no `transformer` or `unet` component to search on")
+
+
+def family_of(network: torch.nn.Module) -> str:
+    """The adapter family from the denoiser class; unsupported classes fail here, before any work is done."""
+    cls = type(network).__name__
+    if cls not in FAMILY_BY_CLASS:
+        raise ValueError(
+            f"diffusers denoiser class {cls!r} is not supported; supported classes: {', '.join(FAMILY_BY_CLASS)}"
+        )
+    family = FAMILY_BY_CLASS[cls]
+    if family == "sd" and network.config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return family
+
+
+def _vae_scale_factor(pipe: Any) -> int:
+    vae = getattr(pipe, "vae", None)
+    return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+
+
+def _latent_layout(pipe: Any, network: torch.nn.Module, family: str, resolution: int | None) -> dict[str, Any]:
+    """Unpacked latent shape per sample at the pipeline's default (or the given) resolution, and token counts.
+
+    Flux's pipeline packs 2x2 latent patches into tokens; we keep the unpacked (C, H, W) layout as the sample shape
+    (seeded noise then equals diffusers' `prepare_latents` before packing) and pack only around the network call.
+    """
+    scale = _vae_scale_factor(pipe)
+    cfg = network.config
+    if family == "flux":
+        pixels = resolution or getattr(pipe, "default_sample_size", 128) * scale
+        side = 2 * (pixels // (scale * 2))
+        channels, patch = cfg.in_channels // 4, 2
+    else:
+        pixels = resolution or cfg.sample_size * scale
+        side = pixels // scale
+        channels, patch = cfg.in_channels, cfg.get("patch_size") or 1
+    return {
+        "sample_shape": (channels, side, side),
+        "resolution": pixels,
+        "vae_scale_factor": scale,
+        "patch_size": patch,
+        "tokens_per_sample": (side // patch) ** 2,
+    }
+
+
+def transformer_block_groups(network: torch.nn.Module, family: str) -> tuple[BlockGroup, ...]:
+    """Cacheable units of transformer families (names used by the cache hooks: keep them stable)."""
+    if family == "dit":
+        return (BlockGroup("transformer_blocks", len(network.transformer_blocks), ("attn1", "ff")),)
+    if family == "pixart":
+        return (BlockGroup("transformer_blocks", len(network.transformer_blocks), ("attn1", "attn2", "ff")),)
+    if family == "sd3":
+        return (BlockGroup("transformer_blocks", len(network.transformer_blocks), ("attn", "ff", "ff_context")),)
+    if family == "flux":
+        return (
+            BlockGroup("transformer_blocks", len(network.transformer_blocks), ("attn", "ff", "ff_context")),
+            BlockGroup(
+                "single_transformer_blocks", len(network.single_transformer_blocks), ("attn", "proj_mlp", "proj_out")
+            ),
+        )
+    raise ValueError(f"family {family!r} is not a transformer family")
+
+
+def unet_block_groups(network: torch.nn.Module) -> tuple[BlockGroup, ...]:
+    """One group per UNet block holding attention (down, mid, up in execution order), each a single unit with
+    components ("resnets", "attentions"); attention-free blocks (e.g. SDXL's first down block) are not units."""
+    paths = [f"down_blocks.{i}" for i, b in enumerate(network.down_blocks) if hasattr(b, "attentions")]
+    if network.mid_block is not None and hasattr(network.mid_block, "attentions"):
+        paths.append("mid_block")
+    paths += [f"up_blocks.{i}" for i, b in enumerate(network.up_blocks) if hasattr(b, "attentions")]
+    return tuple(BlockGroup(p, 1, ("resnets", "attentions")) for p in paths)
+
+
+def deepcache_unit(network: torch.nn.Module) -> dict[str, Any]:
+    """DeepCache (Ma et al. 2024) at block granularity: the deep branch between the outermost skip connection is
+    cached as a whole. Its output is the hidden state that `up_blocks[-2]` hands to `up_blocks[-1]`; on non-refresh
+    steps only the shallow path (conv_in, down_blocks[0], up_blocks[-1], conv_out) runs, with down_blocks[0]'s
+    skip features recomputed."""
+    n_down, n_up = len(network.down_blocks), len(network.up_blocks)
+    deep = [f"down_blocks.{i}" for i in range(1, n_down)] + ["mid_block"] + [f"up_blocks.{i}" for i in range(n_up - 1)]
+    return {
+        "cached_output_of": f"up_blocks.{n_up - 2}",
+        "deep": deep,
+        "shallow": ["conv_in", "down_blocks.0", f"up_blocks.{n_up - 1}", "conv_out"],
+    }
+
+
+def absent_components(network: torch.nn.Module, groups: Sequence[BlockGroup]) -> dict[str, tuple[str, ...]]:
+    """Per block, the named components that are None there (SD3's last block has no `ff_context`). A component
+    absent from every block of its group means diffusers renamed something: fail loudly rather than cache nothing."""
+    absent: dict[str, tuple[str, ...]] = {}
+    for group in groups:
+        container = network.get_submodule(group.path)
+        blocks = list(container) if group.count > 1 or isinstance(container, torch.nn.ModuleList) else [container]
+        for comp in group.components:
+            missing = [i for i, b in enumerate(blocks) if getattr(b, comp, None) is None]
+            if blocks and len(missing) == len(blocks):
+                raise ValueError(f"{type(network).__name__}: component {comp!r} not found in {group.path}")
+            for i in missing:
+                key = f"{group.path}.{i}" if len(blocks) > 1 else group.path
+                absent[key] = (*absent.get(key, ()), comp)
+    return absent
+
+
+def _cost_extra(network: torch.nn.Module, family: str) -> dict[str, Any]:
+    """Architecture numbers the cost model needs (transformers: ints; UNets: per resolution level)."""
+    cfg = network.config
+    if family in ("sd", "sdxl"):
+        return {
+            "hidden_size": tuple(cfg.block_out_channels),
+            "num_heads": cfg.num_attention_heads or cfg.attention_head_dim,  # SD 1.x/2.x: attention_head_dim = heads
+            "cross_attention_dim": cfg.cross_attention_dim,
+        }
+    heads = cfg.num_attention_heads
+    return {"hidden_size": heads * cfg.attention_head_dim, "num_heads": heads, "num_layers": cfg.get("num_layers")}
+
+
+# ---------------------------------------------------------------------------------------------------- schedule
+
+
+def _flow_shift(cfg: Mapping[str, Any], tokens_per_sample: int) -> float:
+    """The config's static shift, or with dynamic shifting the shift at this resolution: diffusers' Flux/SD3
+    pipelines compute μ = calculate_shift(image_seq_len) (linear in the token count) and the scheduler maps σ with
+    exp(μ)/(exp(μ) + 1/σ - 1), which is FlowSchedule's shift·σ/(1 + (shift - 1)σ) with shift = exp(μ)."""
+    if not cfg.get("use_dynamic_shifting"):
+        return float(cfg.get("shift", 1.0))
+    base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+    base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+    mu = base_shift + (max_shift - base_shift) * (tokens_per_sample - base_len) / (max_len - base_len)
+    return math.exp(mu) if cfg.get("time_shift_type", "exponential") == "exponential" else mu
+
+
+def is_flow_scheduler(scheduler: Any) -> bool:
+    cfg = scheduler.config
+    return type(scheduler).__name__.startswith("FlowMatch") or bool(cfg.get("use_flow_sigmas"))
+
+
+def noise_schedule_of(scheduler: Any, tokens_per_sample: int) -> NoiseSchedule:
+    """FlowSchedule for flow-matching schedulers, else the DDPM ᾱ of the config (DDIM/DPM/Euler/PNDM configs all
+    carry the betas; DDPMScheduler builds ᾱ from them exactly as the scheduler itself does)."""
+    cfg = scheduler.config
+    if is_flow_scheduler(scheduler):
+        shift = cfg.get("flow_shift", 1.0) if cfg.get("use_flow_sigmas") else _flow_shift(cfg, tokens_per_sample)
+        return FlowSchedule(int(cfg.num_train_timesteps), float(shift))
+    if "beta_schedule" not in cfg and cfg.get("trained_betas") is None:
+        raise ValueError(f"scheduler {type(scheduler).__name__}: no betas in its config, cannot build a VP schedule")
+    from diffusers import DDPMScheduler
+
+    ddpm = DDPMScheduler.from_config(cfg)
+    return VPSchedule(ddpm.alphas_cumprod.double().numpy().copy())
+
+
+def prediction_type_of(scheduler: Any) -> str:
+    return (
+        "flow_prediction" if is_flow_scheduler(scheduler) else str(scheduler.config.get("prediction_type", "epsilon"))
+    )
+
+
+def _model_time(family: str, schedule: NoiseSchedule) -> Callable[[float], float]:
+    """Sampler time t -> the timestep value the network is called with (see the module docstring)."""
+    if family not in FLOW_FAMILIES:
+        return float
+    unit = 1.0 if family == "flux" else float(schedule.num_train_timesteps)  # Flux pipeline passes timestep / 1000
+    return lambda t: schedule.alpha_sigma(t)[1] * unit
+
+
+# ---------------------------------------------------------------------------------------------------- forward
+
+
+def _split_learned_sigma(out: torch.Tensor, channels: int) -> torch.Tensor:
+    """DiT/PixArt checkpoints with learned variance output 2C channels; the sampler needs the first C."""
+    return out[:, :channels] if out.shape[1] == 2 * channels else out
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, H/2·W/2, 4C): Flux's 2x2 patch packing (same order as FluxPipeline._pack_latents)."""
+    n, c, h, w = x.shape
+    return x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of `pack_latents` for a latent of (height, width)."""
+    n, _, d = tokens.shape
+    x = tokens.view(n, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(n, d // 4, height, width)
+
+
+def flux_image_ids(height: int, width: int) -> torch.Tensor:
+    """Rotary position ids (0, row, col) of the packed latent tokens."""
+    rows = torch.arange(height // 2).repeat_interleave(width // 2)
+    cols = torch.arange(width // 2).repeat(height // 2)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).float()
+
+
+def _forward(network: torch.nn.Module, family: str, layout: dict[str, Any], guidance: float) -> Forward:
+    """One network call on a batch x with batched conditions; returns the output in x's layout."""
+    channels = layout["sample_shape"][0]
+    dtype = network.dtype
+    time_dtype = dtype if family == "flux" else torch.float32  # as the pipelines pass it (bf16 would round t)
+
+    def timesteps(x: torch.Tensor, value: float) -> torch.Tensor:
+        return torch.full((len(x),), value, dtype=time_dtype, device=x.device)
+
+    if family == "dit":
+        return lambda x, tv, c: _split_learned_sigma(
+            network(x, timestep=timesteps(x, tv), class_labels=c["class_labels"]).sample, channels
+        )
+    if family == "pixart":
+        res = layout["resolution"]
+
+        def pixart(x: torch.Tensor, tv: float, c: Conds) -> torch.Tensor:
+            added = {"resolution": None, "aspect_ratio": None}
+            if network.use_additional_conditions:  # PixArt-α 1024px: image size micro-conditioning
+                added = {
+                    "resolution": torch.tensor([[res, res]], dtype=dtype).repeat(len(x), 1),
+                    "aspect_ratio": torch.ones((len(x), 1), dtype=dtype),
+                }
+            out = network(
+                x,
+                encoder_hidden_states=c["prompt_embeds"],
+                encoder_attention_mask=c["prompt_attention_mask"],
+                timestep=timesteps(x, tv),
+                added_cond_kwargs=added,
+            ).sample
+            return _split_learned_sigma(out, channels)
+
+        return pixart
+    if family == "sd":
+        return lambda x, tv, c: network(x, timesteps(x, tv), encoder_hidden_states=c["prompt_embeds"]).sample
+    if family == "sdxl":
+        return lambda x, tv, c: (
+            network(
+                x,
+                timesteps(x, tv),
+                encoder_hidden_states=c["prompt_embeds"],
+                added_cond_kwargs={"text_embeds": c["pooled_prompt_embeds"], "time_ids": c["time_ids"]},
+            ).sample
+        )
+    if family == "sd3":
+        return lambda x, tv, c: (
+            network(
+                hidden_states=x,
+                timestep=timesteps(x, tv),
+                encoder_hidden_states=c["prompt_embeds"],
+                pooled_projections=c["pooled_prompt_embeds"],
+            ).sample
+        )
+    if family == "flux":
+        _, h, w = layout["sample_shape"]
+        img_ids = flux_image_ids(h, w).to(dtype)
+        use_guidance = bool(network.config.guidance_embeds)  # FLUX.1-schnell has no guidance input
+
+        def flux(x: torch.Tensor, tv: float, c: Conds) -> torch.Tensor:
+            out = network(
+                hidden_states=pack_latents(x),
+                timestep=timesteps(x, tv),
+                guidance=torch.full((len(x),), guidance, device=x.device) if use_guidance else None,
+                pooled_projections=c["pooled_prompt_embeds"],
+                encoder_hidden_states=c["prompt_embeds"],
+                txt_ids=torch.zeros(c["prompt_embeds"].shape[1], 3, dtype=dtype, device=x.device),
+                img_ids=img_ids.to(x.device),
+            ).sample
+            return unpack_latents(out, h, w)
+
+        return flux
+    raise ValueError(f"family {family!r}: no forward")
+
+
+# ---------------------------------------------------------------------------------------------------- conditions
+
+
+def _batched(tensor: torch.Tensor, n: int, key: str) -> torch.Tensor:
+    if len(tensor) == n:
+        return tensor
+    if len(tensor) == 1:
+        return tensor.expand(n, *tensor.shape[1:])
+    raise ValueError(f"conditions: {key!r} has batch {len(tensor)}, expected {n} (or 1)")
+
+
+def _from_embeddings(family: str, embeds: Mapping[str, torch.Tensor], need_uncond: bool) -> tuple[Conds, Conds | None]:
+    """Pre-encoded dict (keys in EMBEDDING_KEYS, negatives as `negative_<key>`) -> (cond, uncond) batched dicts."""
+    keys = EMBEDDING_KEYS[family]
+    if "prompt_embeds" not in embeds:
+        raise ValueError(f"conditions for {family}: the dict needs 'prompt_embeds'; keys: {keys} and negative_<key>")
+    n = len(embeds["prompt_embeds"])
+    embeds = dict(embeds)
+    if family == "pixart":  # attend to every token unless a mask says otherwise
+        for prefix in ("", "negative_"):
+            if prefix + "prompt_embeds" in embeds and prefix + "prompt_attention_mask" not in embeds:
+                embeds[prefix + "prompt_attention_mask"] = torch.ones(embeds[prefix + "prompt_embeds"].shape[:2])
+    missing = [k for k in keys if k not in embeds]
+    if need_uncond:
+        missing += [f"negative_{k}" for k in keys if f"negative_{k}" not in embeds]
+    if missing:
+        raise ValueError(f"conditions for {family}: missing {missing} (needed: {keys}, and their negative_ for CFG)")
+    cond = {k: _batched(torch.as_tensor(embeds[k]), n, k) for k in keys}
+    uncond = {k: _batched(torch.as_tensor(embeds[f"negative_{k}"]), n, k) for k in keys} if need_uncond else None
+    return cond, uncond
+
+
+@torch.no_grad()
+def encode_prompts(pipe: Any, family: str, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Prompts (and the empty negative prompt for CFG) through the pipeline's own `encode_prompt`, once."""
+    if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
+        raise ValueError(
+            f"{type(pipe).__name__} has no text encoder/tokenizer: pass pre-encoded conditions, a dict with keys "
+            f"{EMBEDDING_KEYS[family]} and negative_<key>"
+        )
+    prompts = list(prompts)
+    device = pipe._execution_device
+    if family == "pixart":
+        pe, pm, ne, nm = pipe.encode_prompt(
+            prompts, do_classifier_free_guidance=True, negative_prompt="", device=device
+        )
+        return {
+            "prompt_embeds": pe,
+            "prompt_attention_mask": pm,
+            "negative_prompt_embeds": ne,
+            "negative_prompt_attention_mask": nm,
+        }
+    if family == "sd":
+        pe, ne = pipe.encode_prompt(prompts, device, 1, True)
+        return {"prompt_embeds": pe, "negative_prompt_embeds": ne}
+    if family in ("sdxl", "sd3"):
+        extra = {"prompt_2": None, "prompt_3": None} if family == "sd3" else {}
+        pe, ne, ppe, npe = pipe.encode_prompt(
+            prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True, **extra
+        )
+        return {
+            "prompt_embeds": pe,
+            "negative_prompt_embeds": ne,
+            "pooled_prompt_embeds": ppe,
+            "negative_pooled_prompt_embeds": npe,
+        }
+    if family == "flux":
+        pe, ppe, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device)
+        return {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
+    raise ValueError(f"family {family!r} takes no prompts")
+
+
+def _conditions(
+    pipe: Any, family: str, network: torch.nn.Module, layout: dict[str, Any], conditions: Any, need_uncond: bool
+) -> tuple[Conds, Conds | None]:
+    """Class ids (DiT), prompt strings, or a pre-encoded dict -> batched (cond, uncond) network inputs."""
+    if family == "dit":
+        labels = torch.as_tensor(conditions, dtype=torch.long).reshape(-1)
+        null = torch.full_like(labels, int(network.config.num_embeds_ada_norm))  # LabelEmbedding's dropped label
+        return {"class_labels": labels}, {"class_labels": null}
+    if isinstance(conditions, str):
+        conditions = [conditions]
+    embeds = conditions if isinstance(conditions, Mapping) else encode_prompts(pipe, family, conditions)
+    cond, uncond = _from_embeddings(family, embeds, need_uncond)
+    if family == "sdxl":  # micro-conditioning (original size, crop top-left, target size) as the pipeline sets it
+        res = layout["resolution"]
+        time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32).expand(len(cond["prompt_embeds"]), 6)
+        cond["time_ids"] = time_ids
+        if uncond is not None:
+            uncond["time_ids"] = time_ids
+    return cond, uncond
+
+
+def _to(conds: Conds, device: torch.device, dtype: torch.dtype) -> Conds:
+    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in conds.items()}
+
+
+def _denoiser_factory(
+    pipe: Any, family: str, network: torch.nn.Module, layout: dict[str, Any], schedule: NoiseSchedule
+) -> Callable[[Any, float], Denoise]:
+    model_time = _model_time(family, schedule)
+
+    def make(conditions: Any, guidance: float) -> Denoise:
+        # Flux is guidance-distilled: guidance is a network input, never a CFG pair
+        cfg = family != "flux" and guidance != 1.0
+        cond, uncond = _conditions(pipe, family, network, layout, conditions, need_uncond=cfg)
+        cond = _to(cond, network.device, network.dtype)
+        both = None
+        if cfg:
+            uncond = _to(uncond, network.device, network.dtype)
+            both = {k: torch.cat([uncond[k], v]) for k, v in cond.items()}  # one forward of batch 2N
+        forward = _forward(network, family, layout, guidance)
+        n = len(next(iter(cond.values())))
+
+        @torch.no_grad()
+        def denoise(x: torch.Tensor, t: float, step_index: int) -> torch.Tensor:
+            if len(x) != n:
+                raise ValueError(f"conditions: {n} conditions for a batch of {len(x)} samples")
+            x = x.to(device=network.device, dtype=network.dtype)
+            if not cfg:
+                return forward(x, model_time(t), cond)
+            uncond_out, cond_out = forward(torch.cat([x, x]), model_time(t), both).chunk(2)
+            return uncond_out + guidance * (cond_out - uncond_out)
+
+        return denoise
+
+    return make
+
+
+# ---------------------------------------------------------------------------------------------------- decode
+
+
+def _vae_decoder(pipe: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    vae = getattr(pipe, "vae", None)
+
+    @torch.no_grad()
+    def decode(samples: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1]: undo the pipeline's latent normalisation, then the VAE decoder."""
+        if vae is None:
+            raise ValueError(f"{type(pipe).__name__} has no VAE: latents cannot be decoded to images")
+        scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
+        latents = samples.to(device=vae.device, dtype=vae.dtype) / scale + shift
+        images = [vae.decode(chunk).sample for chunk in latents.split(DECODE_BATCH)]
+        return torch.cat(images).float().clamp(-1.0, 1.0)
+
+    return decode
+
+
+# ---------------------------------------------------------------------------------------------------- assembly
+
+
+def loaded_model_from_pipeline(
+    pipe: Any, name: str = "diffusers:<in-memory>", resolution: int | None = None
+) -> LoadedModel:
+    """Adapt an already constructed pipeline (its denoiser, scheduler, text encoders, VAE) to a LoadedModel."""
+    network = denoiser_of(pipe)
+    family = family_of(network)
+    if getattr(pipe, "scheduler", None) is None:
+        raise ValueError(f"{type(pipe).__name__} has no scheduler: its config defines the noise schedule")
+    layout = _latent_layout(pipe, network, family, resolution)
+    schedule = noise_schedule_of(pipe.scheduler, layout["tokens_per_sample"])
+    if family in ("sd", "sdxl"):
+        groups = unet_block_groups(network)
+        extra = {"deepcache_unit": deepcache_unit(network)}
+        side = layout["sample_shape"][1]
+        layout["tokens_per_sample"] = tuple((side // 2**i) ** 2 for i in range(len(network.down_blocks)))
+    else:
+        groups, extra = transformer_block_groups(network, family), {}
+    extra |= _cost_extra(network, family) | {k: v for k, v in layout.items() if k != "sample_shape"}
+    extra |= {"absent_components": absent_components(network, groups), "denoiser_class": type(network).__name__}
+    if isinstance(schedule, FlowSchedule):
+        extra["flow_shift"] = schedule.shift
+    info = ModelInfo(
+        name=name,
+        family=family,
+        num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps),
+        prediction_type=prediction_type_of(pipe.scheduler),
+        conditioning="class" if family == "dit" else "prompt",
+        guidance_default=GUIDANCE_DEFAULTS[family],
+        sample_shape=tuple(int(s) for s in layout["sample_shape"]),
+        block_groups=groups,
+        num_classes=int(network.config.num_embeds_ada_norm) if family == "dit" else None,
+        extra=extra,
+    )
+    make = _denoiser_factory(pipe, family, network, layout, schedule)
+    return LoadedModel(info, network, schedule, make, _vae_decoder(pipe))
+
+
+__all__ = [
+    "EMBEDDING_KEYS",
+    "FAMILY_BY_CLASS",
+    "GUIDANCE_DEFAULTS",
+    "cached_pipelines",
+    "load_diffusers_model",
+    "loaded_model_from_pipeline",
+]

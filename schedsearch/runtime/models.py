@@ -1,0 +1,172 @@
+"""Model registry: `load_model("builtin:mnist-dit")` or `load_model("diffusers:<local dir or hub id>")`.
+
+A loaded model reports, as plain integers and names (`ModelInfo`), everything the search spaces need, so spaces are
+built from the info and never from the network itself. It also makes the denoiser the unified sampler calls
+(classifier-free guidance included) and decodes samples to images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from schedsearch.runtime.noise import NoiseSchedule, VPSchedule
+from schedsearch.spaces.baselines import dpm_solver_plan, linspace_timesteps
+from schedsearch.spaces.schedule import SolverPlan
+
+Conditioning = Literal["class", "prompt", "none"]
+BUILTIN_MNIST_DIT = "builtin:mnist-dit"
+
+
+@dataclass(frozen=True)
+class BlockGroup:
+    """A run of identical blocks that caches can address: attribute path on the network, count, components."""
+
+    path: str
+    count: int
+    components: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    family: str
+    num_train_timesteps: int
+    prediction_type: str
+    conditioning: Conditioning
+    guidance_default: float
+    sample_shape: tuple[int, ...]  # one sample in the network's space (latent for latent models), no batch axis
+    block_groups: tuple[BlockGroup, ...]
+    num_classes: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(g.count for g in self.block_groups)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "num_train_timesteps": self.num_train_timesteps,
+            "prediction_type": self.prediction_type,
+            "conditioning": self.conditioning,
+            "num_classes": self.num_classes,
+            "guidance_default": self.guidance_default,
+            "sample_shape": list(self.sample_shape),
+            "block_groups": [
+                {"path": g.path, "count": g.count, "components": list(g.components)} for g in self.block_groups
+            ],
+        }
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The weights are not on this machine; the message says how to make them available."""
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A network ready to sample: its info, noise schedule, and the callables the sampler needs."""
+
+    info: ModelInfo
+    network: torch.nn.Module
+    noise_schedule: NoiseSchedule
+    _make_denoiser: Callable[[Any, float], Callable[[torch.Tensor, float, int], torch.Tensor]]
+    _decode: Callable[[torch.Tensor], torch.Tensor]
+
+    def denoiser(
+        self, conditions: Any, guidance: float | None = None
+    ) -> Callable[[torch.Tensor, float, int], torch.Tensor]:
+        """The CFG-combined model output at (x, t); `conditions` are class ids or prompts, one per sample."""
+        return self._make_denoiser(conditions, self.info.guidance_default if guidance is None else guidance)
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """Network-space samples -> images in [-1, 1] (identity for pixel models, the VAE for latent ones)."""
+        return self._decode(samples)
+
+    def default_plan(self, num_steps: int = 20) -> SolverPlan:
+        """DPM-Solver++(2M) on diffusers' linspace timesteps: the common default of diffusers pipelines."""
+        return dpm_solver_plan(linspace_timesteps(self.info.num_train_timesteps, num_steps), order=2)
+
+
+def _class_denoiser(network: torch.nn.Module, null_class: int) -> Callable[[Any, float], Callable]:
+    def make(conditions: Any, guidance: float) -> Callable[[torch.Tensor, float, int], torch.Tensor]:
+        labels = torch.as_tensor(conditions, dtype=torch.long)
+        null = torch.full_like(labels, null_class)
+
+        @torch.no_grad()
+        def denoise(x: torch.Tensor, t: float, step_index: int) -> torch.Tensor:
+            if len(labels) != len(x):
+                raise ValueError(f"conditions: {len(labels)} class labels for a batch of {len(x)} samples")
+            if guidance == 1.0:
+                return network(x, timestep=torch.full((len(x),), float(t)), class_labels=labels).sample
+            out = network(
+                torch.cat([x, x]), timestep=torch.full((2 * len(x),), float(t)), class_labels=torch.cat([labels, null])
+            ).sample
+            cond, uncond = out.chunk(2)
+            return uncond + guidance * (cond - uncond)
+
+        return denoise
+
+    return make
+
+
+def dit_block_groups(network: torch.nn.Module) -> tuple[BlockGroup, ...]:
+    return (BlockGroup("transformer_blocks", len(network.transformer_blocks), ("attn1", "ff")),)
+
+
+def load_builtin_mnist_dit() -> LoadedModel:
+    from schedsearch.runtime import builtin
+
+    network = builtin.load_builtin_dit()
+    info = ModelInfo(
+        name=BUILTIN_MNIST_DIT,
+        family="dit",
+        num_train_timesteps=builtin.NUM_TRAIN_TIMESTEPS,
+        prediction_type="epsilon",
+        conditioning="class",
+        num_classes=builtin.NUM_CLASSES,
+        guidance_default=builtin.DEFAULT_GUIDANCE,
+        sample_shape=(1, 28, 28),
+        block_groups=dit_block_groups(network),
+    )
+    schedule = VPSchedule.linear(builtin.NUM_TRAIN_TIMESTEPS, builtin.BETA_START, builtin.BETA_END)
+    return LoadedModel(info, network, schedule, _class_denoiser(network, builtin.NULL_CLASS), lambda x: x.clamp(-1, 1))
+
+
+def load_model(name: str, **kwargs: Any) -> LoadedModel:
+    """Load by registry name. `builtin:mnist-dit` ships with the package; `diffusers:<path or id>` reads a local
+    pipeline directory or the local Hugging Face cache and never downloads."""
+    if name == BUILTIN_MNIST_DIT:
+        return load_builtin_mnist_dit()
+    if name.startswith("diffusers:"):
+        from schedsearch.runtime.diffusers_models import load_diffusers_model
+
+        return load_diffusers_model(name.removeprefix("diffusers:"), **kwargs)
+    raise ValueError(
+        f"model: unknown {name!r}; use {BUILTIN_MNIST_DIT!r} or 'diffusers:<local pipeline dir or hub id>' "
+        "(see `schedsearch models`)"
+    )
+
+
+def available_models() -> list[dict[str, str]]:
+    """What can be loaded here: the builtin model and diffusers pipelines found in the local HF cache."""
+    rows = [{"name": BUILTIN_MNIST_DIT, "where": "shipped with schedsearch", "status": "ready"}]
+    try:
+        from schedsearch.runtime.diffusers_models import cached_pipelines
+
+        rows += [{"name": f"diffusers:{repo}", "where": path, "status": "local"} for repo, path in cached_pipelines()]
+    except ImportError:
+        pass
+    return rows
+
+
+def initial_noise(seeds: Sequence[int], shape: Sequence[int], sigma: float = 1.0) -> torch.Tensor:
+    """Per-sample seeded noise (EDM style): sample i depends on seeds[i] only, so a seed gives the same image
+    whatever the batch it is drawn in."""
+    return (
+        torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]) * sigma
+    )

@@ -1,0 +1,259 @@
+"""Schedules as plain, frozen data: what to run at every sampling step, and its JSON form (v1).
+
+A `Schedule` is what the search proposes, the store deduplicates by `key`, the exporter writes, and the runtime
+executes. It imports no torch so that search code and tests stay light.
+
+Solver steps follow S³'s unified sampling framework (USF, Liu et al., ICLR 2024, §3): every step chooses its
+prediction type, Taylor/multistep order, corrector and (DC-Solver, Zhao et al., ECCV 2024, §3.2) a compensation
+ratio. Step i integrates from `timesteps[i]` to `timesteps[i+1]` (or to `final_timestep`, or to σ = 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+FORMAT = "schedsearch.schedule/v1"
+MAX_ORDER = 3
+PREDICTIONS = ("data", "noise")
+RULES = ("bh1", "bh2", "dpmsolver")
+FIRST_STEP_CHOICES = ("model", "zero_x0")
+
+Prediction = Literal["data", "noise"]
+Rule = Literal["bh1", "bh2", "dpmsolver"]
+FirstStep = Literal["model", "zero_x0"]
+
+
+class ScheduleError(ValueError):
+    """A schedule that cannot run. The message names the offending field and how to fix it."""
+
+    def __init__(self, field_path: str, problem: str, fix: str = "") -> None:
+        self.field_path = field_path
+        message = f"{field_path}: {problem}"
+        super().__init__(f"{message}. {fix}".strip() if fix else message)
+
+
+@dataclass(frozen=True)
+class SolverStep:
+    """The decisions of one step.
+
+    order: Taylor / multistep order of the predictor (1-3); it uses this many model outputs, newest first.
+    prediction: integrate the data (x0) prediction (DPM-Solver++ / UniPC `predict_x0`) or the noise prediction.
+    corrector: apply UniC (UniPC, Zhao et al. 2023, eq. 8) to this step's result, using the model output evaluated
+        at the step's end point, which the next step needs anyway: no extra NFE. Its order equals `order`.
+    rule: how the multistep terms are weighted. "bh1"/"bh2": UniPC's B(h) = h or e^h - 1 (UniP-p, eq. 5; order ≥ 3
+        solves R ρ = b, order 2 uses ρ = 1/2, so "bh2" at order 2 is exactly DPM-Solver(++) 2M midpoint).
+        "dpmsolver": DPM-Solver(++) multistep (Lu et al. 2022b, Alg. 2-3): order 2 midpoint, order 3 the 3M rule;
+        its corrector, if any, uses bh2.
+    dc_ratio: DC-Solver dynamic compensation ratio r_i (1 = off): replace this step's newest model output by the
+        Lagrange interpolant of the last `dc_order + 1` outputs at τ = t_{i-1} + r_i (t_i - t_{i-1}).
+    """
+
+    order: int = 1
+    prediction: Prediction = "data"
+    corrector: bool = False
+    rule: Rule = "bh2"
+    dc_ratio: float = 1.0
+
+
+@dataclass(frozen=True)
+class SolverPlan:
+    """Timesteps (model time, continuous allowed, strictly decreasing) and one `SolverStep` each.
+
+    final_timestep: where the last step ends; None means σ = 0 (the last step returns the denoised estimate, as
+        diffusers' `final_sigmas_type="zero"` and DDIM's `set_alpha_to_one`).
+    first_step: "model" evaluates the model at timesteps[0]; "zero_x0" is USF's analytical first step (x0 ≈ 0,
+        so ε ≈ x_T / σ_T) and saves one NFE.
+    """
+
+    timesteps: tuple[float, ...]
+    steps: tuple[SolverStep, ...]
+    final_timestep: float | None = None
+    first_step: FirstStep = "model"
+    dc_order: int = 2
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def nfe(self) -> int:
+        """Model evaluations per sample (a CFG pair counts once, as in the papers): one per step, minus the AFS."""
+        return self.num_steps - (1 if self.first_step == "zero_x0" else 0)
+
+    def validate(self, num_train_timesteps: int | None = None, prefix: str = "solver") -> SolverPlan:
+        """Raise ScheduleError naming the first bad field; return self so calls chain."""
+        ts = self.timesteps
+        if len(ts) == 0:
+            raise ScheduleError(f"{prefix}.timesteps", "is empty", "give at least one timestep")
+        if len(self.steps) != len(ts):
+            raise ScheduleError(
+                f"{prefix}.steps",
+                f"has {len(self.steps)} entries but timesteps has {len(ts)}",
+                "give exactly one step per timestep",
+            )
+        for i, t in enumerate(ts):
+            if not isinstance(t, (int, float)) or not math.isfinite(t):
+                raise ScheduleError(f"{prefix}.timesteps[{i}]", f"{t!r} is not a finite number")
+            if i and not t < ts[i - 1]:
+                raise ScheduleError(
+                    f"{prefix}.timesteps[{i}]",
+                    f"{t} does not decrease from timesteps[{i - 1}] = {ts[i - 1]}",
+                    "timesteps must be strictly decreasing (noisy to clean)",
+                )
+        if num_train_timesteps is not None and (ts[0] > num_train_timesteps - 1 or ts[-1] < 0):
+            raise ScheduleError(
+                f"{prefix}.timesteps",
+                f"spans [{ts[-1]}, {ts[0]}], outside the model's [0, {num_train_timesteps - 1}]",
+                "rescale the timesteps to this model's training range",
+            )
+        if self.final_timestep is not None and not (0 <= self.final_timestep < ts[-1]):
+            raise ScheduleError(
+                f"{prefix}.final_timestep",
+                f"{self.final_timestep} must lie in [0, timesteps[-1] = {ts[-1]})",
+                "or use null to denoise to σ = 0",
+            )
+        if self.first_step not in FIRST_STEP_CHOICES:
+            raise ScheduleError(
+                f"{prefix}.first_step", f"unknown {self.first_step!r}", f"use one of {FIRST_STEP_CHOICES}"
+            )
+        if self.dc_order not in (1, 2, 3):
+            raise ScheduleError(f"{prefix}.dc_order", f"{self.dc_order} is not 1, 2 or 3")
+        for i, step in enumerate(self.steps):
+            where = f"{prefix}.steps[{i}]"
+            if not isinstance(step.order, int) or isinstance(step.order, bool) or not 1 <= step.order <= MAX_ORDER:
+                raise ScheduleError(f"{where}.order", f"{step.order!r} is not an integer from 1 to {MAX_ORDER}")
+            if step.order > i + 1:
+                raise ScheduleError(
+                    f"{where}.order",
+                    f"{step.order} needs {step.order} model outputs but only {i + 1} exist at step {i}",
+                    f"use order ≤ {i + 1} here (multistep warm-up)",
+                )
+            if step.prediction not in PREDICTIONS:
+                raise ScheduleError(f"{where}.prediction", f"unknown {step.prediction!r}", f"use one of {PREDICTIONS}")
+            if step.rule not in RULES:
+                raise ScheduleError(f"{where}.rule", f"unknown {step.rule!r}", f"use one of {RULES}")
+            if not isinstance(step.corrector, bool):
+                raise ScheduleError(f"{where}.corrector", f"{step.corrector!r} is not true/false")
+            if step.corrector and i == len(ts) - 1:
+                raise ScheduleError(
+                    f"{where}.corrector",
+                    "the last step has no later model evaluation to correct with",
+                    "set corrector false on the last step",
+                )
+            if not isinstance(step.dc_ratio, (int, float)) or not math.isfinite(step.dc_ratio):
+                raise ScheduleError(f"{where}.dc_ratio", f"{step.dc_ratio!r} is not a finite number")
+            if step.dc_ratio != 1.0 and i < self.dc_order:
+                raise ScheduleError(
+                    f"{where}.dc_ratio",
+                    f"compensation needs {self.dc_order + 1} model outputs, step {i} has {i + 1}",
+                    "keep dc_ratio 1.0 on the warm-up steps",
+                )
+        if self.final_timestep is None and self.steps[-1].order != 1:
+            raise ScheduleError(
+                f"{prefix}.steps[{len(ts) - 1}].order",
+                "the final step to σ = 0 must be first order (λ is infinite there)",
+                "set order 1 on the last step, or set final_timestep",
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Everything an inference run needs beyond the model: found once, run many times."""
+
+    model: str
+    solver: SolverPlan
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        solver = asdict(self.solver)
+        solver["timesteps"] = list(self.solver.timesteps)
+        solver["steps"] = [asdict(s) for s in self.solver.steps]
+        return {"format": FORMAT, "model": self.model, "solver": solver, "meta": dict(self.meta)}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+    @property
+    def key(self) -> str:
+        """Stable content hash: two schedules that run identically share a key (meta is ignored)."""
+        content = self.to_dict()
+        content.pop("meta")
+        blob = json.dumps(content, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def validate(self, num_train_timesteps: int | None = None) -> Schedule:
+        self.solver.validate(num_train_timesteps)
+        return self
+
+    @staticmethod
+    def from_dict(data: Any) -> Schedule:
+        if not isinstance(data, dict):
+            raise ScheduleError("(top level)", f"expected a JSON object, got {type(data).__name__}")
+        if data.get("format") != FORMAT:
+            raise ScheduleError(
+                "format", f"{data.get('format')!r} is not {FORMAT!r}", "is this a schedsearch schedule?"
+            )
+        model = data.get("model")
+        if not isinstance(model, str) or not model:
+            raise ScheduleError("model", "missing or not a string", 'name the model, e.g. "builtin:mnist-dit"')
+        solver = data.get("solver")
+        if not isinstance(solver, dict):
+            raise ScheduleError("solver", "missing or not an object")
+        return Schedule(model=model, solver=_solver_from_dict(solver), meta=dict(data.get("meta") or {})).validate()
+
+    @staticmethod
+    def from_json(text: str) -> Schedule:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ScheduleError("(file)", f"not valid JSON ({exc})") from exc
+        return Schedule.from_dict(data)
+
+
+_STEP_FIELDS = {f for f in SolverStep.__dataclass_fields__}
+_PLAN_FIELDS = {f for f in SolverPlan.__dataclass_fields__}
+
+
+def _solver_from_dict(data: dict[str, Any]) -> SolverPlan:
+    unknown = set(data) - _PLAN_FIELDS
+    if unknown:
+        raise ScheduleError(f"solver.{sorted(unknown)[0]}", "is not a solver field", f"known: {sorted(_PLAN_FIELDS)}")
+    for name in ("timesteps", "steps"):
+        if not isinstance(data.get(name), list):
+            raise ScheduleError(f"solver.{name}", "missing or not a list")
+    steps = []
+    for i, step in enumerate(data["steps"]):
+        if not isinstance(step, dict):
+            raise ScheduleError(f"solver.steps[{i}]", "is not an object")
+        bad = set(step) - _STEP_FIELDS
+        if bad:
+            raise ScheduleError(
+                f"solver.steps[{i}].{sorted(bad)[0]}", "is not a step field", f"known: {sorted(_STEP_FIELDS)}"
+            )
+        steps.append(SolverStep(**step))
+    fields = {k: v for k, v in data.items() if k not in ("timesteps", "steps")}
+    return SolverPlan(timesteps=tuple(data["timesteps"]), steps=tuple(steps), **fields)
+
+
+def load_schedule(path: str | Path) -> Schedule:
+    """Read and validate a schedule file; errors name the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScheduleError(str(path), "no such file")
+    return Schedule.from_json(path.read_text())
+
+
+def save_schedule(schedule: Schedule, path: str | Path) -> Path:
+    """Write atomically: a killed export leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(schedule.to_json())
+    tmp.replace(path)
+    return path
