@@ -97,7 +97,8 @@ def _load_safetensors(module: nn.Module, path: Path) -> nn.Module:
 
 def load_builtin_dit(assets_dir: Path = ASSETS_DIR, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The shipped, trained builtin DiT in eval mode (fp32 compute; weights may be stored in fp16)."""
-    return _load_safetensors(build_dit(), assets_dir / DIT_WEIGHTS).to(dtype)
+    network = _load_safetensors(build_dit(), assets_dir / DIT_WEIGHTS)
+    return network if dtype == torch.float32 else network.to(dtype)
 
 
 def load_builtin_classifier(assets_dir: Path = ASSETS_DIR) -> MnistClassifier:
