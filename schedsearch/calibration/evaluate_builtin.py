@@ -13,18 +13,15 @@ batch, so memory does not grow with N.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from schedsearch.calibration.manifest import merge_into_manifest, sha256_file
 from schedsearch.calibration.mnist_data import SPLIT_SEED, load_split
 from schedsearch.objectives.clip_score import class_alignment
 from schedsearch.objectives.fid import FeatureStats, FeatureStatsAccumulator, builtin_features, stats_distance
@@ -47,10 +44,6 @@ def stratified_halves(labels: np.ndarray, seed: int = HALVES_SEED) -> tuple[np.n
         half_a.append(idx[: len(idx) // 2])
         half_b.append(idx[len(idx) // 2 :])
     return np.sort(np.concatenate(half_a)), np.sort(np.concatenate(half_b))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def evaluate(
@@ -115,29 +108,12 @@ def evaluate(
         "fd_generated_vs_real": stats_distance(generated_all, real_all),
         "fd_generated_half_vs_real_half": stats_distance(generated_half, real_half_b),
         "fd_real_half_vs_real_half": stats_distance(real_half_a, real_half_b),
-        "dit_sha256": _sha256(builtin.ASSETS_DIR / builtin.DIT_WEIGHTS),
-        "classifier_sha256": _sha256(builtin.ASSETS_DIR / builtin.CLASSIFIER_WEIGHTS),
+        "dit_sha256": sha256_file(builtin.ASSETS_DIR / builtin.DIT_WEIGHTS),
+        "classifier_sha256": sha256_file(builtin.ASSETS_DIR / builtin.CLASSIFIER_WEIGHTS),
         "data_sha256": split.data_sha256,
         "torch": torch.__version__,
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
-
-
-def merge_into_manifest(path: Path, key: str, value: Any) -> dict[str, Any]:
-    """Set `key` in the JSON manifest at `path`, keeping its other keys; written via temp file + os.replace."""
-    manifest = json.loads(path.read_text()) if path.is_file() else {}
-    manifest[key] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return manifest
 
 
 def main(argv: list[str] | None = None) -> None:

