@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from schedsearch.spaces.cache_plan import ComponentCachePlan, UnitCachePlan, slot_names
 from schedsearch.spaces.schedule import Prediction, Rule, SolverPlan, SolverStep
 
 
@@ -101,3 +102,17 @@ def with_dc_ratios(plan: SolverPlan, ratios: Sequence[float]) -> SolverPlan:
         for s, r in zip(plan.steps, ratios, strict=True)
     )
     return SolverPlan(plan.timesteps, steps, plan.final_timestep, plan.first_step, plan.dc_order)
+
+
+def fora_cache_plan(layout: str, num_steps: int, interval: int) -> ComponentCachePlan:
+    """FORA (Selvaraju et al. 2024): every block's attention and MLP are recomputed every `interval` steps and
+    reused in between."""
+    if interval < 1:
+        raise ValueError(f"interval: {interval} must be at least 1")
+    n = len(slot_names(layout))
+    return ComponentCachePlan(layout, tuple(("1" if i % interval == 0 else "0") * n for i in range(num_steps)))
+
+
+def uniform_unit_plan(group: str, start: int, end: int, num_steps: int, interval: int) -> UnitCachePlan:
+    """DeepCache-style uniform refresh of a block range: recompute the unit every `interval` steps."""
+    return UnitCachePlan(group, start, end, tuple(range(0, num_steps, interval)), num_steps)

@@ -17,6 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from schedsearch.spaces.cache_plan import CachePlan, cache_plan_from_dict
+from schedsearch.spaces.errors import ScheduleError
+
 FORMAT = "schedsearch.schedule/v1"
 MAX_ORDER = 3
 PREDICTIONS = ("data", "noise")
@@ -26,15 +29,6 @@ FIRST_STEP_CHOICES = ("model", "zero_x0")
 Prediction = Literal["data", "noise"]
 Rule = Literal["bh1", "bh2", "dpmsolver"]
 FirstStep = Literal["model", "zero_x0"]
-
-
-class ScheduleError(ValueError):
-    """A schedule that cannot run. The message names the offending field and how to fix it."""
-
-    def __init__(self, field_path: str, problem: str, fix: str = "") -> None:
-        self.field_path = field_path
-        message = f"{field_path}: {problem}"
-        super().__init__(f"{message}. {fix}".strip() if fix else message)
 
 
 @dataclass(frozen=True)
@@ -168,13 +162,18 @@ class Schedule:
 
     model: str
     solver: SolverPlan
+    cache: CachePlan | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
         solver = asdict(self.solver)
         solver["timesteps"] = list(self.solver.timesteps)
         solver["steps"] = [asdict(s) for s in self.solver.steps]
-        return {"format": FORMAT, "model": self.model, "solver": solver, "meta": dict(self.meta)}
+        data = {"format": FORMAT, "model": self.model, "solver": solver}
+        if self.cache is not None:
+            data["cache"] = self.cache.to_dict()
+        data["meta"] = dict(self.meta)
+        return data
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
@@ -189,6 +188,9 @@ class Schedule:
 
     def validate(self, num_train_timesteps: int | None = None) -> Schedule:
         self.solver.validate(num_train_timesteps)
+        if self.cache is not None:
+            first = 1 if self.solver.first_step == "zero_x0" else 0
+            self.cache.validate(self.solver.num_steps, first_evaluated_step=first)
         return self
 
     @staticmethod
@@ -205,7 +207,9 @@ class Schedule:
         solver = data.get("solver")
         if not isinstance(solver, dict):
             raise ScheduleError("solver", "missing or not an object")
-        return Schedule(model=model, solver=_solver_from_dict(solver), meta=dict(data.get("meta") or {})).validate()
+        cache = cache_plan_from_dict(data["cache"]) if data.get("cache") is not None else None
+        meta = dict(data.get("meta") or {})
+        return Schedule(model=model, solver=_solver_from_dict(solver), cache=cache, meta=meta).validate()
 
     @staticmethod
     def from_json(text: str) -> Schedule:

@@ -1,0 +1,193 @@
+"""Run a cache plan on a diffusers model without editing it: one diffusers `ModelHook` per cached module.
+
+Like diffusers' own `hooks/first_block_cache.py`, each hook replaces its module's forward through the
+`HookRegistry`; unlike those rule-based caches, the decision is read from an explicit plan at the sampler's step
+index. State is kept per CFG branch (`branch`): our denoisers run cond and uncond as one batch ("batch"), a caller
+that runs them as separate passes sets `branch` to "cond"/"uncond" before each. State resets between runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from schedsearch.runtime.models import ModelInfo
+from schedsearch.spaces.cache_plan import CachePlan, ComponentCachePlan, UnitCachePlan, layout_of, slot_names
+
+COMPONENT_HOOK = "schedsearch_component_reuse"
+UNIT_HOOK = "schedsearch_unit_reuse"
+
+Denoiser = Callable[[torch.Tensor, float, int], torch.Tensor]
+
+
+class CachePlanMismatchError(ValueError):
+    """The plan's shape does not fit the model; the message gives expected and given shapes."""
+
+
+def model_layout(info: ModelInfo) -> str:
+    """The slot layout a component plan must have for this model."""
+    return layout_of([(g.path, g.count, g.components) for g in info.block_groups])
+
+
+@dataclass
+class StepContext:
+    """Where the sampler is: set by the wrapped denoiser before each model call, read by every hook."""
+
+    step_index: int = -1
+    branch: str = "batch"
+    calls: int = 0
+
+
+@dataclass
+class _BranchCache:
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+class ComponentReuseHook(ModelHook):
+    """ECAD plain reuse: recompute when the plan's bit is 1, else return the last computed output of this module."""
+
+    _is_stateful = True
+
+    def __init__(self, context: StepContext, recompute: np.ndarray, name: str) -> None:
+        super().__init__()
+        self.context, self.recompute, self.name = context, recompute, name  # recompute: bool[steps]
+        self.cache = _BranchCache()
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        ctx = self.context
+        if self.recompute[ctx.step_index] or ctx.branch not in self.cache.values:
+            if not self.recompute[ctx.step_index]:
+                raise RuntimeError(f"{self.name}: step {ctx.step_index} reuses an output that was never computed")
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            self.cache.values[ctx.branch] = output
+            return output
+        return self.cache.values[ctx.branch]
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.cache = _BranchCache()
+        return module
+
+
+class UnitReuseHook(ModelHook):
+    """DeepCache/FORA-style unit: on non-refresh steps the first block of the unit returns input + cached residual
+    and the others pass their input through; on refresh steps the unit runs and its residual is stored."""
+
+    _is_stateful = True
+
+    def __init__(self, context: StepContext, refresh: np.ndarray, shared: dict[str, Any], first: bool, last: bool):
+        super().__init__()
+        self.context, self.refresh, self.shared, self.first, self.last = context, refresh, shared, first, last
+
+    @staticmethod
+    def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
+        return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        ctx, key = self.context, self.context.branch
+        hidden = self._hidden_states(args, kwargs)
+        if not self.refresh[ctx.step_index]:
+            residuals = self.shared.setdefault("residual", {})
+            if key not in residuals:
+                raise RuntimeError(f"unit cache: step {ctx.step_index} reuses a unit that was never computed")
+            return hidden + residuals[key] if self.first else hidden
+        if self.first:
+            self.shared.setdefault("input", {})[key] = hidden
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if not isinstance(output, torch.Tensor):
+            raise TypeError("unit caching needs blocks that return one hidden-states tensor (DiT / PixArt blocks)")
+        if self.last:
+            self.shared.setdefault("residual", {})[key] = output - self.shared["input"][key]
+        return output
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.shared.clear()
+        return module
+
+
+class CacheRuntime:
+    """Hooks for one plan on one network. Use as a context manager; `wrap(denoise)` drives the step index."""
+
+    def __init__(self, network: torch.nn.Module, info: ModelInfo, plan: CachePlan) -> None:
+        self.network, self.info, self.plan = network, info, plan
+        self.context = StepContext()
+        self._hooked: list[tuple[torch.nn.Module, str]] = []
+        if isinstance(plan, ComponentCachePlan):
+            self._attach_components(plan)
+        elif isinstance(plan, UnitCachePlan):
+            self._attach_unit(plan)
+        else:
+            raise TypeError(f"cache plan: unsupported {type(plan).__name__}")
+
+    def _attach_components(self, plan: ComponentCachePlan) -> None:
+        expected = model_layout(self.info)
+        if plan.layout != expected:
+            raise CachePlanMismatchError(
+                f"cache.layout: plan is for {plan.layout!r} but {self.info.name} has {expected!r}"
+            )
+        plan.validate()
+        bits = np.array([[c == "1" for c in row] for row in plan.recompute], dtype=bool)  # (steps, slots)
+        for slot, name in enumerate(slot_names(plan.layout)):
+            module = self.network.get_submodule(name)
+            self._register(module, ComponentReuseHook(self.context, bits[:, slot], name), COMPONENT_HOOK)
+
+    def _attach_unit(self, plan: UnitCachePlan) -> None:
+        group = next((g for g in self.info.block_groups if g.path == plan.group), None)
+        if group is None:
+            known = [g.path for g in self.info.block_groups]
+            raise CachePlanMismatchError(
+                f"cache.group: {plan.group!r} is not a block group of {self.info.name}: {known}"
+            )
+        if plan.end > group.count:
+            raise CachePlanMismatchError(
+                f"cache.end: unit [{plan.start}, {plan.end}) exceeds the {group.count} blocks of {plan.group}"
+            )
+        plan.validate()
+        refresh = np.array(plan.refresh_mask(), dtype=bool)
+        shared: dict[str, Any] = {}
+        for b in range(plan.start, plan.end):
+            module = self.network.get_submodule(f"{plan.group}.{b}")
+            hook = UnitReuseHook(self.context, refresh, shared, first=b == plan.start, last=b == plan.end - 1)
+            self._register(module, hook, UNIT_HOOK)
+
+    def _register(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+        self._hooked.append((module, name))
+
+    def reset(self) -> None:
+        for module, name in self._hooked:
+            module._diffusers_hook.get_hook(name).reset_state(module)
+
+    def wrap(self, denoise: Denoiser) -> Denoiser:
+        """The denoiser with the step index published to the hooks; a step index that goes back starts a new run."""
+
+        def cached(x: torch.Tensor, t: float, step_index: int) -> torch.Tensor:
+            if step_index <= self.context.step_index:
+                self.reset()
+            self.context.step_index = step_index
+            self.context.calls += 1
+            return denoise(x, t, step_index)
+
+        return cached
+
+    def remove(self) -> None:
+        """Detach every hook: the network's forwards are exactly what they were before."""
+        for module, name in self._hooked:
+            registry = module._diffusers_hook
+            registry.remove_hook(name, recurse=False)
+            if not registry.hooks:  # leave no trace: drop the registry and the instance-level forward it set
+                del module._diffusers_hook
+                bound = module.__dict__.get("forward")
+                if getattr(bound, "__func__", None) is type(module).forward:
+                    del module.forward
+        self._hooked.clear()
+
+    def __enter__(self) -> CacheRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
