@@ -1,0 +1,242 @@
+"""What a schedule costs: NFE, MACs (analytic per step × block × component), and latency (measured, or predicted
+from a per-component latency table measured once per model and device).
+
+MACs follow ECAD's accounting (§4.1, calflops): multiply-accumulates of every matmul and convolution, attention
+scores and values included, per sample; a CFG pair costs twice. The analytic table is cross-checked against
+`torch.utils.flop_counter.FlopCounterMode` on the real forward (tests/test_cost.py).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from schedsearch.runtime.models import ModelInfo
+from schedsearch.spaces.cache_plan import CachePlan, ComponentCachePlan, UnitCachePlan, slot_names
+from schedsearch.spaces.schedule import SolverPlan
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """Cost of one model evaluation of one sample, split into what a cache plan can skip and what it cannot."""
+
+    unit: str  # "MACs" or "s"
+    base: float  # embeddings, patchify, adaLN conditioning, final layer: always computed
+    slots: dict[str, float]  # 'group.block.component' -> cost
+    block_overhead: dict[str, float]  # 'group.block' -> cost outside the cacheable components (norms, modulation)
+
+    @property
+    def full(self) -> float:
+        return self.base + sum(self.slots.values()) + sum(self.block_overhead.values())
+
+
+def _dit_like_macs(network: torch.nn.Module, info: ModelInfo, encoder_tokens: int) -> CostTable:
+    """DiT / PixArt transformer blocks: per sample with T image tokens, width d, feed-forward width f.
+
+    attn1 = 4·T·d² (q, k, v, out) + 2·T²·d (scores, values); attn2 = 2·T·d² + 2·L·d·d_c + 2·T·L·d;
+    ff = 2·T·d·f. Per block the adaLN-zero modulation adds its own timestep MLP (256·d + d²) and 6·d² (DiT only;
+    PixArt shares one). Outside the blocks: the patch-embedding convolution, the final modulation and projection.
+    """
+    cfg = network.config
+    d = cfg.num_attention_heads * cfg.attention_head_dim
+    p = cfg.patch_size
+    side = cfg.sample_size
+    tokens = (side // p) ** 2
+    block = network.transformer_blocks[0]
+    ff_width = block.ff.net[0].proj.out_features
+    if "geglu" in str(getattr(cfg, "activation_fn", "")):
+        ff_width //= 2
+    per_component = {
+        "attn1": 4 * tokens * d * d + 2 * tokens * tokens * d,
+        "attn2": 2 * tokens * d * d + 2 * encoder_tokens * d * d + 2 * tokens * encoder_tokens * d,
+        "ff": 2 * tokens * d * ff_width,
+    }
+    timestep_mlp = 256 * d + d * d
+    slots, overhead = {}, {}
+    (group,) = info.block_groups
+    per_block_modulation = info.family == "dit"
+    for b in range(group.count):
+        for c in group.components:
+            slots[f"{group.path}.{b}.{c}"] = float(per_component[c])
+        overhead[f"{group.path}.{b}"] = float(timestep_mlp + 6 * d * d) if per_block_modulation else 0.0
+    patchify = tokens * (p * p * cfg.in_channels) * d
+    out_channels = cfg.out_channels or cfg.in_channels
+    if info.family == "dit":
+        final = timestep_mlp + 2 * d * d + tokens * d * p * p * out_channels
+    else:  # PixArt: shared adaLN-single (timestep MLP + 6d² once), caption projection, final linear
+        final = timestep_mlp + 6 * d * d + encoder_tokens * (cfg.caption_channels * d + d * d)
+        final += tokens * d * p * p * out_channels
+    return CostTable("MACs", float(patchify + final), slots, overhead)
+
+
+def analytic_macs_table(network: torch.nn.Module, info: ModelInfo, encoder_tokens: int = 120) -> CostTable:
+    """Per-sample MACs of one evaluation from the model config (DiT and PixArt families)."""
+    if info.family in ("dit", "pixart"):
+        return _dit_like_macs(network, info, encoder_tokens)
+    raise NotImplementedError(
+        f"analytic MACs: no formula for family {info.family!r} yet; use measured_macs_table(...) instead"
+    )
+
+
+def measured_macs_table(network: torch.nn.Module, info: ModelInfo, forward: Callable[[], Any], batch: int) -> CostTable:
+    """Per-sample MACs counted by FlopCounterMode on a real forward (math attention, so attention is counted);
+    works for every family, and is the independent check of the analytic table."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        forward()
+    counts = counter.get_flop_counts()
+    root = type(network).__name__
+
+    def macs(name: str) -> float:
+        return sum(counts.get(f"{root}.{name}" if name else root, {}).values()) / 2 / batch
+
+    slots = {name: macs(name) for name in slot_names_of(info)}
+    overhead = {}
+    for g in info.block_groups:
+        for b in range(g.count):
+            key = f"{g.path}.{b}"
+            overhead[key] = macs(key) - sum(slots[f"{key}.{c}"] for c in g.components)
+    base = macs("") - sum(slots.values()) - sum(overhead.values())
+    return CostTable("MACs", base, slots, overhead)
+
+
+def slot_names_of(info: ModelInfo) -> list[str]:
+    from schedsearch.runtime.cache_hooks import model_layout
+
+    return slot_names(model_layout(info))
+
+
+def evaluated_steps(plan: SolverPlan) -> list[int]:
+    return list(range(1 if plan.first_step == "zero_x0" else 0, plan.num_steps))
+
+
+def recompute_matrix(plan: SolverPlan, cache: CachePlan | None, info: ModelInfo) -> np.ndarray:
+    """bool (steps, slots): which cacheable components run at each step."""
+    names = slot_names_of(info)
+    if cache is None:
+        return np.ones((plan.num_steps, len(names)), dtype=bool)
+    if isinstance(cache, ComponentCachePlan):
+        return np.array([[c == "1" for c in row] for row in cache.recompute], dtype=bool)
+    if isinstance(cache, UnitCachePlan):
+        in_unit = np.array([_in_unit(cache, n.rsplit(".", 1)[0]) for n in names])
+        return ~in_unit[None, :] | np.array(cache.refresh_mask())[:, None]
+    raise TypeError(f"cache plan: unsupported {type(cache).__name__}")
+
+
+def _in_unit(cache: UnitCachePlan, block: str) -> bool:
+    path, index = block.rsplit(".", 1)
+    return path == cache.group and cache.start <= int(index) < cache.end
+
+
+def block_run_matrix(plan: SolverPlan, cache: CachePlan | None, blocks: list[str]) -> np.ndarray:
+    """bool (steps, blocks): False where a cached unit skips the whole block (its norms and modulation too);
+    component reuse still runs the rest of the block."""
+    runs = np.ones((plan.num_steps, len(blocks)), dtype=bool)
+    if isinstance(cache, UnitCachePlan):
+        in_unit = np.array([_in_unit(cache, b) for b in blocks])
+        runs &= ~in_unit[None, :] | np.array(cache.refresh_mask())[:, None]
+    return runs
+
+
+def schedule_cost(
+    table: CostTable, plan: SolverPlan, info: ModelInfo, cache: CachePlan | None = None, multiplier: float = 1.0
+) -> float:
+    """Σ over evaluated steps of base + recomputed components + blocks that run, times `multiplier` (2 for the
+    MACs of a CFG pair; 1 for a latency table measured on the real batch)."""
+    steps = evaluated_steps(plan)
+    slot_cost = np.array([table.slots[n] for n in slot_names_of(info)])
+    blocks = list(table.block_overhead)
+    block_cost = np.array([table.block_overhead[b] for b in blocks])
+    total = len(steps) * table.base
+    total += float((recompute_matrix(plan, cache, info)[steps] @ slot_cost).sum())
+    total += float((block_run_matrix(plan, cache, blocks)[steps] @ block_cost).sum())
+    return total * multiplier
+
+
+def measured_latency_table(
+    network: torch.nn.Module, info: ModelInfo, forward: Callable[[], Any], repeats: int = 5, device: str = "cpu"
+) -> CostTable:
+    """Seconds per evaluation (at the batch `forward` uses) of every component and block, timed with module hooks
+    over `repeats` full forwards (median); measured once per model and device so that a schedule's latency can be
+    predicted without running it."""
+    names = slot_names_of(info)
+    blocks = [f"{g.path}.{b}" for g in info.block_groups for b in range(g.count)]
+    samples: dict[str, list[float]] = {n: [] for n in [*names, *blocks, ""]}
+    starts: dict[str, float] = {}
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def pre(name: str) -> Callable:
+        def hook(*_: Any) -> None:
+            sync()
+            starts[name] = time.perf_counter()
+
+        return hook
+
+    def post(name: str) -> Callable:
+        def hook(*_: Any) -> None:
+            sync()
+            samples[name].append(time.perf_counter() - starts[name])
+
+        return hook
+
+    handles = []
+    for name in samples:
+        module = network.get_submodule(name) if name else network
+        handles += [module.register_forward_pre_hook(pre(name)), module.register_forward_hook(post(name))]
+    try:
+        with torch.no_grad():
+            forward()  # warm-up
+            for values in samples.values():
+                values.clear()
+            for _ in range(repeats):
+                forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    med = {name: statistics.median(values) for name, values in samples.items()}
+    slots = {n: med[n] for n in names}
+    overhead = {b: med[b] - sum(med[n] for n in names if n.startswith(b + ".")) for b in blocks}
+    base = med[""] - sum(med[b] for b in blocks)
+    return CostTable("s", base, slots, overhead)
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_s: float
+    iqr_s: float
+    repeats: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {"median_s": self.median_s, "iqr_s": self.iqr_s, "repeats": self.repeats}
+
+
+def measure_latency(run: Callable[[], Any], warmup: int = 1, repeats: int = 5, device: str = "cpu") -> Timing:
+    """Wall time of `run()`: warm-up calls first, then the median and inter-quartile range of `repeats` calls
+    (synchronising the GPU around each, where one is used)."""
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - start)
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return Timing(statistics.median(times), q[2] - q[0], repeats)
