@@ -1,0 +1,140 @@
+"""Cache baselines on the builtin model: MACs ratio, measured speedup, fidelity, hook overhead, and how well the
+per-component latency table predicts measured latency. Prints one JSON object per line (machine-readable).
+
+    python benchmarks/cache_baselines.py [--steps 20] [--batch 64] [--repeats 3] [--random 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import torch
+
+from schedsearch.objectives.cost import (
+    analytic_macs_table,
+    measure_latency,
+    measured_latency_table,
+    schedule_cost,
+)
+from schedsearch.objectives.fidelity import mse, psnr
+from schedsearch.runtime.cache_hooks import CacheRuntime, model_layout
+from schedsearch.runtime.models import initial_noise, load_model
+from schedsearch.runtime.sampler import sample
+from schedsearch.spaces import baselines
+from schedsearch.spaces.cache_plan import ComponentCachePlan, slot_names
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--random", type=int, default=10, help="random component plans for the latency check")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = load_model("builtin:mnist-dit")
+    info, net = model.info, model.network
+    plan = baselines.dpm_solver_plan(baselines.linspace_timesteps(info.num_train_timesteps, args.steps), 2)
+    labels = torch.arange(args.batch) % 10
+    denoise = model.denoiser(labels, 2.0)
+    x = initial_noise(range(args.batch), info.sample_shape)
+    layout, n = model_layout(info), plan.num_steps
+
+    def run(cache=None) -> torch.Tensor:
+        if cache is None:
+            return sample(denoise, x, plan, model.noise_schedule)
+        with CacheRuntime(net, info, cache) as runtime:
+            return sample(runtime.wrap(denoise), x, plan, model.noise_schedule)
+
+    macs = analytic_macs_table(net, info)
+    full_macs = schedule_cost(macs, plan, info, multiplier=2)
+    reference = run()
+    base_time = measure_latency(run, warmup=1, repeats=args.repeats)
+    xx = torch.cat([x, x])
+    tt = torch.full((2 * args.batch,), 500.0)
+    cond = torch.cat([labels, torch.full_like(labels, 10)])
+    lat_table = measured_latency_table(net, info, lambda: net(xx, timestep=tt, class_labels=cond), repeats=5)
+    predicted_full = schedule_cost(lat_table, plan, info)
+    print(
+        json.dumps(
+            {
+                "bench": "uncached",
+                "steps": n,
+                "batch": args.batch,
+                "macs_per_sample": full_macs,
+                **base_time.as_dict(),
+                "predicted_s": predicted_full,
+            }
+        )
+    )
+
+    candidates = {
+        "all-recompute (hook overhead)": ComponentCachePlan.full(layout, n),
+        "FORA N=2": baselines.fora_cache_plan(layout, n, 2),
+        "FORA N=3": baselines.fora_cache_plan(layout, n, 3),
+        "unit blocks 1-4, every 2": baselines.uniform_unit_plan("transformer_blocks", 1, 5, n, 2),
+        "unit blocks 1-4, every 3": baselines.uniform_unit_plan("transformer_blocks", 1, 5, n, 3),
+        "unit blocks 0-5, every 2": baselines.uniform_unit_plan("transformer_blocks", 0, 6, n, 2),
+    }
+    for name, cache in candidates.items():
+        out = run(cache)
+        timing = measure_latency(lambda cache=cache: run(cache), warmup=1, repeats=args.repeats)
+        cost = schedule_cost(macs, plan, info, cache, multiplier=2)
+        speedup = base_time.median_s / timing.median_s
+        print(
+            json.dumps(
+                {
+                    "bench": "cache_baseline",
+                    "name": name,
+                    "mac_speedup": full_macs / cost,
+                    "measured_speedup": speedup,
+                    "realised_fraction": (speedup - 1) / max(full_macs / cost - 1, 1e-9) if cost < full_macs else None,
+                    "overhead_pct": 100 * (timing.median_s / base_time.median_s - 1) if cost == full_macs else None,
+                    "psnr_db": float(psnr(out, reference).mean()),
+                    "mse": float(mse(out, reference).mean()),
+                    **timing.as_dict(),
+                    "predicted_s": schedule_cost(lat_table, plan, info, cache),
+                }
+            )
+        )
+
+    rng = random.Random(0)
+    errors = []
+    n_slots = len(slot_names(layout))
+    for k in range(args.random):
+        keep = rng.uniform(0.3, 0.9)
+        rows = ["1" * n_slots] + [
+            "".join("1" if rng.random() < keep else "0" for _ in range(n_slots)) for _ in range(n - 1)
+        ]
+        cache = ComponentCachePlan(layout, tuple(rows))
+        timing = measure_latency(lambda cache=cache: run(cache), warmup=0, repeats=args.repeats)
+        predicted = schedule_cost(lat_table, plan, info, cache)
+        errors.append(abs(predicted - timing.median_s) / timing.median_s)
+        print(
+            json.dumps(
+                {
+                    "bench": "latency_prediction",
+                    "plan": k,
+                    "recompute_fraction": cache.recompute_fraction(),
+                    "measured_s": timing.median_s,
+                    "predicted_s": predicted,
+                }
+            )
+        )
+    errors.sort()
+    print(
+        json.dumps(
+            {
+                "bench": "latency_prediction_summary",
+                "plans": len(errors),
+                "median_abs_rel_error": errors[len(errors) // 2],
+                "max_abs_rel_error": errors[-1],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
