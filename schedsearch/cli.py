@@ -39,24 +39,26 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_plan(args: argparse.Namespace, model) -> object:
+def _load_schedule(args: argparse.Namespace, model) -> tuple[object, object]:
+    """(solver plan, cache plan or None) for this model; a schedule made for another model is refused."""
     from schedsearch.spaces.schedule import load_schedule
 
     if args.schedule is None:
-        return model.default_plan(args.steps)
+        return model.default_plan(args.steps), None
     schedule = load_schedule(args.schedule)
     if schedule.model != model.info.name:
         raise CliError(
             f"{args.schedule}: field 'model' is {schedule.model!r} but --model is {model.info.name!r}; "
             "a schedule runs only on the model it was found for"
         )
-    return schedule.solver.validate(model.info.num_train_timesteps)
+    return schedule.validate(model.info.num_train_timesteps).solver, schedule.cache
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from schedsearch.objectives.images import save_grid
+    from schedsearch.runtime.cache_hooks import CacheRuntime
     from schedsearch.runtime.models import initial_noise, load_model
     from schedsearch.runtime.sampler import sample
 
@@ -65,7 +67,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.out.suffix.lower() != ".png":
         raise CliError(f"--out: {args.out} must end in .png")
     model = load_model(args.model)
-    plan = _load_plan(args, model)
+    plan, cache = _load_schedule(args, model)
+    runtime = CacheRuntime(model.network, model.info, cache) if cache is not None else None
     if model.info.conditioning == "class":
         classes = _parse_int_list(args.classes, "--classes")
         bad = [c for c in classes if not 0 <= c < (model.info.num_classes or 0)]
@@ -80,13 +83,23 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     n = len(conditions)
     seeds = [args.seed + i for i in range(n)]
     images = []
-    for start in range(0, n, args.batch_size):
-        part = slice(start, min(n, start + args.batch_size))
-        denoise = model.denoiser(conditions[part], args.guidance)
-        x = initial_noise(seeds[part], model.info.sample_shape)
-        images.append(model.decode(sample(denoise, x, plan, model.noise_schedule, model.info.prediction_type, True)))
+    try:
+        for start in range(0, n, args.batch_size):
+            part = slice(start, min(n, start + args.batch_size))
+            denoise = model.denoiser(conditions[part], args.guidance)
+            if runtime is not None:
+                denoise = runtime.wrap(denoise)
+            x = initial_noise(seeds[part], model.info.sample_shape)
+            out = sample(denoise, x, plan, model.noise_schedule, model.info.prediction_type, progress=True)
+            images.append(model.decode(out))
+    finally:
+        if runtime is not None:
+            runtime.remove()
     path = save_grid(torch.cat(images), args.out, nrow=args.n_per_class)
-    print(f"wrote {path} ({n} samples, NFE {plan.nfe}, guidance {args.guidance or model.info.guidance_default})")
+    cached = f", cache {cache.kind}" if cache is not None else ""
+    print(
+        f"wrote {path} ({n} samples, NFE {plan.nfe}{cached}, guidance {args.guidance or model.info.guidance_default})"
+    )
     return 0
 
 
@@ -106,7 +119,13 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
         plan = baselines.dpm_solver_plan(ts, args.order)
     else:
         plan = baselines.unipc_plan(ts, args.order)
-    schedule = Schedule(model=info.name, solver=plan.validate(info.num_train_timesteps), meta={"baseline": args.solver})
+    cache = None
+    if args.fora:
+        from schedsearch.runtime.cache_hooks import model_layout
+
+        cache = baselines.fora_cache_plan(model_layout(info), plan.num_steps, args.fora)
+    meta = {"baseline": args.solver, **({"cache": f"FORA N={args.fora}"} if cache else {})}
+    schedule = Schedule(model=info.name, solver=plan, cache=cache, meta=meta).validate(info.num_train_timesteps)
     print(f"wrote {save_schedule(schedule, args.out)} (NFE {plan.nfe}, key {schedule.key})")
     return 0
 
@@ -155,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     sch.add_argument("--model", default="builtin:mnist-dit")
     sch.add_argument("--steps", type=int, default=20)
     sch.add_argument("--order", type=int, default=2, choices=(1, 2, 3))
+    sch.add_argument("--fora", type=int, default=0, metavar="N", help="add a FORA cache plan: recompute every N steps")
     sch.add_argument("--out", type=Path, required=True)
     sch.set_defaults(run=_cmd_schedule)
 
@@ -166,15 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from schedsearch.runtime.models import ModelNotAvailableError
-    from schedsearch.spaces.schedule import ScheduleError
 
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (CliError, ScheduleError, ModelNotAvailableError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except ValueError as exc:  # registry and data errors carry the field name in their message
+    # ScheduleError, CachePlanMismatchError and the registry's errors are ValueErrors naming the field
+    except (CliError, ModelNotAvailableError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -85,3 +85,27 @@ def test_console_script_exit_code(tmp_path):
     )
     assert proc.returncode == EXIT_BAD_INPUT
     assert "no such file" in proc.stderr
+
+
+def test_sample_runs_a_cached_schedule(tmp_path, capsys):
+    path = tmp_path / "fora.json"
+    assert main(["schedule", "dpmsolver++", "--steps", "6", "--fora", "2", "--out", str(path)]) == 0
+    assert load_schedule(path).cache.kind == "components"
+    out = tmp_path / "cached.png"
+    assert main(["sample", "--schedule", str(path), "--classes", "1", "--n-per-class", "2", "--out", str(out)]) == 0
+    assert "cache components" in capsys.readouterr().out
+    assert out.is_file()
+
+
+def test_cache_plan_for_another_architecture_is_refused(tmp_path, capsys):
+    path = tmp_path / "fora.json"
+    assert main(["schedule", "dpmsolver++", "--steps", "6", "--fora", "2", "--out", str(path)]) == 0
+    data = json.loads(path.read_text())
+    data["cache"]["layout"] = "transformer_blocks[28](attn1,attn2,ff)"
+    data["cache"]["recompute"] = ["1" * 84] * 6
+    path.write_text(json.dumps(data))
+    out = tmp_path / "never.png"
+    assert main(["sample", "--schedule", str(path), "--out", str(out)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "transformer_blocks[28]" in err and "transformer_blocks[6]" in err
+    assert not out.exists()

@@ -116,3 +116,26 @@ def fora_cache_plan(layout: str, num_steps: int, interval: int) -> ComponentCach
 def uniform_unit_plan(group: str, start: int, end: int, num_steps: int, interval: int) -> UnitCachePlan:
     """DeepCache-style uniform refresh of a block range: recompute the unit every `interval` steps."""
     return UnitCachePlan(group, start, end, tuple(range(0, num_steps, interval)), num_steps)
+
+
+def tgate_cache_plan(layout: str, num_steps: int, gate_step: int) -> ComponentCachePlan:
+    """TGATE (Zhang et al. 2024): cross-attention converges early, so from `gate_step` on every attn2 output is
+    frozen (reused) while everything else is recomputed. Needs a model with cross-attention (PixArt)."""
+    names = slot_names(layout)
+    if not any(n.endswith(".attn2") for n in names):
+        raise ValueError(f"layout: {layout!r} has no cross-attention (attn2) to gate; TGATE needs a text model")
+    if not 1 <= gate_step <= num_steps:
+        raise ValueError(f"gate_step: {gate_step} must lie in [1, {num_steps}]")
+    rows = []
+    for i in range(num_steps):
+        rows.append("".join("0" if i >= gate_step and n.endswith(".attn2") else "1" for n in names))
+    return ComponentCachePlan(layout, tuple(rows))
+
+
+def evenly_spaced_cache_plan(layout: str, num_steps: int, recompute_steps: int) -> ComponentCachePlan:
+    """ECAD's "evenly spaced" seed (§3.3): `recompute_steps` full steps spread evenly, the first one included."""
+    if not 1 <= recompute_steps <= num_steps:
+        raise ValueError(f"recompute_steps: {recompute_steps} must lie in [1, {num_steps}]")
+    full = {round(k * (num_steps - 1) / max(1, recompute_steps - 1)) for k in range(recompute_steps)}
+    n = len(slot_names(layout))
+    return ComponentCachePlan(layout, tuple(("1" if i in full else "0") * n for i in range(num_steps)))
