@@ -132,7 +132,10 @@ class CacheRuntime:
         plan.validate()
         bits = np.array([[c == "1" for c in row] for row in plan.recompute], dtype=bool)  # (steps, slots)
         for slot, name in enumerate(slot_names(plan.layout)):
-            module = self.network.get_submodule(name)
+            block, component = name.rsplit(".", 1)
+            module = getattr(self.network.get_submodule(block), component)
+            if module is None:  # absent in this block (SD3's last block has no ff_context): nothing to cache
+                continue
             self._register(module, ComponentReuseHook(self.context, bits[:, slot], name), COMPONENT_HOOK)
 
     def _attach_unit(self, plan: UnitCachePlan) -> None:
