@@ -66,3 +66,30 @@ def test_unit_plan_on_flux_single_blocks(tiny):
     with pytest.raises(TypeError, match="one hidden-states tensor"):
         # Flux double blocks return (encoder_hidden_states, hidden_states): unit caching refuses them clearly
         run(model, "flux", baselines.uniform_unit_plan("transformer_blocks", 0, 1, 4, 2))
+
+
+def test_deepcache_on_a_unet(tmp_path, builtin_model):
+    """DeepCache: the deep branch runs on refresh steps only, the shallow path every step; refreshing every step
+    is exact."""
+    build_pipeline("sd", tmp_path).save_pretrained(tmp_path / "sd")
+    model = load_model(f"diffusers:{tmp_path / 'sd'}")
+    reference = run(model, "sd")
+    every = baselines.UnitCachePlan("deepcache", 0, 1, (0, 1, 2, 3), 4)
+    assert torch.equal(run(model, "sd", every), reference)
+    net = model.network
+    calls = {"deep": 0, "shallow": 0}
+    handles = [
+        net.mid_block.resnets[0].register_forward_hook(lambda *_: calls.__setitem__("deep", calls["deep"] + 1)),
+        net.up_blocks[-1]
+        .resnets[0]
+        .register_forward_hook(lambda *_: calls.__setitem__("shallow", calls["shallow"] + 1)),
+    ]
+    try:
+        cached = run(model, "sd", baselines.uniform_unit_plan("deepcache", 0, 1, 4, 2))
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == {"deep": 2, "shallow": 4}
+    assert torch.isfinite(cached).all() and not torch.equal(cached, reference)
+    with pytest.raises(ValueError, match="not a UNet"):
+        CacheRuntime(builtin_model.network, builtin_model.info, every)

@@ -21,6 +21,7 @@ from schedsearch.spaces.cache_plan import CachePlan, ComponentCachePlan, UnitCac
 
 COMPONENT_HOOK = "schedsearch_component_reuse"
 UNIT_HOOK = "schedsearch_unit_reuse"
+DEEPCACHE_GROUP = "deepcache"  # UnitCachePlan.group naming a UNet's DeepCache branch (start 0, end 1)
 
 Denoiser = Callable[[torch.Tensor, float, int], torch.Tensor]
 
@@ -139,6 +140,9 @@ class CacheRuntime:
             self._register(module, ComponentReuseHook(self.context, bits[:, slot], name), COMPONENT_HOOK)
 
     def _attach_unit(self, plan: UnitCachePlan) -> None:
+        if plan.group == DEEPCACHE_GROUP:
+            self._attach_deepcache(plan)
+            return
         group = next((g for g in self.info.block_groups if g.path == plan.group), None)
         if group is None:
             known = [g.path for g in self.info.block_groups]
@@ -156,6 +160,21 @@ class CacheRuntime:
             module = self.network.get_submodule(f"{plan.group}.{b}")
             hook = UnitReuseHook(self.context, refresh, shared, first=b == plan.start, last=b == plan.end - 1)
             self._register(module, hook, UNIT_HOOK)
+
+    def _attach_deepcache(self, plan: UnitCachePlan) -> None:
+        """DeepCache (Ma et al. 2024, §3.2) on a UNet: every module of the deep branch returns its output from the
+        last refresh step, so up_blocks[-2] hands its cached feature to the shallow up_blocks[-1]; conv_in,
+        down_blocks[0], up_blocks[-1] and conv_out run every step."""
+        unit = self.info.extra.get("deepcache_unit")
+        if unit is None:
+            raise CachePlanMismatchError(f"cache.group: {self.info.name} is not a UNet; 'deepcache' needs one")
+        if (plan.start, plan.end) != (0, 1):
+            raise CachePlanMismatchError("cache.start/end: the deepcache unit is a single unit: use start 0, end 1")
+        plan.validate()
+        refresh = np.array(plan.refresh_mask(), dtype=bool)
+        for name in unit["deep"]:
+            hook = ComponentReuseHook(self.context, refresh, name)
+            self._register(self.network.get_submodule(name), hook, UNIT_HOOK)
 
     def _register(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
