@@ -16,10 +16,12 @@ from schedsearch.objectives.cost import (
     analytic_macs_table,
     measure_latency,
     measured_latency_table,
+    observe_recompute,
     schedule_cost,
 )
 from schedsearch.objectives.fidelity import mse, psnr
 from schedsearch.runtime.cache_hooks import CacheRuntime, model_layout
+from schedsearch.runtime.diffusers_caches import DiffusersCache
 from schedsearch.runtime.models import initial_noise, load_model
 from schedsearch.runtime.sampler import sample
 from schedsearch.spaces import baselines
@@ -96,6 +98,48 @@ def main() -> None:
                     "mse": float(mse(out, reference).mean()),
                     **timing.as_dict(),
                     "predicted_s": schedule_cost(lat_table, plan, info, cache),
+                }
+            )
+        )
+
+    external = {
+        "diffusers FirstBlockCache 0.05": ("first_block_cache", {"threshold": 0.05}),
+        "diffusers FirstBlockCache 0.1": ("first_block_cache", {"threshold": 0.1}),
+        "diffusers FirstBlockCache 0.2": ("first_block_cache", {"threshold": 0.2}),
+        "diffusers PAB skip 2 (t 100-800)": (
+            "pyramid_attention_broadcast",
+            {"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip_range": (100, 800)},
+        ),
+        "diffusers PAB skip 3 (t 100-800)": (
+            "pyramid_attention_broadcast",
+            {"spatial_attention_block_skip_range": 3, "spatial_attention_timestep_skip_range": (100, 800)},
+        ),
+    }
+    for name, (kind, params) in external.items():
+        with DiffusersCache(net, kind, **params) as ext:
+            wrapped = ext.wrap(denoise)
+
+            def run_ext(wrapped=wrapped) -> torch.Tensor:
+                return sample(wrapped, x, plan, model.noise_schedule)
+
+            out = run_ext()
+            observed = observe_recompute(net, info, run_ext)
+            timing = measure_latency(run_ext, warmup=0, repeats=args.repeats)
+        cost = schedule_cost(macs, plan, info, observed, multiplier=2)
+        speedup = base_time.median_s / timing.median_s
+        print(
+            json.dumps(
+                {
+                    "bench": "cache_baseline",
+                    "name": name,
+                    "mac_speedup": full_macs / cost,
+                    "measured_speedup": speedup,
+                    "realised_fraction": (speedup - 1) / max(full_macs / cost - 1, 1e-9) if cost < full_macs else None,
+                    "overhead_pct": None,
+                    "psnr_db": float(psnr(out, reference).mean()),
+                    "mse": float(mse(out, reference).mean()),
+                    **timing.as_dict(),
+                    "predicted_s": schedule_cost(lat_table, plan, info, observed),
                 }
             )
         )

@@ -240,3 +240,32 @@ def measure_latency(run: Callable[[], Any], warmup: int = 1, repeats: int = 5, d
         times.append(time.perf_counter() - start)
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return Timing(statistics.median(times), q[2] - q[0], repeats)
+
+
+def observe_recompute(network: torch.nn.Module, info: ModelInfo, run: Callable[[], Any]) -> ComponentCachePlan:
+    """What a run really computed, as a component plan: one row per network call, a 1 where the component ran.
+
+    A component counts as run when its first parameterised submodule runs (a reused output never reaches it), so
+    this also measures rule-based caches (diffusers' FirstBlockCache, PAB) with the same cost accounting."""
+    from schedsearch.runtime.cache_hooks import model_layout
+
+    names = slot_names_of(info)
+    rows: list[list[str]] = []
+    handles = [network.register_forward_pre_hook(lambda *_: rows.append(["0"] * len(names)))]
+    for index, name in enumerate(names):
+        block, component = name.rsplit(".", 1)
+        module = getattr(network.get_submodule(block), component)
+        if module is None:
+            continue
+        leaf = next(m for m in module.modules() if any(True for _ in m.parameters(recurse=False)))
+
+        def mark(*_: Any, index: int = index) -> None:
+            rows[-1][index] = "1"
+
+        handles.append(leaf.register_forward_hook(mark))
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ComponentCachePlan(model_layout(info), tuple("".join(r) for r in rows))
