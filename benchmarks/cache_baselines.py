@@ -50,6 +50,23 @@ def main() -> None:
         with CacheRuntime(net, info, cache) as runtime:
             return sample(runtime.wrap(denoise), x, plan, model.noise_schedule)
 
+    def report(name: str, out: torch.Tensor, timing, cache) -> None:
+        cost = schedule_cost(macs, plan, info, cache, multiplier=2)
+        speedup = base_time.median_s / timing.median_s
+        row = {
+            "bench": "cache_baseline",
+            "name": name,
+            "mac_speedup": full_macs / cost,
+            "measured_speedup": speedup,
+            "realised_fraction": (speedup - 1) / (full_macs / cost - 1) if cost < full_macs else None,
+            "overhead_pct": 100 * (timing.median_s / base_time.median_s - 1) if cost == full_macs else None,
+            "psnr_db": float(psnr(out, reference).mean()),
+            "mse": float(mse(out, reference).mean()),
+            **timing.as_dict(),
+            "predicted_s": schedule_cost(lat_table, plan, info, cache),
+        }
+        print(json.dumps(row))
+
     macs = analytic_macs_table(net, info)
     full_macs = schedule_cost(macs, plan, info, multiplier=2)
     reference = run()
@@ -83,24 +100,7 @@ def main() -> None:
     for name, cache in candidates.items():
         out = run(cache)
         timing = measure_latency(lambda cache=cache: run(cache), warmup=1, repeats=args.repeats)
-        cost = schedule_cost(macs, plan, info, cache, multiplier=2)
-        speedup = base_time.median_s / timing.median_s
-        print(
-            json.dumps(
-                {
-                    "bench": "cache_baseline",
-                    "name": name,
-                    "mac_speedup": full_macs / cost,
-                    "measured_speedup": speedup,
-                    "realised_fraction": (speedup - 1) / max(full_macs / cost - 1, 1e-9) if cost < full_macs else None,
-                    "overhead_pct": 100 * (timing.median_s / base_time.median_s - 1) if cost == full_macs else None,
-                    "psnr_db": float(psnr(out, reference).mean()),
-                    "mse": float(mse(out, reference).mean()),
-                    **timing.as_dict(),
-                    "predicted_s": schedule_cost(lat_table, plan, info, cache),
-                }
-            )
-        )
+        report(name, out, timing, cache)
 
     external = {
         "diffusers FirstBlockCache 0.05": ("first_block_cache", {"threshold": 0.05}),
@@ -125,24 +125,7 @@ def main() -> None:
             out = run_ext()
             observed = observe_recompute(net, info, run_ext)
             timing = measure_latency(run_ext, warmup=0, repeats=args.repeats)
-        cost = schedule_cost(macs, plan, info, observed, multiplier=2)
-        speedup = base_time.median_s / timing.median_s
-        print(
-            json.dumps(
-                {
-                    "bench": "cache_baseline",
-                    "name": name,
-                    "mac_speedup": full_macs / cost,
-                    "measured_speedup": speedup,
-                    "realised_fraction": (speedup - 1) / max(full_macs / cost - 1, 1e-9) if cost < full_macs else None,
-                    "overhead_pct": None,
-                    "psnr_db": float(psnr(out, reference).mean()),
-                    "mse": float(mse(out, reference).mean()),
-                    **timing.as_dict(),
-                    "predicted_s": schedule_cost(lat_table, plan, info, observed),
-                }
-            )
-        )
+        report(name, out, timing, observed)
 
     rng = random.Random(0)
     errors = []

@@ -1,9 +1,9 @@
 """Cost accounting: analytic MACs agree with torch's FlopCounterMode; schedule costs add up; latency is measured."""
 
-import diffusers
 import numpy as np
 import pytest
 import torch
+from test_diffusers_models import PROMPT_DIM, build_pipeline
 
 from schedsearch.objectives.cost import (
     analytic_macs_table,
@@ -40,25 +40,9 @@ def test_builtin_dit_macs_match_flop_counter(builtin_model):
     assert 3e7 < analytic.full < 1e8  # ~62.7 MMACs per sample for the 2.1M-parameter DiT on 49 tokens
 
 
-def test_pixart_macs_match_flop_counter():
+def test_pixart_macs_match_flop_counter(tmp_path):
     torch.manual_seed(0)
-    net = diffusers.PixArtTransformer2DModel(
-        sample_size=8,
-        num_layers=2,
-        patch_size=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        caption_channels=24,
-        in_channels=4,
-        cross_attention_dim=16,
-        out_channels=8,
-        attention_bias=True,
-        activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-    ).eval()
+    net = build_pipeline("pixart", tmp_path).transformer.eval()
     info = ModelInfo(
         "tiny-pixart",
         "pixart",
@@ -70,7 +54,7 @@ def test_pixart_macs_match_flop_counter():
         (BlockGroup("transformer_blocks", 2, ("attn1", "attn2", "ff")),),
     )
     batch, tokens = 2, 7
-    x, text = torch.randn(batch, 4, 8, 8), torch.randn(batch, tokens, 24)
+    x, text = torch.randn(batch, 4, 8, 8), torch.randn(batch, tokens, PROMPT_DIM)
 
     def forward():
         net(
