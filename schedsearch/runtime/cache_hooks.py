@@ -57,16 +57,21 @@ class ComponentReuseHook(ModelHook):
     def __init__(self, context: StepContext, recompute: np.ndarray, name: str) -> None:
         super().__init__()
         self.context, self.recompute, self.name = context, recompute, name  # recompute: bool[steps]
+        # keep an output only if the next step reuses it: an all-recompute plan then holds no tensors at all
+        self.keep = np.append(~recompute[1:], False)
         self.cache = _BranchCache()
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         ctx = self.context
-        if self.recompute[ctx.step_index] or ctx.branch not in self.cache.values:
-            if not self.recompute[ctx.step_index]:
-                raise RuntimeError(f"{self.name}: step {ctx.step_index} reuses an output that was never computed")
+        if self.recompute[ctx.step_index]:
             output = self.fn_ref.original_forward(*args, **kwargs)
-            self.cache.values[ctx.branch] = output
+            if self.keep[ctx.step_index]:
+                self.cache.values[ctx.branch] = output
+            else:
+                self.cache.values.pop(ctx.branch, None)
             return output
+        if ctx.branch not in self.cache.values:
+            raise RuntimeError(f"{self.name}: step {ctx.step_index} reuses an output that was never computed")
         return self.cache.values[ctx.branch]
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -83,6 +88,7 @@ class UnitReuseHook(ModelHook):
     def __init__(self, context: StepContext, refresh: np.ndarray, shared: dict[str, Any], first: bool, last: bool):
         super().__init__()
         self.context, self.refresh, self.shared, self.first, self.last = context, refresh, shared, first, last
+        self.keep = np.append(~refresh[1:], False)  # store the residual only if the next step reuses it
 
     @staticmethod
     def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -96,13 +102,14 @@ class UnitReuseHook(ModelHook):
             if key not in residuals:
                 raise RuntimeError(f"unit cache: step {ctx.step_index} reuses a unit that was never computed")
             return hidden + residuals[key] if self.first else hidden
-        if self.first:
+        keep = self.keep[ctx.step_index]
+        if self.first and keep:
             self.shared.setdefault("input", {})[key] = hidden
         output = self.fn_ref.original_forward(*args, **kwargs)
         if not isinstance(output, torch.Tensor):
             raise TypeError("unit caching needs blocks that return one hidden-states tensor (DiT / PixArt blocks)")
-        if self.last:
-            self.shared.setdefault("residual", {})[key] = output - self.shared["input"][key]
+        if self.last and keep:
+            self.shared.setdefault("residual", {})[key] = output - self.shared["input"].pop(key)
         return output
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
