@@ -100,3 +100,15 @@ def test_latency_measurement_and_table(builtin_model):
     assert all(v > 0 for v in table.slots.values())
     assert np.isfinite(table.full) and table.full > 0
     assert len(table.slots) == 12 and len(table.block_overhead) == 6
+
+
+def test_calibrated_base_reproduces_the_measured_full_run(builtin_model):
+    from schedsearch.objectives.cost import CostTable, calibrate_base
+
+    info = builtin_model.info
+    table = analytic_macs_table(builtin_model.network, info)
+    seconds = CostTable("s", 0.01, {k: 1e-3 for k in table.slots}, {k: 1e-4 for k in table.block_overhead})
+    calibrated = calibrate_base(seconds, measured_full_s=2.0, evaluations=PLAN.nfe)
+    assert schedule_cost(calibrated, PLAN, info) == pytest.approx(2.0)
+    fora = baselines.fora_cache_plan(model_layout(info), PLAN.num_steps, 2)
+    assert schedule_cost(calibrated, PLAN, info, fora) == pytest.approx(2.0 - 5 * 12 * 1e-3)

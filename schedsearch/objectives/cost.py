@@ -269,3 +269,11 @@ def observe_recompute(network: torch.nn.Module, info: ModelInfo, run: Callable[[
         for handle in handles:
             handle.remove()
     return ComponentCachePlan(model_layout(info), tuple("".join(r) for r in rows))
+
+
+def calibrate_base(table: CostTable, measured_full_s: float, evaluations: int) -> CostTable:
+    """Fold what module timing cannot see (the sampler's own arithmetic, CFG combination, Python between modules)
+    into `base`, from one measured uncached run, so that predicted = measured for the uncached schedule and a cached
+    schedule is predicted as that minus the latency of what it skips."""
+    per_eval = measured_full_s / evaluations
+    return CostTable(table.unit, per_eval - (table.full - table.base), table.slots, table.block_overhead)
