@@ -42,7 +42,7 @@ class VPSchedule:
     def sigma_ratio(self, t: float) -> float:
         """σ_t / α_t (diffusers' "sigma" for VP models)."""
         log_ratio = 0.5 * np.log((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
-        return float(np.float32(np.exp(np.interp(t, np.arange(len(log_ratio)), log_ratio))))
+        return float(np.exp(np.interp(t, np.arange(len(log_ratio)), log_ratio)))
 
     def alpha_sigma(self, t: float | None) -> tuple[float, float]:
         """(α_t, σ_t); t = None is the clean end point (σ = 0)."""
