@@ -121,7 +121,7 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
         plan = baselines.unipc_plan(ts, args.order)
     cache = None
     if args.fora:
-        from schedsearch.runtime.cache_hooks import model_layout
+        from schedsearch.runtime.models import model_layout
 
         cache = baselines.fora_cache_plan(model_layout(info), plan.num_steps, args.fora)
     meta = {"baseline": args.solver, **({"cache": f"FORA N={args.fora}"} if cache else {})}

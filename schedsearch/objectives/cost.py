@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from schedsearch.runtime.models import ModelInfo
+from schedsearch.runtime.models import ModelInfo, model_layout
 from schedsearch.spaces.cache_plan import CachePlan, ComponentCachePlan, UnitCachePlan, slot_names
 from schedsearch.spaces.schedule import SolverPlan
 
@@ -109,8 +109,6 @@ def measured_macs_table(network: torch.nn.Module, info: ModelInfo, forward: Call
 
 
 def slot_names_of(info: ModelInfo) -> list[str]:
-    from schedsearch.runtime.cache_hooks import model_layout
-
     return slot_names(model_layout(info))
 
 
@@ -172,20 +170,16 @@ def measured_latency_table(
     samples: dict[str, list[float]] = {n: [] for n in [*names, *blocks, ""]}
     starts: dict[str, float] = {}
 
-    def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
     def pre(name: str) -> Callable:
         def hook(*_: Any) -> None:
-            sync()
+            _sync(device)
             starts[name] = time.perf_counter()
 
         return hook
 
     def post(name: str) -> Callable:
         def hook(*_: Any) -> None:
-            sync()
+            _sync(device)
             samples[name].append(time.perf_counter() - starts[name])
 
         return hook
@@ -211,6 +205,12 @@ def measured_latency_table(
     return CostTable("s", base, slots, overhead)
 
 
+def _sync(device: str) -> None:
+    """Wait for queued GPU work so that wall time measures it (no-op on CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 @dataclass(frozen=True)
 class Timing:
     median_s: float
@@ -224,19 +224,14 @@ class Timing:
 def measure_latency(run: Callable[[], Any], warmup: int = 1, repeats: int = 5, device: str = "cpu") -> Timing:
     """Wall time of `run()`: warm-up calls first, then the median and inter-quartile range of `repeats` calls
     (synchronising the GPU around each, where one is used)."""
-
-    def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
     for _ in range(warmup):
         run()
     times = []
     for _ in range(repeats):
-        sync()
+        _sync(device)
         start = time.perf_counter()
         run()
-        sync()
+        _sync(device)
         times.append(time.perf_counter() - start)
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return Timing(statistics.median(times), q[2] - q[0], repeats)
@@ -247,8 +242,6 @@ def observe_recompute(network: torch.nn.Module, info: ModelInfo, run: Callable[[
 
     A component counts as run when its first parameterised submodule runs (a reused output never reaches it), so
     this also measures rule-based caches (diffusers' FirstBlockCache, PAB) with the same cost accounting."""
-    from schedsearch.runtime.cache_hooks import model_layout
-
     names = slot_names_of(info)
     rows: list[list[str]] = []
     handles = [network.register_forward_pre_hook(lambda *_: rows.append(["0"] * len(names)))]

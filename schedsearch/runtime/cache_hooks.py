@@ -16,8 +16,10 @@ import numpy as np
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from schedsearch.runtime.models import ModelInfo
-from schedsearch.spaces.cache_plan import CachePlan, ComponentCachePlan, UnitCachePlan, layout_of, slot_names
+from schedsearch.runtime.models import ModelInfo, model_layout
+from schedsearch.spaces.cache_plan import CachePlan, ComponentCachePlan, UnitCachePlan, slot_names
+
+__all__ = ["CachePlanMismatchError", "CacheRuntime", "model_layout"]
 
 COMPONENT_HOOK = "schedsearch_component_reuse"
 UNIT_HOOK = "schedsearch_unit_reuse"
@@ -28,11 +30,6 @@ Denoiser = Callable[[torch.Tensor, float, int], torch.Tensor]
 
 class CachePlanMismatchError(ValueError):
     """The plan's shape does not fit the model; the message gives expected and given shapes."""
-
-
-def model_layout(info: ModelInfo) -> str:
-    """The slot layout a component plan must have for this model."""
-    return layout_of([(g.path, g.count, g.components) for g in info.block_groups])
 
 
 @dataclass

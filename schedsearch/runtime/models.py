@@ -15,6 +15,7 @@ import torch
 
 from schedsearch.runtime.noise import NoiseSchedule, VPSchedule
 from schedsearch.spaces.baselines import dpm_solver_plan, linspace_timesteps
+from schedsearch.spaces.cache_plan import layout_of
 from schedsearch.spaces.schedule import SolverPlan
 
 Conditioning = Literal["class", "prompt", "none"]
@@ -61,6 +62,11 @@ class ModelInfo:
                 {"path": g.path, "count": g.count, "components": list(g.components)} for g in self.block_groups
             ],
         }
+
+
+def model_layout(info: ModelInfo) -> str:
+    """The slot layout a component cache plan must have for this model."""
+    return layout_of([(g.path, g.count, g.components) for g in info.block_groups])
 
 
 class ModelNotAvailableError(RuntimeError):
