@@ -1,0 +1,96 @@
+"""The objective contract: a name, a direction, what it needs, and a streaming score.
+
+Image objectives see the run's images batch by batch (`Accumulator.update`), so a study never holds every image
+(FID accumulates feature moments; MSE a running sum). Cost objectives are functions of the schedule alone (NFE,
+MACs, predicted latency) and need no sampling. Every objective states up front what it needs — the teacher images
+of the calibration set, reference statistics, or external weights — and `check()` raises before any work starts
+when something is missing, never falling back to another metric.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import torch
+
+    from schedsearch.spaces.schedule import Schedule
+
+Direction = Literal["min", "max"]
+
+
+class ObjectiveUnavailableError(RuntimeError):
+    """An asked-for objective cannot run here (missing weights or package); the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ScoreBatch:
+    """One batch of a run: decoded images in [-1, 1] (B, C, H, W), their conditions and seeds, and the teacher's
+    images for the same conditions and seeds when the calibration set has them."""
+
+    images: torch.Tensor
+    conditions: Sequence[Any]
+    seeds: Sequence[int]
+    teacher: torch.Tensor | None = None
+
+
+class Accumulator(ABC):
+    @abstractmethod
+    def update(self, batch: ScoreBatch) -> None: ...
+
+    @abstractmethod
+    def result(self) -> dict[str, float]:
+        """Metric values by name (an objective may report side metrics, e.g. accuracy beside class_probability)."""
+
+
+class Objective(ABC):
+    """Base of both kinds. `name` is the metric the search optimises; `direction` says which way is better."""
+
+    name: str
+    direction: Direction
+    kind: Literal["image", "cost"] = "image"
+    needs_teacher: bool = False
+
+    def check(self) -> None:  # noqa: B027 - optional hook
+        """Raise ObjectiveUnavailableError if this objective cannot run here (called before any work)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "direction": self.direction, "kind": self.kind, "needs_teacher": self.needs_teacher}
+
+
+class ImageObjective(Objective):
+    kind: Literal["image", "cost"] = "image"
+
+    @abstractmethod
+    def accumulator(self) -> Accumulator:
+        """A fresh streaming scorer for one run."""
+
+
+class CostObjective(Objective):
+    kind: Literal["image", "cost"] = "cost"
+    direction: Direction = "min"
+
+    @abstractmethod
+    def value(self, schedule: Schedule) -> float:
+        """The cost of one sample's run of `schedule` (per image), without running it."""
+
+
+class MeanAccumulator(Accumulator):
+    """Mean of a per-image value over the run: the common case (MSE, PSNR, SSIM, CLIP score, ImageReward)."""
+
+    def __init__(self, name: str, per_image: Any) -> None:
+        self.name, self.per_image = name, per_image
+        self.total, self.count = 0.0, 0
+
+    def update(self, batch: ScoreBatch) -> None:
+        values = self.per_image(batch)
+        self.total += float(values.double().sum())
+        self.count += int(values.numel())
+
+    def result(self) -> dict[str, float]:
+        if self.count == 0:
+            raise ValueError(f"{self.name}: no images were scored")
+        return {self.name: self.total / self.count}
