@@ -1,0 +1,150 @@
+"""CacheQuant (Liu et al. CVPR 2025, §3.2): the refresh-step DP against brute force, the unit feature table on the
+builtin model, and the DP strategy's ask/tell."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from schedsearch.search.dynamic import (
+    DPResult,
+    DPStrategy,
+    cachequant_dp,
+    feasible_interval,
+    group_length_bounds,
+    optimal_segmentation,
+    refresh_bits,
+)
+from schedsearch.spaces.base import GenomeSpec
+
+
+def compositions(T: int):
+    """Every split of range(T) into contiguous groups, as the tuple of group starts."""
+    for cuts in itertools.product((0, 1), repeat=T - 1):
+        yield (0, *(i + 1 for i, c in enumerate(cuts) if c))
+
+
+def split_cost(table: np.ndarray, starts: tuple[int, ...]) -> float:
+    bounds = (*starts, len(table))
+    return sum(float(table[a, a:b].sum()) for a, b in itertools.pairwise(bounds))
+
+
+def lengths(starts: tuple[int, ...], T: int) -> list[int]:
+    return [b - a for a, b in itertools.pairwise((*starts, T))]
+
+
+def brute_force(table: np.ndarray, lo: int, hi: int, k: int | None) -> tuple[float, set[tuple[int, ...]]]:
+    T = len(table)
+    best, argbest = math.inf, set()
+    for starts in compositions(T):
+        ls = lengths(starts, T)
+        if (k is not None and len(ls) != k) or min(ls) < lo or max(ls) > hi:
+            continue
+        c = split_cost(table, starts)
+        if c < best - 1e-12:
+            best, argbest = c, {starts}
+        elif abs(c - best) <= 1e-12:
+            argbest.add(starts)
+    return best, argbest
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 5, 7, 8, 10, 12])
+@pytest.mark.parametrize("N", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("free", [False, True])
+def test_dp_matches_brute_force(T, N, free):
+    rng = np.random.default_rng(1000 * T + 10 * N + free)
+    lo, hi = group_length_bounds(N)
+    k = None if free else math.ceil(T / N)
+    for trial in range(4):
+        table = rng.random((T, T)) if trial % 2 else rng.integers(0, 4, (T, T)).astype(float)  # ints: many ties
+        np.fill_diagonal(table, 0.0)
+        best, argbest = brute_force(table, lo, hi, k)
+        if not math.isfinite(best):
+            assert not free or T < lo
+            with pytest.raises(ValueError, match="infeasible"):
+                cachequant_dp(table, N, free_groups=free)
+            continue
+        result = cachequant_dp(table, N, free_groups=free)
+        assert result.cost == pytest.approx(best, abs=1e-12)
+        assert result.refresh_steps in argbest  # optimal, and the reported cost is the plan's cost
+        assert split_cost(table, result.refresh_steps) == pytest.approx(result.cost, abs=1e-12)
+        assert all(lo <= n <= hi for n in result.group_lengths)
+        assert free or len(result.refresh_steps) == k
+        assert result.refresh_steps[0] == 0 and sum(result.group_lengths) == T
+
+
+def test_hand_cases():
+    # features jump after step 3 of 6: with N = 3 (two groups of 2..6 steps) the DP refreshes at the jump
+    f = np.array([0.0, 0.1, 0.2, 0.3, 5.0, 5.1])
+    table = np.abs(f[:, None] - f[None, :])
+    r = cachequant_dp(table, 3)
+    assert r == DPResult((0, 4), pytest.approx(0.1 + 0.2 + 0.3 + 0.1), 6)
+    assert r.group_lengths == (4, 2)
+    # constant features: every split costs 0; ties go to the earliest split point
+    assert cachequant_dp(np.zeros((4, 4)), 2) == DPResult((0, 1), 0.0, 4)
+    # N = 1: every step its own group, cost 0 (the diagonal)
+    assert cachequant_dp(np.ones((5, 5)) - np.eye(5), 1) == DPResult((0, 1, 2, 3, 4), 0.0, 5)
+    # one group covering everything when T ≤ N ≤ 2N
+    assert cachequant_dp(np.arange(9.0).reshape(3, 3), 3).refresh_steps == (0,)
+
+
+def test_length_bounds_are_cachequants():
+    assert group_length_bounds(1) == (1, 2)
+    assert group_length_bounds(4) == (2, 8)
+    assert group_length_bounds(5) == (3, 10)
+    # the paper's settings: SD 50 steps N=5 -> 10 groups of 3..10; LDM 250 steps N=20 -> 13 groups of 10..40
+    r = cachequant_dp(np.random.default_rng(0).random((50, 50)), 5)
+    assert len(r.refresh_steps) == 10 and min(r.group_lengths) >= 3 and max(r.group_lengths) <= 10
+    r = cachequant_dp(np.random.default_rng(0).random((250, 250)), 20)
+    assert len(r.refresh_steps) == 13 and min(r.group_lengths) >= 10 and max(r.group_lengths) <= 40
+
+
+def test_infeasible_and_bad_inputs():
+    with pytest.raises(ValueError, match=r"T=2, N=5.*infeasible"):
+        cachequant_dp(np.zeros((2, 2)), 5)  # one group of 2 steps, but groups need ≥ 3
+    assert not feasible_interval(2, 5) and feasible_interval(6, 5)
+    with pytest.raises(ValueError, match="interval"):
+        cachequant_dp(np.zeros((4, 4)), 0)
+    with pytest.raises(ValueError, match="square"):
+        cachequant_dp(np.zeros((4, 3)), 2)
+    with pytest.raises(ValueError, match="NaN"):
+        cachequant_dp(np.full((4, 4), np.nan), 2)
+    with pytest.raises(ValueError, match="3 groups"):
+        optimal_segmentation(np.zeros((5, 5)), 2, 4, num_groups=3)
+
+
+def test_dp_strategy_asks_once():
+    T = 10
+    rng = np.random.default_rng(3)
+    table = rng.random((T, T))
+    np.fill_diagonal(table, 0)
+    spec = GenomeSpec.bits(T)
+    strategy = DPStrategy(spec, 2, distance=table)
+    assert sorted(strategy.plans) == [2, 3, 4, 5]
+    genomes = strategy.ask()
+    expected = {refresh_bits(cachequant_dp(table, n).refresh_steps, T).tobytes() for n in (2, 3, 4, 5)}
+    assert {g.tobytes() for g in genomes} == expected and len(genomes) == len(expected)  # deduplicated
+    assert all(g[0] == 1 for g in genomes)
+    assert strategy.ask() == []
+    strategy.tell(genomes, np.ones((len(genomes), 2)))
+    assert strategy.values.shape == (len(genomes), 2)
+    assert strategy.ask(4) == []
+    # resuming: evaluated plans are not asked again; asking in small batches drains the same sweep
+    resumed = DPStrategy(spec, 2, distance=table, intervals=[2, 3])
+    resumed.warm_start(genomes[:1], np.zeros((1, 2)))
+    rest = resumed.ask(1) + resumed.ask(1)
+    assert all(g.tobytes() != genomes[0].tobytes() for g in rest) and resumed.ask() == []
+
+
+def test_dp_strategy_checks():
+    table = np.zeros((6, 6))
+    with pytest.raises(ValueError, match="encode"):
+        DPStrategy(GenomeSpec.bits(5), 1, distance=table)
+    with pytest.raises(ValueError, match="infeasible"):
+        DPStrategy(GenomeSpec.bits(6), 1, distance=table, intervals=[20])
+    # table over evaluated steps only (first step analytic): plans shifted by one
+    s = DPStrategy(GenomeSpec.bits(7), 1, distance=table, intervals=[3], step_offset=1)
+    assert s.plans[3].refresh_steps == (1, 3) and s.ask()[0].tolist() == [0, 1, 0, 1, 0, 0, 0]
