@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from schedsearch.spaces.cache_plan import ComponentCachePlan, UnitCachePlan, slot_names
-from schedsearch.spaces.schedule import Prediction, Rule, SolverPlan, SolverStep
+from schedsearch.spaces.schedule import Prediction, Rule, Schedule, SolverPlan, SolverStep
 
 
 def linspace_timesteps(num_train_timesteps: int, num_steps: int) -> tuple[float, ...]:
@@ -139,3 +139,98 @@ def evenly_spaced_cache_plan(layout: str, num_steps: int, recompute_steps: int) 
     full = {round(k * (num_steps - 1) / max(1, recompute_steps - 1)) for k in range(recompute_steps)}
     n = len(slot_names(layout))
     return ComponentCachePlan(layout, tuple(("1" if i in full else "0") * n for i in range(num_steps)))
+
+
+# --- helpers shared by the search spaces (solver.py, cache_mask.py, ...) ---------------------------------------------
+
+
+def first_evaluated_step(plan: SolverPlan) -> int:
+    """Index of the first step that runs the model (1 under USF's analytical first step, else 0)."""
+    return 1 if plan.first_step == "zero_x0" else 0
+
+
+def dpmpp_2m_plan(num_train_timesteps: int, num_steps: int) -> SolverPlan:
+    """DPM-Solver++ 2M on diffusers' linspace timesteps: the fixed solver of the cache spaces (ECAD, CacheQuant)."""
+    return dpm_solver_plan(linspace_timesteps(num_train_timesteps, num_steps), order=2, prediction="data")
+
+
+def unique_named(named: Iterable[tuple[str, Schedule]]) -> list[tuple[str, Schedule]]:
+    """Drop schedules whose `key` an earlier one already has (the first name wins)."""
+    seen: set[str] = set()
+    out = []
+    for name, schedule in named:
+        if schedule.key not in seen:
+            seen.add(schedule.key)
+            out.append((name, schedule))
+    return out
+
+
+def centered_steps(num_steps: int, count: int) -> list[int]:
+    """`count` step indices spread evenly and centred in [0, num_steps) (ECAD's `apply_n_times_centered`)."""
+    if not 1 <= count <= num_steps:
+        raise ValueError(f"count: {count} must lie in [1, {num_steps}]")
+    pts = np.linspace(0, num_steps + 1, count + 2)[1:-1]
+    return [int(p) for p in np.ceil(pts - 1)]
+
+
+def evenly_spaced_indices(start: int, stop: int, count: int) -> list[int]:
+    """`count` integers spread evenly over [start, stop] inclusive (ECAD's `evenly_spaced`)."""
+    if count == 1:
+        return [start]
+    step = (stop - start) / (count - 1)
+    return [round(start + i * step) for i in range(count)]
+
+
+def every_n_cache_plan(layout: str, num_steps: int, interval: int, components: Iterable[str]) -> ComponentCachePlan:
+    """ECAD's `recompute_*_every_n` seeds: `components` are recomputed every `interval` steps (reused in between),
+    every other component on every step. All components = FORA."""
+    if interval < 1:
+        raise ValueError(f"interval: {interval} must be at least 1")
+    cached = set(components)
+    comps = [n.rsplit(".", 1)[1] for n in slot_names(layout)]
+    rows = tuple("".join("1" if i % interval == 0 or c not in cached else "0" for c in comps) for i in range(num_steps))
+    return ComponentCachePlan(layout, rows)
+
+
+def block_subset_cache_plan(
+    layout: str, num_steps: int, steps: Iterable[int], blocks: Iterable[int], components: Iterable[str]
+) -> ComponentCachePlan:
+    """ECAD's `middle_cache_*` / `evenly_cache_*` seeds: on `steps`, the `components` of `blocks` (indices within each
+    block group) are reused; everything else is recomputed."""
+    step_set, block_set, comp_set = set(steps), set(blocks), set(components)
+    parsed = [name.split(".") for name in slot_names(layout)]
+    rows = []
+    for i in range(num_steps):
+        rows.append("".join(
+            "0" if i in step_set and int(b) in block_set and c in comp_set else "1" for _, b, c in parsed
+        ))
+    return ComponentCachePlan(layout, tuple(rows))
+
+
+def tgate_interval_cache_plan(
+    layout: str, num_steps: int, gate_step: int, sp_interval: int = 1, warmup: int = 2
+) -> ComponentCachePlan:
+    """TGATE as ECAD seeds it (`helper_tgate_without_ca_avg`): before `gate_step` self-attention is recomputed on the
+    `warmup` first steps and every `sp_interval`-th step, cross-attention always; from `gate_step` on self-attention
+    is recomputed and cross-attention frozen. Feed-forward always recomputed. sp_interval=1 is `tgate_cache_plan`."""
+    names = slot_names(layout)
+    if not any(n.endswith(".attn2") for n in names):
+        raise ValueError(f"layout: {layout!r} has no cross-attention (attn2) to gate; TGATE needs a text model")
+    if sp_interval < 1:
+        raise ValueError(f"sp_interval: {sp_interval} must be at least 1")
+    rows = []
+    for i in range(num_steps):
+        attn1 = (i < warmup or i % sp_interval == 0) if i < gate_step else True
+        attn2 = i < gate_step
+        rows.append("".join(
+            "1" if (c == "attn1" and attn1) or (c == "attn2" and attn2) or c not in ("attn1", "attn2") else "0"
+            for c in (n.rsplit(".", 1)[1] for n in names)
+        ))
+    return ComponentCachePlan(layout, tuple(rows))
+
+
+def with_recompute_rows(plan: ComponentCachePlan, rows: Iterable[int]) -> ComponentCachePlan:
+    """The same plan with `rows` set to recompute everything (e.g. the first evaluated step)."""
+    full = "1" * plan.num_slots
+    force = set(rows)
+    return ComponentCachePlan(plan.layout, tuple(full if i in force else r for i, r in enumerate(plan.recompute)))

@@ -1,0 +1,163 @@
+"""ECAD's cache-schedule space (Aggarwal et al. 2025, §3.1): one recompute bit per (step, block, component).
+
+The solver plan is fixed (default DPM-Solver++ 2M on linspace timesteps). Genome: for every step after the first
+evaluated one (step 0, or step 1 under the analytical first step), one bit per slot of `structure.layout`, in
+`cache_plan.slot_names` order; 1 = recompute, 0 = reuse the component's last output. The first evaluated step (and
+a skipped AFS step before it) has nothing to reuse and is always recomputed, so it is left out of the genome.
+ECAD's constraint (the schedule differs from all-recompute, §3.2) is `all_recompute_genome()`, for the GA to forbid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from schedsearch.spaces.base import GenomeSpec, ModelStructure, SearchSpace
+from schedsearch.spaces.baselines import (
+    block_subset_cache_plan,
+    centered_steps,
+    dpmpp_2m_plan,
+    evenly_spaced_cache_plan,
+    evenly_spaced_indices,
+    every_n_cache_plan,
+    first_evaluated_step,
+    tgate_interval_cache_plan,
+    unique_named,
+    with_recompute_rows,
+)
+from schedsearch.spaces.cache_plan import ComponentCachePlan, parse_layout, slot_names
+from schedsearch.spaces.schedule import Schedule, SolverPlan
+
+DEFAULT_NUM_STEPS = 20
+
+
+def resolve_solver(structure: ModelStructure, num_steps: int | None, solver: SolverPlan | None) -> SolverPlan:
+    """The fixed solver plan of a cache space: `solver`, or DPM-Solver++ 2M with `num_steps` (default 20)."""
+    if solver is None:
+        return dpmpp_2m_plan(structure.num_train_timesteps, DEFAULT_NUM_STEPS if num_steps is None else num_steps)
+    if num_steps is not None and num_steps != solver.num_steps:
+        raise ValueError(f"num_steps: {num_steps} differs from the given solver's {solver.num_steps} steps")
+    return solver.validate(structure.num_train_timesteps)
+
+
+def mask_rows(bits: np.ndarray, num_steps: int, num_slots: int, forced: int) -> tuple[str, ...]:
+    """Rows of '0'/'1' from `num_steps * num_slots` bits (row-major); rows 0..forced all '1'."""
+    grid = np.asarray(bits, dtype=float).reshape(num_steps, num_slots) > 0.5
+    grid[: forced + 1] = True
+    return tuple("".join("1" if b else "0" for b in row) for row in grid)
+
+
+def rows_to_bits(rows: Sequence[str]) -> np.ndarray:
+    return np.array([[c == "1" for c in row] for row in rows], dtype=float).reshape(-1)
+
+
+def component_fractions(plan: ComponentCachePlan) -> dict[str, float]:
+    """Recompute fraction per component name (e.g. recompute_attn1), over all steps and blocks."""
+    comps = [n.rsplit(".", 1)[1] for n in slot_names(plan.layout)]
+    out: dict[str, float] = {}
+    for c in dict.fromkeys(comps):
+        idx = [j for j, k in enumerate(comps) if k == c]
+        out[f"recompute_{c}"] = float(np.mean([row[j] == "1" for row in plan.recompute for j in idx]))
+    return out
+
+
+class CacheMaskSpace(SearchSpace):
+    """ECAD: a recompute bit per (step after the first evaluated one, block, component) on a fixed solver plan."""
+
+    name = "cache"
+
+    def __init__(
+        self, structure: ModelStructure, *, num_steps: int | None = None, solver: SolverPlan | None = None
+    ) -> None:
+        self.structure = structure
+        self.solver = resolve_solver(structure, num_steps, solver)
+        self.layout = structure.layout
+        self.slots = slot_names(self.layout)
+        self.components = tuple(dict.fromkeys(c for _, _, comps in parse_layout(self.layout) for c in comps))
+        self.num_steps = self.solver.num_steps
+        self.first = first_evaluated_step(self.solver)
+        if self.num_steps <= self.first + 1:
+            raise ValueError(f"num_steps: {self.num_steps} steps leave no step to cache after the first evaluated one")
+        self.genome_steps = tuple(range(self.first + 1, self.num_steps))
+        names = [f"s{i}.{slot}" for i in self.genome_steps for slot in self.slots]
+        self.genome = GenomeSpec.bits(len(names), names)
+
+    def decode(self, genome: np.ndarray) -> Schedule:
+        x = self.genome.clip(genome)
+        bits = np.concatenate([np.ones((self.first + 1) * len(self.slots)), x])
+        plan = ComponentCachePlan(self.layout, mask_rows(bits, self.num_steps, len(self.slots), self.first))
+        return Schedule(self.structure.name, self.solver, plan, meta={"space": self.name})
+
+    def encode(self, schedule: Schedule) -> np.ndarray:
+        cache = schedule.cache
+        if schedule.solver != self.solver:
+            raise ValueError(f"schedule.solver: differs from this {self.name} space's fixed solver plan")
+        if not isinstance(cache, ComponentCachePlan) or cache.layout != self.layout:
+            raise ValueError(f"schedule.cache: expected a component plan for layout {self.layout!r}")
+        if any("0" in row for row in cache.recompute[: self.first + 1]):
+            raise ValueError(f"schedule.cache.recompute: steps 0..{self.first} must recompute every slot")
+        return rows_to_bits(cache.recompute[self.first + 1 :])
+
+    def all_recompute_genome(self) -> np.ndarray:
+        """The genome of the uncached schedule, which ECAD's constraint excludes (§3.2)."""
+        return np.ones(self.genome.size)
+
+    def is_all_recompute(self, genome: np.ndarray) -> bool:
+        return bool(np.all(self.genome.clip(genome) == 1.0))
+
+    def _schedule(self, name: str, plan: ComponentCachePlan) -> tuple[str, Schedule]:
+        """Baseline made for the evaluated steps: prefix the skipped AFS step, force the first evaluated one."""
+        plan = ComponentCachePlan(plan.layout, ("1" * len(self.slots),) * self.first + plan.recompute)
+        plan = with_recompute_rows(plan, range(self.first + 1))
+        return name, Schedule(self.structure.name, self.solver, plan, meta={"space": self.name, "baseline": name})
+
+    def baselines(self) -> list[tuple[str, Schedule]]:
+        """ECAD's heuristic seeds (repo: schedulers/cache_scheduler/generators): FORA-like every N (all components;
+        attention only, ff always recomputed; ff only), TGATE-like cross-attention gating (layouts with attn2),
+        evenly spaced full steps, and per-component reuse on middle / evenly spaced blocks over centred steps.
+        The all-recompute schedule is excluded (ECAD's constraint); duplicates are dropped."""
+        n, layout, comps = self.num_steps - self.first, self.layout, self.components  # evaluated steps
+        attn = [c for c in comps if c.startswith("attn")]
+        out = [self._schedule(f"fora-every{k}", every_n_cache_plan(layout, n, k, comps)) for k in (2, 3, 4, 5)]
+        if attn and len(attn) < len(comps):
+            out += [self._schedule(f"attn-every{k}", every_n_cache_plan(layout, n, k, attn)) for k in (2, 3)]
+        if "ff" in comps and len(comps) > 1:
+            out += [self._schedule(f"ff-every{k}", every_n_cache_plan(layout, n, k, ["ff"])) for k in (2, 3)]
+        if "attn2" in comps:
+            for gate in sorted({max(1, round(n / 2)), max(1, round(3 * n / 4))}):
+                for sp in (1, 3):
+                    plan = tgate_interval_cache_plan(layout, n, gate, sp_interval=sp)
+                    out.append(self._schedule(f"tgate-m{gate}-k{sp}", plan))
+        for count in sorted({max(2, round(n / 2)), max(2, round(n / 3)), max(2, round(n / 4))}, reverse=True):
+            if count < n:
+                out.append(self._schedule(f"evenly-{count}", evenly_spaced_cache_plan(layout, n, count)))
+        blocks = min(count for _, count, _ in parse_layout(layout))
+        affected = max(1, blocks // 2)
+        steps = centered_steps(n, max(1, (3 * n) // 4))
+        middle = range(blocks // 2 - affected // 2, blocks // 2 - affected // 2 + affected)
+        for comp in comps:
+            spread = evenly_spaced_indices(0, blocks - 1, affected)
+            out.append(self._schedule(f"{comp}-evenly-blocks{affected}-steps{len(steps)}",
+                                      block_subset_cache_plan(layout, n, steps, spread, [comp])))
+            out.append(self._schedule(f"{comp}-middle-blocks{affected}-steps{len(steps)}",
+                                      block_subset_cache_plan(layout, n, steps, middle, [comp])))
+        full = ComponentCachePlan.full(layout, self.num_steps)
+        return [(name, s) for name, s in unique_named(out) if s.cache != full]
+
+    def summary(self, schedule: Schedule) -> dict[str, Any]:
+        out = super().summary(schedule)
+        if isinstance(schedule.cache, ComponentCachePlan):
+            out.update(cache_summary(schedule.cache))
+        return out
+
+
+def cache_summary(plan: ComponentCachePlan) -> dict[str, Any]:
+    """Decision columns of a component plan (shared with the joint space)."""
+    full = "1" * plan.num_slots
+    return {
+        "recompute_fraction": plan.recompute_fraction(),
+        "num_full_steps": sum(row == full for row in plan.recompute),
+        **component_fractions(plan),
+    }
