@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from schedsearch.search.dynamic import (
     DPResult,
@@ -63,7 +64,7 @@ def test_dp_matches_brute_force(T, N, free):
         np.fill_diagonal(table, 0.0)
         best, argbest = brute_force(table, lo, hi, k)
         if not math.isfinite(best):
-            assert not free or T < lo
+            assert not free or lo > T
             with pytest.raises(ValueError, match="infeasible"):
                 cachequant_dp(table, N, free_groups=free)
             continue
@@ -148,3 +149,106 @@ def test_dp_strategy_checks():
     # table over evaluated steps only (first step analytic): plans shifted by one
     s = DPStrategy(GenomeSpec.bits(7), 1, distance=table, intervals=[3], step_offset=1)
     assert s.plans[3].refresh_steps == (1, 3) and s.ask()[0].tolist() == [0, 1, 0, 1, 0, 0, 0]
+
+
+# --- unit features on the builtin model -------------------------------------------------------------------------
+
+FEATURE_PLAN_STEPS = 6
+UNIT = ("transformer_blocks", 1, 5)
+
+
+@pytest.fixture(scope="module")
+def feature_env(builtin_model):
+    from schedsearch.calibration.unit_features import unit_feature_distances
+    from schedsearch.spaces import baselines
+
+    plan = baselines.dpm_solver_plan(baselines.linspace_timesteps(1000, FEATURE_PLAN_STEPS), 2)
+    table = unit_feature_distances(builtin_model, plan, UNIT, conditions=[3, 8], seeds=[5, 6], guidance=2.0)
+    return builtin_model, plan, table
+
+
+def test_feature_table(feature_env, builtin_model):
+    from schedsearch.calibration.unit_features import unit_feature_distances
+
+    _, plan, table = feature_env
+    T = FEATURE_PLAN_STEPS
+    assert table.shape == (T, T)
+    assert np.all(np.diag(table) == 0) and np.all(table >= 0) and np.allclose(table, table.T)
+    assert np.all(table[~np.eye(T, dtype=bool)] > 0)
+    # chunked calibration gives the same table (means over equal-size samples)
+    chunked = unit_feature_distances(builtin_model, plan, UNIT, [3, 8], [5, 6], 2.0, batch_size=1)
+    np.testing.assert_allclose(chunked, table, rtol=1e-5, atol=1e-7)
+
+
+def test_features_are_what_the_runtime_reuses(builtin_model):
+    """The recorded feature at step 0 equals the residual UnitReuseHook caches at step 0."""
+    from schedsearch.calibration.unit_features import unit_features
+    from schedsearch.runtime.cache_hooks import UNIT_HOOK, CacheRuntime
+    from schedsearch.runtime.models import initial_noise
+    from schedsearch.runtime.sampler import sample
+    from schedsearch.spaces import baselines
+    from schedsearch.spaces.cache_plan import UnitCachePlan
+
+    plan = baselines.dpm_solver_plan(baselines.linspace_timesteps(1000, 2), 2)
+    feats = unit_features(builtin_model, plan, UNIT, [1, 4], [7, 9], 2.0)
+    assert feats[0].shape[0] == 4  # the CFG pair of two samples
+    cache = UnitCachePlan(*UNIT, refresh_steps=(0,), num_steps=2)
+    with CacheRuntime(builtin_model.network, builtin_model.info, cache) as runtime:
+        sample(
+            runtime.wrap(builtin_model.denoiser([1, 4], 2.0)),
+            initial_noise([7, 9], (1, 28, 28)),
+            plan,
+            builtin_model.noise_schedule,
+        )
+        module = builtin_model.network.get_submodule(f"{UNIT[0]}.{UNIT[1]}")
+        cached = module._diffusers_hook.get_hook(UNIT_HOOK).shared["residual"]["batch"]
+    torch.testing.assert_close(feats[0], cached)
+
+
+def test_unit_checks(builtin_model):
+    from schedsearch.calibration.unit_features import unit_feature_distances
+    from schedsearch.runtime.cache_hooks import CachePlanMismatchError
+
+    plan = builtin_model.default_plan(4)
+    for unit in [("transformer_blocks", 2, 9), ("nope", 0, 1), ("deepcache", 0, 1)]:
+        with pytest.raises(CachePlanMismatchError):
+            unit_feature_distances(builtin_model, plan, unit, seeds=[0])
+    with pytest.raises(ValueError, match="conditions"):
+        unit_feature_distances(builtin_model, plan, UNIT, conditions=[1, 2], seeds=[0])
+
+
+def test_dp_plans_run_through_the_runtime(feature_env):
+    from schedsearch.calibration.unit_features import cachequant_plans
+    from schedsearch.objectives.fidelity import psnr
+    from schedsearch.runtime.cache_hooks import CacheRuntime
+    from schedsearch.runtime.models import initial_noise
+    from schedsearch.runtime.sampler import sample
+
+    model, plan, table = feature_env
+    plans = cachequant_plans(model, plan, UNIT, distance=table, intervals=[2, 3])
+    assert [n for n, _ in plans] == [2, 3]
+    denoise = model.denoiser([3, 8], 2.0)
+    x = initial_noise([5, 6], model.info.sample_shape)
+    reference = sample(denoise, x, plan, model.noise_schedule)
+    for n, cache in plans:
+        assert cache.validate(plan.num_steps) is cache and len(cache.refresh_steps) == math.ceil(6 / n)
+        with CacheRuntime(model.network, model.info, cache) as runtime:
+            out = sample(runtime.wrap(denoise), x, plan, model.noise_schedule)
+        assert torch.isfinite(out).all() and not torch.equal(out, reference)
+        assert psnr(out, reference).min() > 10
+    # a DPStrategy over the same table asks for the same plans, as cache-interval genomes
+    strategy = DPStrategy(GenomeSpec.bits(6), 1, distance=table, intervals=[2, 3])
+    assert [g.tolist() for g in strategy.ask()] == [refresh_bits(c.refresh_steps, 6).tolist() for _, c in plans]
+    assert strategy.ask() == []
+
+
+def test_analytic_first_step_is_skipped(feature_env):
+    from schedsearch.calibration.unit_features import cachequant_plans, unit_feature_distances
+    from schedsearch.spaces.schedule import SolverPlan
+
+    model, plan, _ = feature_env
+    afs = SolverPlan(plan.timesteps, plan.steps, plan.final_timestep, "zero_x0")
+    table = unit_feature_distances(model, afs, UNIT, [3, 8], [5, 6], 2.0)
+    assert np.all(table[0] == 0) and np.all(table[:, 0] == 0) and np.all(table[1, 2:] > 0)
+    ((_, cache),) = cachequant_plans(model, afs, UNIT, distance=table, intervals=[2])
+    assert cache.refresh_steps[0] == 1 and 0 not in cache.refresh_steps
