@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -166,9 +166,12 @@ class Schedule:
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
-        solver = asdict(self.solver)
-        solver["timesteps"] = list(self.solver.timesteps)
-        solver["steps"] = [asdict(s) for s in self.solver.steps]
+        # Field by field rather than dataclasses.asdict: `key` runs once per candidate and asdict's deep copy was
+        # most of a study's bookkeeping time.
+        plan = self.solver
+        solver = {name: getattr(plan, name) for name in _PLAN_FIELD_ORDER}
+        solver["timesteps"] = list(plan.timesteps)
+        solver["steps"] = [{name: getattr(s, name) for name in _STEP_FIELD_ORDER} for s in plan.steps]
         data = {"format": FORMAT, "model": self.model, "solver": solver}
         if self.cache is not None:
             data["cache"] = self.cache.to_dict()
@@ -221,6 +224,8 @@ class Schedule:
 
 
 _STEP_FIELDS = {f for f in SolverStep.__dataclass_fields__}
+_STEP_FIELD_ORDER = tuple(f.name for f in fields(SolverStep))
+_PLAN_FIELD_ORDER = tuple(f.name for f in fields(SolverPlan))
 _PLAN_FIELDS = {f for f in SolverPlan.__dataclass_fields__}
 
 
