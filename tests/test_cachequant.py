@@ -17,6 +17,7 @@ from schedsearch.search.dynamic import (
     feasible_interval,
     group_length_bounds,
     optimal_segmentation,
+    plan_cost,
     refresh_bits,
 )
 from schedsearch.spaces.base import GenomeSpec
@@ -72,6 +73,7 @@ def test_dp_matches_brute_force(T, N, free):
         assert result.cost == pytest.approx(best, abs=1e-12)
         assert result.refresh_steps in argbest  # optimal, and the reported cost is the plan's cost
         assert split_cost(table, result.refresh_steps) == pytest.approx(result.cost, abs=1e-12)
+        assert plan_cost(table, result.refresh_steps) == pytest.approx(result.cost, abs=1e-12)
         assert all(lo <= n <= hi for n in result.group_lengths)
         assert free or len(result.refresh_steps) == k
         assert result.refresh_steps[0] == 0 and sum(result.group_lengths) == T

@@ -28,6 +28,7 @@ __all__ = [
     "group_costs",
     "group_length_bounds",
     "optimal_segmentation",
+    "plan_cost",
     "refresh_bits",
 ]
 
@@ -59,6 +60,15 @@ def group_costs(distance: np.ndarray) -> np.ndarray:
     """C[a, b] = Σ_{a ≤ i < b} D[a, i]: cost of one group [a, b) cached at a (upper triangle, b > a)."""
     prefix = np.concatenate([np.zeros((len(distance), 1)), np.cumsum(distance, axis=1)], axis=1)  # (T, T+1)
     return prefix - prefix[np.arange(len(distance)), np.arange(len(distance))][:, None]
+
+
+def plan_cost(distance: np.ndarray | Sequence[Sequence[float]], refresh_steps: Sequence[int]) -> float:
+    """The DP's objective for any refresh plan (first step refreshed): Σ_groups Σ_{i in group} D[start, i]."""
+    table = _as_table(distance)
+    if not refresh_steps or refresh_steps[0] != 0:
+        raise ValueError(f"refresh_steps: {list(refresh_steps)} must start with step 0")
+    bounds = (*refresh_steps, len(table))
+    return float(sum(table[a, a:b].sum() for a, b in itertools.pairwise(bounds)))
 
 
 def group_length_bounds(interval: int) -> tuple[int, int]:
