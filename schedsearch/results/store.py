@@ -260,6 +260,30 @@ class ResultStore:
                 inserted.append(cur.rowcount == 1)
         return inserted
 
+    def set_study_settings(self, study: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """Record how a study was set up (model, space, objectives, ...) the first time; later calls must agree on
+        every key the first call gave, so `--resume` cannot silently mix two different searches in one study."""
+        text = _json_text(dict(settings), "settings")
+        with self._transaction() as cur:
+            row = cur.execute("SELECT value FROM meta WHERE name = ?", (f"study:{study}",)).fetchone()
+            if row is None:
+                cur.execute("INSERT INTO meta (name, value) VALUES (?, ?)", (f"study:{study}", text))
+                return dict(settings)
+        stored = json.loads(row[0])
+        given = json.loads(text)
+        differ = {k: (stored.get(k), v) for k, v in given.items() if k in stored and stored[k] != v}
+        if differ:
+            name, (old, new) = next(iter(differ.items()))
+            raise StoreError(
+                f"study {study!r} was run with {name}={old!r}, now {name}={new!r}; "
+                "use a new --study name, or the same settings to resume"
+            )
+        return stored
+
+    def study_settings(self, study: str) -> dict[str, Any] | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE name = ?", (f"study:{study}",)).fetchone()
+        return None if row is None else json.loads(row[0])
+
     def has(self, study: str, key: str) -> bool:
         row = self._conn.execute("SELECT 1 FROM records WHERE study = ? AND key = ?", (study, key)).fetchone()
         return row is not None

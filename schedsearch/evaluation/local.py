@@ -1,0 +1,111 @@
+"""Score schedules on one process: run each on the calibration set batch by batch, stream the batches through
+every image objective, add the cost objectives. No Ray needed; the Ray evaluator runs this same code per worker."""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+import traceback
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from schedsearch.calibration.calibration_set import CalibrationSet
+from schedsearch.objectives.base import CostObjective, ImageObjective, Objective, ScoreBatch
+from schedsearch.objectives.registry import ObjectiveContext, build_objectives
+from schedsearch.runtime.models import LoadedModel
+from schedsearch.spaces.schedule import Schedule
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The outcome of one schedule: metrics by name, or status "failed" with the error text."""
+
+    schedule: Schedule
+    metrics: dict[str, float] = field(default_factory=dict)
+    status: str = "ok"
+    error: str = ""
+    wall_time_s: float = 0.0
+    device: str = ""
+    samples: int = 0
+
+
+class NonFiniteOutputError(RuntimeError):
+    pass
+
+
+class LocalEvaluator:
+    """Evaluates on the first `samples` entries of a built calibration set, `batch_size` images at a time."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        calibration: CalibrationSet,
+        objectives: Sequence[str] | Sequence[Objective],
+        *,
+        samples: int | None = None,
+        batch_size: int = 64,
+        cost_cache_dir: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        if calibration.spec.model != model.info.name:
+            raise ValueError(f"calibration set is for {calibration.spec.model!r}, model is {model.info.name!r}")
+        self.model, self.calibration = model, calibration
+        self.samples = len(calibration.spec) if samples is None else int(samples)
+        calibration.spec.head(self.samples)  # range check
+        self.batch_size = batch_size
+        if objectives and isinstance(objectives[0], str):
+            context = ObjectiveContext(model, calibration.reference_stats_by_name(model.info), cost_cache_dir,
+                                       dict(options or {}))
+            self.objectives: list[Objective] = build_objectives(list(objectives), context)
+        else:
+            self.objectives = list(objectives)  # type: ignore[arg-type]
+        self.device = f"{platform.machine()} cpu"
+
+    @property
+    def calibration_hash(self) -> str:
+        """Names the scoring conditions: the set and how many of its samples (a different fidelity is a new key)."""
+        return f"{self.calibration.hash}-n{self.samples}"
+
+    def evaluate(self, schedules: Iterable[Schedule]) -> Iterator[Evaluation]:
+        for schedule in schedules:
+            yield self.evaluate_one(schedule)
+
+    def evaluate_one(self, schedule: Schedule) -> Evaluation:
+        start = time.perf_counter()
+        try:
+            metrics = self._score(schedule)
+            status, error = "ok", ""
+        except Exception as exc:  # recorded, never dropped: the study goes on
+            metrics = {}
+            status = "failed"
+            error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
+        return Evaluation(schedule, metrics, status, error, time.perf_counter() - start, self.device, self.samples)
+
+    def _score(self, schedule: Schedule) -> dict[str, float]:
+        from schedsearch.runtime.execute import run_batches
+
+        spec = self.calibration.spec.head(self.samples)
+        image_objectives = [o for o in self.objectives if isinstance(o, ImageObjective)]
+        accumulators = [o.accumulator() for o in image_objectives]
+        needs_teacher = any(o.needs_teacher for o in image_objectives)
+        metrics: dict[str, float] = {}
+        if accumulators:
+            for part, images in run_batches(self.model, schedule, spec.conditions, spec.seeds, spec.guidance,
+                                            self.batch_size):
+                if not bool(images.isfinite().all()):
+                    raise NonFiniteOutputError(f"schedule {schedule.key} produced NaN/inf images")
+                teacher = self.calibration.teacher(part.start, part.stop) if needs_teacher else None
+                batch = ScoreBatch(images.float(), spec.conditions[part], spec.seeds[part], teacher)
+                for acc in accumulators:
+                    acc.update(batch)
+            for acc in accumulators:
+                metrics.update(acc.result())
+        for objective in self.objectives:
+            if isinstance(objective, CostObjective):
+                metrics[objective.name] = objective.value(schedule)
+        bad = [k for k, v in metrics.items() if math.isnan(v)]
+        if bad:
+            raise NonFiniteOutputError(f"objective(s) {bad} are NaN for schedule {schedule.key}")
+        return metrics

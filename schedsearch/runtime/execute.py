@@ -1,0 +1,58 @@
+"""Run a whole `Schedule` (solver plan + cache plan) on a loaded model, batch by batch.
+
+Streaming on purpose: callers score each batch and drop it, so a study's memory does not grow with its samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from schedsearch.runtime.cache_hooks import CacheRuntime
+from schedsearch.runtime.models import LoadedModel, initial_noise
+from schedsearch.runtime.sampler import sample
+from schedsearch.spaces.errors import ScheduleError
+from schedsearch.spaces.schedule import Schedule
+
+
+def check_schedule_for(model: LoadedModel, schedule: Schedule) -> Schedule:
+    """A schedule runs on the model it was made for: same name, valid timesteps for its training range."""
+    if schedule.model != model.info.name:
+        raise ScheduleError(
+            "model", f"schedule is for {schedule.model!r} but the loaded model is {model.info.name!r}",
+            "load the model the schedule was found for, or search again for this one",
+        )
+    return schedule.validate(model.info.num_train_timesteps)
+
+
+def run_batches(
+    model: LoadedModel,
+    schedule: Schedule,
+    conditions: Sequence[Any],
+    seeds: Sequence[int],
+    guidance: float | None = None,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield (slice of the inputs, decoded images in [-1, 1]) per batch; sample i depends on seeds[i] only."""
+    check_schedule_for(model, schedule)
+    if len(conditions) != len(seeds):
+        raise ValueError(f"conditions ({len(conditions)}) and seeds ({len(seeds)}) must have the same length")
+    runtime = CacheRuntime(model.network, model.info, schedule.cache) if schedule.cache is not None else None
+    try:
+        for start in range(0, len(seeds), batch_size):
+            part = slice(start, min(len(seeds), start + batch_size))
+            denoise = model.denoiser(list(conditions[part]), guidance)
+            if runtime is not None:
+                runtime.reset()
+                denoise = runtime.wrap(denoise)
+            x = initial_noise(seeds[part], model.info.sample_shape)
+            with torch.no_grad():
+                out = sample(denoise, x, schedule.solver, model.noise_schedule, model.info.prediction_type,
+                             progress=progress)
+                yield part, model.decode(out)
+    finally:
+        if runtime is not None:
+            runtime.remove()

@@ -1,0 +1,168 @@
+"""One call from "model + space + strategy + objectives" to a stored, resumable study (what the CLI runs).
+
+Binds the torch side (model, calibration set, evaluator, the DP's feature table, DC-Solver's ratio fit) to the
+torch-free search loop. Presets: `quick` runs every strategy on the builtin model on 2 CPU cores in minutes
+(small populations, few calibration samples, 10-step cache plans); `paper` keeps the seed methods' settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from schedsearch.results.store import ResultStore
+from schedsearch.search.base import Budget
+from schedsearch.search.loop import StudyResult, run_study
+from schedsearch.search.registry import check_combination, make_strategy
+from schedsearch.spaces.base import ModelStructure, SearchSpace
+from schedsearch.spaces.registry import make_space
+
+
+@dataclass(frozen=True)
+class Preset:
+    samples: int  # calibration samples per evaluation
+    num_steps: int  # steps of the fixed solver plan in the cache spaces
+    nfe_range: tuple[int, int]  # solver / joint spaces
+    dc_nfe: int
+    teacher_steps: int
+
+
+PRESETS = {
+    "quick": Preset(samples=32, num_steps=10, nfe_range=(4, 6), dc_nfe=5, teacher_steps=100),
+    "paper": Preset(samples=1000, num_steps=20, nfe_range=(4, 10), dc_nfe=5, teacher_steps=100),
+}
+
+
+def model_structure(info: Any) -> ModelStructure:
+    """The integers a space is built from (spaces never see the model): layout, blocks, the cacheable unit."""
+    from schedsearch.runtime.models import model_layout
+
+    unit = info.extra.get("deepcache_unit") if info.extra else None
+    if unit:
+        unit_group, unit_blocks = "deepcache", 1
+    else:
+        unit_group, unit_blocks = info.block_groups[0].path, info.block_groups[0].count
+    return ModelStructure(
+        name=info.name,
+        num_train_timesteps=info.num_train_timesteps,
+        layout=model_layout(info),
+        num_blocks=info.num_blocks,
+        unit_group=unit_group,
+        unit_blocks=unit_blocks,
+        has_cross_attention=any("attn2" in g.components for g in info.block_groups),
+    )
+
+
+def build_space(name: str, info: Any, preset: str = "quick", options: dict[str, Any] | None = None) -> SearchSpace:
+    p = _preset(preset)
+    defaults: dict[str, dict[str, Any]] = {
+        "solver": {"nfe_range": p.nfe_range},
+        "cache": {"num_steps": p.num_steps},
+        "cachequant": {"num_steps": p.num_steps},
+        "dc": {"nfe": p.dc_nfe},
+        "joint": {"nfe_range": p.nfe_range},
+    }
+    return make_space(name, model_structure(info), **{**defaults.get(name, {}), **(options or {})})
+
+
+def _preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"--preset: unknown {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def objective_directions(evaluator: Any, names: Sequence[str]) -> dict[str, str]:
+    by_name = {o.name: o.direction for o in evaluator.objectives}
+    return {n: by_name[n] for n in names}
+
+
+def run_search(
+    *,
+    model: Any,
+    space: str,
+    strategy: str,
+    objectives: Sequence[str],
+    study: str,
+    store: str | Path | ResultStore,
+    budget: Budget,
+    preset: str = "quick",
+    samples: int | None = None,
+    seed: int = 0,
+    guidance: float | None = None,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 64,
+    space_options: dict[str, Any] | None = None,
+    strategy_options: dict[str, Any] | None = None,
+    prompts: Sequence[str] | None = None,
+    progress: bool = True,
+) -> StudyResult:
+    """Run or resume a study; every evaluation is appended to `store` as it finishes. Bad combinations and
+    unavailable objectives fail here, before any sampling."""
+    from schedsearch.calibration.calibration_set import CalibrationSet, default_cache_dir, default_spec
+    from schedsearch.evaluation.local import LocalEvaluator
+    from schedsearch.runtime.models import LoadedModel, load_model
+
+    check_combination(strategy, space)
+    p = _preset(preset)
+    if isinstance(model, str):
+        model = load_model(model)
+    assert isinstance(model, LoadedModel)
+    search_space = build_space(space, model.info, preset, space_options)
+    n = p.samples if samples is None else samples
+    spec = default_spec(model.info, samples=n, split="search", guidance=guidance, prompts=prompts,
+                        teacher_steps=p.teacher_steps)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    calibration = CalibrationSet.open(spec, cache_dir)
+    evaluator = LocalEvaluator(model, calibration, list(objectives), batch_size=batch_size,
+                               cost_cache_dir=str(cache_dir))
+    directions = objective_directions(evaluator, objectives)
+    owns_store = not isinstance(store, ResultStore)
+    results = ResultStore(store) if owns_store else store
+    try:
+        results.set_study_settings(study, {
+            "model": model.info.name, "space": space, "strategy": strategy, "objectives": directions,
+            "preset": preset, "samples": n, "seed": seed, "calibration": evaluator.calibration_hash,
+            "space_options": _jsonable(space_options or {}),
+        })
+        calibration.build(model, batch_size=batch_size, progress=progress)
+        opts = dict(strategy_options or {})
+        if strategy == "dp":
+            opts.setdefault("distance", _dp_distance(model, search_space, spec))
+        if strategy == "dc-fit":
+            opts.setdefault("genomes", _dc_fit_genomes(model, search_space, spec, progress))
+        strat = make_strategy(strategy, search_space, len(directions), preset=preset, seed=seed, options=opts)
+        return run_study(study=study, space=search_space, strategy=strat, objectives=directions,
+                         evaluator=evaluator, store=results, budget=budget, progress=progress)
+    finally:
+        if owns_store:
+            results.close()
+
+
+def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+
+
+def _dp_distance(model: Any, space: Any, spec: Any) -> Any:
+    """CacheQuant §3.2: the unit's step-to-step feature distances from one full run on 8 calibration samples."""
+    from schedsearch.calibration.unit_features import unit_feature_distances
+
+    k = min(8, len(spec))
+    table = unit_feature_distances(model, space.solver, (space.group, *space.unit), list(spec.conditions[:k]),
+                                   list(spec.seeds[:k]), spec.guidance)
+    offset = space.solver.num_steps - space.solver.nfe
+    return table[offset:, offset:]
+
+
+def _dc_fit_genomes(model: Any, space: Any, spec: Any, progress: bool) -> list[Any]:
+    """DC-Solver §3.3: ratios fitted greedily against the teacher trajectory on ~10 calibration samples."""
+    import numpy as np
+
+    from schedsearch.calibration.dc_fit import fit_dc_ratios
+
+    k = min(10, len(spec))
+    fitted = fit_dc_ratios(model, nfe=space.base.nfe, guidance=spec.guidance, classes=list(spec.conditions[:k]),
+                           seeds=list(spec.seeds[:k]), plan=space.base, progress=progress)
+    plain = np.ones(space.genome.size)  # UniPC without compensation: the fit's own baseline
+    return [plain, np.array(fitted.ratios[space.dc_order :], dtype=float)]
