@@ -254,3 +254,37 @@ def test_analytic_first_step_is_skipped(feature_env):
     assert np.all(table[0] == 0) and np.all(table[:, 0] == 0) and np.all(table[1, 2:] > 0)
     ((_, cache),) = cachequant_plans(model, afs, UNIT, distance=table, intervals=[2])
     assert cache.refresh_steps[0] == 1 and 0 not in cache.refresh_steps
+
+
+def test_dp_genomes_decode_in_the_cache_interval_space(feature_env):
+    """DPStrategy's genomes are CacheIntervalSpace genomes: decoding gives back the DP's UnitCachePlans."""
+    from schedsearch.calibration.unit_features import cachequant_plans, unit_feature_distances
+    from schedsearch.runtime.models import model_layout
+    from schedsearch.spaces.base import ModelStructure
+    from schedsearch.spaces.cache_interval import CacheIntervalSpace
+    from schedsearch.spaces.schedule import SolverPlan
+
+    model, plan, table = feature_env
+    info = model.info
+    structure = ModelStructure(
+        info.name,
+        info.num_train_timesteps,
+        model_layout(info),
+        info.num_blocks,
+        unit_group=UNIT[0],
+        unit_blocks=info.block_groups[0].count,
+    )
+    afs = SolverPlan(plan.timesteps, plan.steps, plan.final_timestep, "zero_x0")
+    afs_table = unit_feature_distances(model, afs, UNIT, [3, 8], [5, 6], 2.0)
+    for solver, distance, offset in [(plan, table, 0), (afs, afs_table, 1)]:
+        space = CacheIntervalSpace(structure, solver=solver, unit=UNIT[1:], max_group=4)
+        expected = [c for _, c in cachequant_plans(model, solver, UNIT, distance=distance, intervals=[2])]
+        strategy = DPStrategy(
+            space.genome,
+            1,
+            distance=distance[offset:, offset:],
+            intervals=[2],
+            encode=space.refresh_genome,
+            step_offset=offset,
+        )
+        assert [space.decode(g).cache for g in strategy.ask()] == expected
