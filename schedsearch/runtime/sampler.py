@@ -149,9 +149,12 @@ def corrector_step(
     return x_t - ((a_t if data else s_t) * b_value) * residual
 
 
-def dynamic_compensation(history: list[_Output], ratio: float, dc_order: int) -> _Output:
+def dynamic_compensation(history: list[_Output], ratio: float | torch.Tensor, dc_order: int) -> _Output:
     """DC-Solver (Zhao et al. ECCV 2024, eq. 11-12): Lagrange interpolation of the last dc_order + 1 outputs, in model
-    time, at τ = t_{i-1} + r (t_i - t_{i-1}); r = 1 returns the newest output."""
+    time, at τ = t_{i-1} + r (t_i - t_{i-1}); r = 1 returns the newest output.
+
+    `ratio` may be a 0-dim (float64) tensor, also a dual or requires-grad one: the weights become tensors and the
+    result is differentiable in r (DC-Solver §3.3 fits r by gradient descent); a float ratio computes as before."""
     points = history[-(dc_order + 1) :]
     t_new, t_old = points[-1].t, points[-2].t
     tau = t_old + ratio * (t_new - t_old)
