@@ -284,9 +284,11 @@ def test_optuna_in_memory_warm_start_adds_trials() -> None:
     assert len(resumed.ask()) == 8
 
 
-def test_optuna_genes_of_every_kind() -> None:
-    spec = GenomeSpec(("bit", "int", "real"), (0.0, -2.0, 0.5), (1.0, 3.0, 0.75))
-    strategy = OptunaStrategy(spec, 1, sampler="tpe", batch=4)
-    X, _ = run(strategy, lambda x: np.array([x.sum()]), 5)
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_genes_of_every_kind_stay_valid(name: str) -> None:
+    spec = GenomeSpec(("bit", "int", "real", "int", "real"), (0.0, -2.0, 0.5, 4.0, 0.0), (1.0, 3.0, 0.75, 4.0, 1.0))
+    strategy = MAKERS[name](spec, initial=[np.array([1.0, 3.0, 0.6, 4.0, 0.2])])
+    X, _ = run(strategy, lambda x: np.array([x[0] + x[1] + x[2], x[4] - x[1]]), 4)
     assert all(np.array_equal(spec.clip(x), x) for x in X)
-    assert set(X[:, 0]) <= {0.0, 1.0} and set(X[:, 1]) <= set(range(-2, 4))
+    assert set(X[:, 0]) <= {0.0, 1.0} and set(X[:, 1]) <= set(range(-2, 4)) and set(X[:, 3]) == {4.0}
+    assert len(set(X[:, 1])) > 1 and len(set(X[:, 2])) > 1

@@ -1,4 +1,4 @@
-"""ECAD's genetic algorithm (Aggarwal et al. 2025, §3.2 "Genetic search"), built with deap.
+"""ECAD's genetic algorithm (Aggarwal et al. 2025, arXiv 2506, the search section and repo AniAggarwal/ecad), with deap.
 
 NSGA-II (μ+λ) survival (`tools.selNSGA2`), binary tournament on dominance and crowding distance for parents
 (`tools.selTournamentDCD`), 4-point crossover with p=0.9, bit-flip mutation with p=0.05 per bit, population 72,
@@ -49,7 +49,7 @@ def k_point_crossover(ind1: list, ind2: list, k: int) -> tuple[list, list]:
 
 
 class EcadGenetic(Strategy):
-    """ECAD's NSGA-II over genomes (paper §3.2; defaults: population 72, 4-point crossover p=0.9, bit flip p=0.05).
+    """ECAD's NSGA-II over genomes (defaults as in ECAD: population 72, 4-point crossover p=0.9, bit flip 0.05).
 
     `ask()` returns one generation: first the initial population (`initial` topped up with random genomes), then
     offspring of the current population. `tell()` merges the evaluated candidates into the population and keeps the

@@ -1,4 +1,4 @@
-"""S³'s predictor-based multi-stage search (Liu et al., ICLR 2024, §4 "Predictor-based search").
+"""S³'s predictor-based multi-stage search (Liu et al., ICLR 2024, §4).
 
 Stage 0 evaluates an initial sample. Every later stage fits a performance predictor on all evaluations so far,
 runs an evolutionary search on the predictor alone (cheap: no model is run), and evaluates only the top-k predicted

@@ -1,6 +1,6 @@
 """pymoo's NSGA-II (Deb et al. 2002) / NSGA-III (Deb & Jain 2014, ≥ 3 objectives) driven by ask/tell.
 
-This is the engine ECAD's released code uses (Aggarwal et al. 2025, §3.2): for bit genomes the same operators as
+ECAD's released code (Aggarwal et al. 2025, repo AniAggarwal/ecad) runs on this engine: for bit genomes the same ops as
 `EcadGenetic` (4-point crossover p=0.9, bit flip p=0.05 per bit); for mixed genomes pymoo's defaults, SBX (η=15,
 p=0.9) and polynomial mutation (η=20), with a repair that rounds through `GenomeSpec.clip`. A failed candidate
 (+inf) is told as infeasible (one inequality constraint violated), so feasibility-first survival drops it.
