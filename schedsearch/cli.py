@@ -181,17 +181,24 @@ def build_parser() -> argparse.ArgumentParser:
     trn = sub.add_parser("train-builtin", help="train the builtin model / classifier (see --help of the module)")
     trn.add_argument("rest", nargs=argparse.REMAINDER)
     trn.set_defaults(run=_cmd_train_builtin)
+
+    from schedsearch.cli_search import add_study_commands
+
+    add_study_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from schedsearch.objectives.base import ObjectiveUnavailableError
+    from schedsearch.results.store import StoreError
     from schedsearch.runtime.models import ModelNotAvailableError
 
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     # ScheduleError, CachePlanMismatchError and the registry's errors are ValueErrors naming the field
-    except (CliError, ModelNotAvailableError, ValueError) as exc:
+    except (CliError, ModelNotAvailableError, ValueError, ObjectiveUnavailableError, StoreError,
+            FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -122,7 +122,8 @@ def run_search(
     results = ResultStore(store) if owns_store else store
     try:
         results.set_study_settings(study, {
-            "model": model.info.name, "space": space, "strategy": strategy, "objectives": directions,
+            "model": model.info.name, "space": space, "strategy": strategy,
+            "objectives": [[n, d] for n, d in directions.items()],  # a list: the store sorts dict keys
             "preset": preset, "samples": n, "seed": seed, "calibration": evaluator.calibration_hash,
             "space_options": _jsonable(space_options or {}),
         })
