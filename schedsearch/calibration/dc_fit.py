@@ -290,6 +290,8 @@ def fit_dc_ratios(
         )
     elif (teacher.classes, teacher.seeds, teacher.guidance) != (tuple(classes), tuple(seeds), float(guidance)):
         raise ValueError("teacher: recorded for other classes, seeds or guidance than this fit")
+    if teacher.timesteps[0] != plan.timesteps[0]:
+        raise ValueError(f"teacher: starts at t = {teacher.timesteps[0]}, the plan at t = {plan.timesteps[0]}")
     schedule, ptype = model.noise_schedule, model.info.prediction_type
     denoise = model.denoiser(list(classes), guidance)
     x_start = initial_noise(seeds, model.info.sample_shape)
