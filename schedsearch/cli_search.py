@@ -116,7 +116,8 @@ def _front_frame(store: Any, study: str, objectives: dict[str, str], all_records
     ok = df[(df["status"] == "ok")].dropna(subset=cols)
     if not all_records:
         ok = ok[non_dominated(ok[cols].to_numpy(float), list(objectives.values()))] if len(ok) else ok
-    keep = ["key", *cols, *[c for c in df.columns if c.startswith("summary.") and c != "summary.space"]]
+    summary = [c for c in df.columns if c.startswith("summary.") and c.split(".", 1)[1] not in {"space", *objectives}]
+    keep = ["key", *cols, *summary]
     out = (df if all_records else ok)[[c for c in keep if c in df.columns] + (["status"] if all_records else [])]
     return out.sort_values(cols[-1]).rename(columns=lambda c: c.split(".", 1)[-1])
 

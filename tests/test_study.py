@@ -1,0 +1,136 @@
+"""End to end on the builtin model with tiny settings: search → store → resume → dedupe → front → export → evaluate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from schedsearch.cli import main
+from schedsearch.results.store import ResultStore
+from schedsearch.search.base import Budget
+from schedsearch.study import run_search
+
+TINY = {"samples": 4, "batch_size": 8, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("sscache")
+
+
+def _run(store, study, cache_dir, budget=6, **kw):
+    args = {"model": "builtin:mnist-dit", "space": "cache", "strategy": "ecad", "objectives": ["psnr", "macs"],
+            "study": study, "store": store, "budget": Budget(evaluations=budget), "cache_dir": cache_dir,
+            "space_options": {"num_steps": 6}, "strategy_options": {"population": 4}, **TINY}
+    args.update(kw)
+    return run_search(**args)
+
+
+def test_study_resumes_and_dedupes_across_studies(tmp_path, cache_dir):
+    store = tmp_path / "r.db"
+    first = _run(store, "a", cache_dir)
+    assert first.evaluations >= 6
+    with ResultStore(store) as s:
+        keys_a = s.keys("a")
+        assert len(keys_a) == s.count("a") == first.evaluations  # one row per distinct candidate
+        assert s.study_settings("a")["objectives"] == [["psnr", "max"], ["macs", "min"]]
+        records = s.records("a")
+    assert all(r.status == "ok" for r in records)
+    assert all(r.calibration_hash.endswith("-n4") for r in records)
+    assert all(0 < r.metrics["macs"] for r in records)
+
+    resumed = _run(store, "a", cache_dir, budget=4)
+    assert resumed.evaluations >= 4
+    with ResultStore(store) as s:
+        assert s.keys("a") >= keys_a and s.count("a") == first.evaluations + resumed.evaluations
+
+    # The same search under another name asks the same first generation: answered from the store, not rerun.
+    other = _run(store, "b", cache_dir, budget=4)
+    assert other.reused >= 4
+    with ResultStore(store) as s:
+        copied = [r for r in s.records("b") if r.summary.get("reused_from") == "a"]
+    assert len(copied) == other.reused
+
+
+def test_study_settings_must_match_on_resume(tmp_path, cache_dir):
+    from schedsearch.results.store import StoreError
+
+    store = tmp_path / "r.db"
+    _run(store, "a", cache_dir, budget=2)
+    with pytest.raises(StoreError, match="objectives"):
+        _run(store, "a", cache_dir, budget=2, objectives=["mse", "macs"])
+
+
+def test_dp_sweeps_cachequant_plans(tmp_path, cache_dir):
+    result = _run(tmp_path / "r.db", "dp", cache_dir, budget=50, space="cachequant", strategy="dp",
+                  strategy_options={})
+    with ResultStore(tmp_path / "r.db") as s:
+        records = s.records("dp")
+    assert result.evaluations == len(records) >= 1
+    for r in records:
+        cache = r.to_schedule().cache
+        assert cache.kind == "unit" and cache.refresh_steps[0] == 0
+
+
+def test_dc_fit_improves_on_plain_unipc(tmp_path, cache_dir):
+    _run(tmp_path / "r.db", "dc", cache_dir, budget=10, space="dc", strategy="dc-fit", objectives=["mse", "nfe"],
+         space_options={"nfe": 5}, strategy_options={})
+    with ResultStore(tmp_path / "r.db") as s:
+        records = s.records("dc")
+    assert len(records) == 2
+    plain = next(r for r in records if all(st.dc_ratio == 1.0 for st in r.to_schedule().solver.steps))
+    fitted = next(r for r in records if r is not plain)
+    assert fitted.metrics["mse"] < plain.metrics["mse"]
+
+
+def test_cli_search_front_export_evaluate(tmp_path, cache_dir, capsys):
+    store, out = tmp_path / "r.db", tmp_path / "front"
+    common = ["--store", str(store), "--study", "s", "--cache-dir", str(cache_dir)]
+    argv = ["search", "--space", "solver", "--strategy", "nsga2", "--objectives", "psnr,nfe", "--budget", "4",
+            "--samples", "4", "--batch-size", "8", "--quiet", *common]
+    assert main(argv) == 0
+    assert main(argv) == 2  # the study exists: --resume is required
+    assert "--resume" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["front", "--store", str(store), "--study", "s", "--format", "json"]) == 0
+    front = json.loads(capsys.readouterr().out)
+    assert front and {"psnr", "nfe", "key"} <= set(front[0])
+    psnr, nfe = np.array([r["psnr"] for r in front]), np.array([r["nfe"] for r in front])
+    for i in range(len(front)):  # nothing on the printed front dominates another of its points
+        assert not np.any((psnr >= psnr[i]) & (nfe <= nfe[i]) & ((psnr > psnr[i]) | (nfe < nfe[i])))
+    assert main(["export", "--store", str(store), "--study", "s", "--out", str(out)]) == 0
+    index = json.loads((out / "index.json").read_text())
+    first = out / index["schedules"][0]["file"]
+    capsys.readouterr()
+    assert main(["evaluate", "--schedule", str(first), "--objectives", "psnr,nfe,macs", "--samples", "4",
+                 "--cache-dir", str(cache_dir), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["status"] == "ok" and result["samples"] == 4 and set(result["metrics"]) >= {"psnr", "nfe", "macs"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["search", "--space", "solver", "--strategy", "dp", "--objectives", "psnr,nfe", "--budget", "2"], "--strategy"),
+        (["search", "--space", "cache", "--strategy", "ecad", "--objectives", "psnr,speed", "--budget", "2"],
+         "--objectives"),
+        (["search", "--space", "cache", "--strategy", "ecad", "--objectives", "psnr,macs", "--budget", "0"],
+         "--budget"),
+    ],
+)
+def test_cli_search_bad_input_writes_nothing(tmp_path, capsys, argv, field):
+    store = tmp_path / "r.db"
+    assert main([*argv, "--study", "s", "--store", str(store)]) == 2
+    assert field in capsys.readouterr().err
+    assert not store.exists()
+
+
+def test_cli_evaluate_unknown_objective(tmp_path, capsys):
+    from schedsearch.cli import main as cli
+
+    path = tmp_path / "s.json"
+    assert cli(["schedule", "ddim", "--steps", "5", "--out", str(path)]) == 0
+    assert cli(["evaluate", "--schedule", str(path), "--objectives", "fid,sharpness", "--json"]) == 2
+    assert "sharpness" in capsys.readouterr().err
