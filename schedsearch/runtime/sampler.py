@@ -170,6 +170,53 @@ def dynamic_compensation(history: list[_Output], ratio: float | torch.Tensor, dc
     return _Output(t=points[-1].t, lam=points[-1].lam, x0=x0, eps=eps)
 
 
+class PlanRunner:
+    """The state `sample` carries between steps (the output history, the state before the last predictor step), so
+    a caller that owns the model call, e.g. a diffusers pipeline loop through `runtime.apply.ScheduleScheduler`, runs
+    exactly the same step code. Call `step(x, model_output)` once per plan step, in order."""
+
+    def __init__(self, plan: SolverPlan, noise_schedule: NoiseSchedule, prediction_type: str = "epsilon") -> None:
+        self.plan = plan.validate()
+        self.noise_schedule, self.prediction_type = noise_schedule, prediction_type
+        self.targets: list[float | None] = [*plan.timesteps[1:], plan.final_timestep]
+        self.history: list[_Output] = []
+        self.x_before: torch.Tensor | None = None
+        self.step_index = 0
+
+    def needs_model(self, step_index: int) -> bool:
+        """False only for USF's analytical first step, which takes no model output."""
+        return not (step_index == 0 and self.plan.first_step == "zero_x0")
+
+    def step(self, x: torch.Tensor, model_output: torch.Tensor | None) -> torch.Tensor:
+        """Correct the previous step (UniC) with this output, compensate (DC), predict to the next timestep."""
+        i, plan, history, schedule = self.step_index, self.plan, self.history, self.noise_schedule
+        if i >= plan.num_steps:
+            raise IndexError(f"the plan has {plan.num_steps} steps; step {i} was asked for")
+        if (model_output is None) == self.needs_model(i):
+            raise ValueError(
+                f"step {i}: " + ("needs a model output" if self.needs_model(i) else "takes no model output")
+            )
+        t = plan.timesteps[i]
+        a, s = schedule.alpha_sigma(t)
+        if model_output is None:  # USF analytical first step: x0 ≈ 0
+            x0, eps = torch.zeros_like(x), x / s
+        else:
+            x0, eps = to_data_and_noise(model_output.to(x.dtype), x, a, s, self.prediction_type)
+        current = _Output(t=t, lam=log_snr(a, s), x0=x0, eps=eps)
+        if i > 0 and plan.steps[i - 1].corrector:
+            x = corrector_step(
+                self.x_before, history, current, schedule.alpha_sigma(plan.timesteps[i - 1]), (a, s), plan.steps[i - 1]
+            )
+        history.append(current)
+        if plan.steps[i].dc_ratio != 1.0:
+            history[-1] = dynamic_compensation(history, plan.steps[i].dc_ratio, plan.dc_order)
+        self.x_before = x
+        x = predictor_step(x, history, (a, s), schedule.alpha_sigma(self.targets[i]), plan.steps[i])
+        del history[: -max(plan.dc_order + 1, 3)]  # bounded memory: no rule looks further back
+        self.step_index = i + 1
+        return x
+
+
 def sample(
     denoise: Denoiser,
     x_start: torch.Tensor,
@@ -185,35 +232,17 @@ def sample(
     float64; the state keeps the dtype of `x_start` (float32 in production; float64 in equivalence tests).
     `callback(step_index, x)` sees the state after every step.
     """
-    plan.validate()
+    runner = PlanRunner(plan, noise_schedule, prediction_type)
     ts = plan.timesteps
-    targets: list[float | None] = [*ts[1:], plan.final_timestep]
-    history: list[_Output] = []
     x = x_start if x_start.is_floating_point() else x_start.float()
-    x_before: torch.Tensor | None = None
     steps = range(len(ts))
     if progress:
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="sampling", leave=False)
     for i in steps:
-        t = ts[i]
-        a, s = noise_schedule.alpha_sigma(t)
-        if i == 0 and plan.first_step == "zero_x0":  # USF analytical first step: x0 ≈ 0
-            x0, eps = torch.zeros_like(x), x / s
-        else:
-            x0, eps = to_data_and_noise(denoise(x, t, i).to(x.dtype), x, a, s, prediction_type)
-        current = _Output(t=t, lam=log_snr(a, s), x0=x0, eps=eps)
-        if i > 0 and plan.steps[i - 1].corrector:
-            x = corrector_step(
-                x_before, history, current, noise_schedule.alpha_sigma(ts[i - 1]), (a, s), plan.steps[i - 1]
-            )
-        history.append(current)
-        if plan.steps[i].dc_ratio != 1.0:
-            history[-1] = dynamic_compensation(history, plan.steps[i].dc_ratio, plan.dc_order)
-        x_before = x
-        x = predictor_step(x, history, (a, s), noise_schedule.alpha_sigma(targets[i]), plan.steps[i])
-        del history[: -max(plan.dc_order + 1, 3)]  # bounded memory: no rule looks further back
+        output = denoise(x, ts[i], i) if runner.needs_model(i) else None
+        x = runner.step(x, output)
         if callback is not None:
             callback(i, x)
     return x
