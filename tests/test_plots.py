@@ -88,6 +88,10 @@ def test_front_colour_baselines_records_and_given_axes(tmp_path):
     host = Figure()
     ax = host.add_subplot()
     assert plot_front(records, "a", "b", ("min", "max"), ax=ax) is host
+    starred = plot_front(records, "a", "b", ("min", "max"), knee_key="k3")  # e.g. the knee of a 3-D front
+    assert tuple(_artist(starred, "knee").get_offsets()[0]) == (3.0, -3.0)
+    with pytest.raises(KeyError, match="knee_key"):
+        plot_front(records, "a", "b", ("min", "max"), knee_key="absent")
     with pytest.raises(KeyError, match="nope"):
         plot_front(df, "nope", "psnr", ("min", "max"))
     with pytest.raises(ValueError, match="nothing to plot"):

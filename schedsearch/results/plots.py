@@ -112,6 +112,7 @@ def plot_front(
     color: str | None = None,
     baselines: pd.DataFrame | None = None,
     label_knee: bool = True,
+    knee_key: str | None = None,
     ax: Axes | None = None,
     title: str | None = None,
 ) -> Figure:
@@ -120,7 +121,8 @@ def plot_front(
 
     directions: for x and y (a mapping by name or a pair). color: a third column shown as the points' colour; the
         front drawn is still the 2-D one of x and y. baselines: a frame with the x and y columns and a label column
-        ("label", "baseline" or "name"; else its index), drawn as labelled crosses.
+        ("label", "baseline" or "name"; else its index), drawn as labelled crosses. knee_key: star the row with this
+        `key` instead of the 2-D knee (e.g. the knee of a front over more objectives than are drawn).
     Artists carry gids ("evaluated", "pareto-front", "knee", "baselines") so tests and notebooks can find them.
     """
     df = _as_frame(df_or_records)
@@ -146,10 +148,16 @@ def plot_front(
     # Between two front points the best attainable y belongs to the point on the dominating side of x.
     where = "post" if dirs[0] == "min" else "pre"
     ax.step(front[:, 0], front[:, 1], where=where, color="C3", marker="o", markersize=4, linewidth=1.5,
-            label=f"Pareto front ({len(front)})", gid="pareto-front")
+            label=f"Pareto front of {_bare(xc)}, {_bare(yc)} ({len(front)})", gid="pareto-front")
 
     if label_knee:
-        knee = points[knee_point(points, dirs)]
+        if knee_key is not None:
+            hits = np.flatnonzero((df["key"] == knee_key).to_numpy()) if "key" in df.columns else []
+            if len(hits) == 0:
+                raise KeyError(f"knee_key {knee_key!r} is not a plotted row")
+            knee = points[hits[0]]
+        else:
+            knee = points[knee_point(points, dirs)]
         ax.scatter([knee[0]], [knee[1]], marker="*", s=220, color="gold", edgecolors="black", linewidths=0.8,
                    zorder=5, label="knee", gid="knee")
 
@@ -269,8 +277,9 @@ def cache_bits(plan: ComponentCachePlan) -> dict[str, np.ndarray]:
 
 def _block_ticks(ax: Axes, plan: ComponentCachePlan) -> None:
     groups = parse_layout(plan.layout)
+    ax.set_ylabel("block")
     if len(groups) == 1:
-        ax.set_ylabel(f"{groups[0][0]} block")
+        ax.yaxis.get_major_locator().set_params(integer=True)
         return
     ticks, labels, start = [], [], 0
     for path, count, _ in groups:
@@ -280,7 +289,6 @@ def _block_ticks(ax: Axes, plan: ComponentCachePlan) -> None:
             ax.axhline(start - 0.5, color="white", linewidth=2.0)
         start += count
     ax.set_yticks(ticks, labels, fontsize=7)
-    ax.set_ylabel("block")
 
 
 def plot_cache_heatmap(
@@ -311,10 +319,11 @@ def plot_cache_heatmap(
         return fig
 
     bits = cache_bits(plan)
+    groups = parse_layout(plan.layout)
     if axes is None:
         n_blocks = next(iter(bits.values())).shape[1] if bits else 1
         width = max(4.0, 0.22 * plan.num_steps + 1.5)
-        fig = Figure(figsize=(width, len(bits) * max(1.4, 0.2 * n_blocks + 0.8)), layout="constrained")
+        fig = Figure(figsize=(width, len(bits) * max(1.8, 0.2 * n_blocks + 0.8)), layout="constrained")
         axes = list(fig.subplots(len(bits), 1, sharex=True, squeeze=False)[:, 0])
     else:
         if len(axes) != len(bits):
@@ -325,7 +334,8 @@ def plot_cache_heatmap(
         panel.imshow(array.T, cmap=_CACHE_CMAP, vmin=0, vmax=1, aspect="auto", interpolation="nearest",
                      origin="lower", gid=f"cache-{component}")
         fraction = np.nanmean(array) if array.size else 0.0
-        panel.set_title(f"{component}: {fraction:.0%} recomputed", fontsize=9)
+        where = f"{groups[0][0]} · " if len(groups) == 1 else ""
+        panel.set_title(f"{where}{component}: {fraction:.0%} recomputed", fontsize=9)
         _block_ticks(panel, plan)
     axes[-1].set_xlabel("step")
     return fig

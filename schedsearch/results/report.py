@@ -1,0 +1,286 @@
+"""One self-contained HTML page per study: its front, how the search got there, and what it cost.
+
+Self-contained on purpose: plots are inline base64 PNGs, the table sorts with a few lines of inline JS, and nothing is
+fetched from a CDN, so the file can be mailed, archived with the store, or opened on an offline cluster node.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from schedsearch.results.atomic import atomic_write_text
+from schedsearch.results.pareto import knee_point, pareto_frame
+from schedsearch.results.store import ResultStore, StoreError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+__all__ = ["ReportError", "report_main", "report_path", "write_report"]
+
+_MAX_FAILURES_LISTED = 20
+
+
+class ReportError(ValueError):
+    """The report cannot be made (e.g. unknown study); the message says what exists instead."""
+
+
+def report_path(out_dir: str | Path, study: str) -> Path:
+    """`<out_dir>/<study>.html`, the study name reduced to characters safe in a file name."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", study).strip("._") or "study"
+    return Path(out_dir) / f"{slug}.html"
+
+
+def write_report(
+    store: ResultStore | str | Path,
+    study: str,
+    out_dir: str | Path,
+    *,
+    objectives: Mapping[str, str] | None = None,
+) -> Path:
+    """Write the study's HTML report atomically and return its path.
+
+    objectives: metric name → "min"/"max"; default: the study's stored settings. Without either, the report lists
+    the evaluations but draws no front.
+    """
+    if isinstance(store, ResultStore):
+        return _write(store, study, out_dir, objectives)
+    with ResultStore(store, create=False) as opened:
+        return _write(opened, study, out_dir, objectives)
+
+
+def report_main(store_path: str, study: str, out: str) -> int:
+    """`schedsearch report --store PATH --study NAME --out DIR`: 0 and the report's path on stdout, or 2 and an
+    `error: ...` line on stderr when the store or study cannot be read (nothing is written then)."""
+    try:
+        path = write_report(store_path, study, out)
+    except (ReportError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def _write(store: ResultStore, study: str, out_dir: str | Path, objectives: Mapping[str, str] | None) -> Path:
+    settings = store.study_settings(study)
+    if store.count(study) == 0:
+        known = store.studies()
+        listed = ", ".join(repr(s) for s in known) if known else "none"
+        what = "has no evaluations yet" if settings is not None else "is not in this store"
+        raise ReportError(f"{store.path}: study {study!r} {what}; studies with evaluations: {listed}")
+    settings = settings or {}
+    if objectives is None:
+        objectives = settings.get("objectives") or {}
+    objectives = dict(objectives)
+    frame = store.to_frame(study)
+    missing = [n for n in objectives if f"metric.{n}" not in frame.columns]
+    if missing:
+        raise ReportError(f"study {study!r}: objective(s) {missing} were never recorded; metrics are "
+                          f"{[c[7:] for c in frame.columns if c.startswith('metric.')]}")
+    records = {r.key: r for r in store.records(study)}
+    html_text = _render(study, store, settings, objectives, frame, records)
+    return atomic_write_text(report_path(out_dir, study), html_text)
+
+
+def _figure_png(fig: Figure) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<img alt="" src="data:image/png;base64,{data}">'
+
+
+def _pandas() -> Any:
+    import pandas as pd  # here, not at the top: the CLI imports this module to register its command
+
+    return pd
+
+
+def _cell(value: Any) -> str:
+    """A table cell; numbers carry their full value in data-value so sorting is numeric and exact."""
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+        number = float(value)
+        if math.isnan(number):
+            return '<td class="num" data-value="">–</td>'
+        return f'<td class="num" data-value="{number!r}">{number:.4g}</td>'
+    if value is None or value is _pandas().NA:
+        return "<td>–</td>"
+    return f"<td>{html.escape(str(value))}</td>"
+
+
+def _table(frame: pd.DataFrame, columns: Sequence[str], headers: Sequence[str], row_class: Sequence[str]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    rows = []
+    for (_, row), cls in zip(frame.iterrows(), row_class, strict=True):
+        cells = "".join(_cell(row[c]) for c in columns)
+        attr = f' class="{cls}"' if cls else ""
+        rows.append(f'<tr data-key="{html.escape(str(row["key"]))}"{attr}>{cells}</tr>')
+    return f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _baselines(frame: pd.DataFrame, records: Mapping[str, Any]) -> pd.DataFrame:
+    """Rows whose schedule says it is a hand-made baseline (meta.baseline), labelled with its name."""
+    labels = []
+    for key in frame["key"]:
+        try:
+            meta = json.loads(records[key].schedule_json).get("meta") or {}
+        except (json.JSONDecodeError, AttributeError):
+            meta = {}
+        labels.append(meta.get("baseline") if isinstance(meta, dict) else None)
+    out = frame.assign(label=labels)
+    return out[out["label"].notna() & (out["status"] == "ok")]
+
+
+def _knee_section(knee_key: str | None, records: Mapping[str, Any]) -> str:
+    from schedsearch.results.plots import plot_cache_heatmap, plot_solver_schedule
+    from schedsearch.spaces.errors import ScheduleError
+    from schedsearch.spaces.schedule import Schedule
+
+    if knee_key is None:
+        return "<p>No front, so no knee schedule.</p>"
+    try:
+        schedule = Schedule.from_json(records[knee_key].schedule_json)
+    except ScheduleError as exc:
+        return f"<p>The knee schedule ({html.escape(knee_key)}) cannot be read: {html.escape(str(exc))}</p>"
+    parts = [f"<p>Candidate <code>{html.escape(knee_key)}</code>: NFE {schedule.solver.nfe}, "
+             f"{schedule.solver.num_steps} steps.</p>", _figure_png(plot_solver_schedule(schedule))]
+    if schedule.cache is not None:
+        parts.append(_figure_png(plot_cache_heatmap(schedule)))
+    parts.append(f"<details><summary>schedule JSON</summary><pre>{html.escape(schedule.to_json())}</pre></details>")
+    return "\n".join(parts)
+
+
+def _cost_section(frame: pd.DataFrame) -> str:
+    n = len(frame)
+    failed = int((frame["status"] == "failed").sum())
+    wall = frame["wall_time_s"]
+    span = frame["created_at"].max() - frame["created_at"].min()
+    rows = [
+        ("evaluations", str(n)),
+        ("succeeded", str(n - failed)),
+        ("failed", str(failed)),
+        ("total wall time", f"{wall.sum():.1f} s"),
+        ("mean wall time per evaluation", f"{wall.mean():.3g} s"),
+        ("first to last result", f"{span.total_seconds():.1f} s"),
+        ("devices", ", ".join(sorted(set(frame["device"].astype(str)))) or "–"),
+        ("code versions", ", ".join(sorted(set(frame["code_version"].astype(str)))) or "–"),
+    ]
+    out = ["<table>", *(f"<tr><th>{k}</th><td>{html.escape(v)}</td></tr>" for k, v in rows), "</table>"]
+    failures = frame[frame["status"] == "failed"]
+    if len(failures):
+        items = "".join(f"<li><code>{html.escape(str(r.key))}</code>: {html.escape(str(r.error)[:300])}</li>"
+                        for r in failures.head(_MAX_FAILURES_LISTED).itertuples())
+        rest = len(failures) - _MAX_FAILURES_LISTED
+        more = f"<p>… and {rest} more.</p>" if rest > 0 else ""
+        out.append(f"<h3>Failures</h3><ul>{items}</ul>{more}")
+    return "\n".join(out)
+
+
+def _render(
+    study: str,
+    store: ResultStore,
+    settings: Mapping[str, Any],
+    objectives: Mapping[str, str],
+    frame: pd.DataFrame,
+    records: Mapping[str, Any],
+) -> str:
+    from schedsearch.results.plots import plot_front, plot_hypervolume_history
+
+    columns = {f"metric.{n}": d for n, d in objectives.items()}
+    sections: list[tuple[str, str]] = []
+    knee_key = None
+    if columns:
+        ranked = pareto_frame(frame, columns)
+        front = ranked[ranked["front_rank"] == 0].reset_index(drop=True)
+        if len(front):
+            knee_key = str(front["key"].iloc[knee_point(front[list(columns)].to_numpy(float), list(columns.values()))])
+        metric_cols = list(columns) + sorted(c for c in frame.columns if c.startswith("metric.") and c not in columns)
+        # A summary entry that repeats a metric (e.g. nfe) would show the same number under the same header twice.
+        summary_cols = [c for c in frame.columns if c.startswith("summary.") and f"metric.{c[8:]}" not in metric_cols]
+        table_cols = ["key", *metric_cols, *summary_cols, "wall_time_s"]
+        headers = ["key", *(f"{c[7:]} ({columns[c]})" if c in columns else c[7:] for c in metric_cols),
+                   *(c[8:] for c in summary_cols), "wall time (s)"]
+        first = next(iter(columns))
+        front = front.sort_values(first, ascending=columns[first] == "min", kind="stable")
+        classes = ["knee" if k == knee_key else "" for k in front["key"]]
+        sections.append((
+            f"Pareto front ({len(front)} of {int((ranked['front_rank'].notna()).sum())} scored evaluations)",
+            "<p>Click a column header to sort. The knee is highlighted.</p>"
+            + _table(front, table_cols, headers, classes),
+        ))
+        names = list(objectives)
+        if len(names) >= 2 and len(front):
+            fig = plot_front(frame, names[0], names[1], objectives, color=names[2] if len(names) > 2 else None,
+                             baselines=_baselines(frame, records), knee_key=knee_key, title=study)
+            sections.append(("Front", _figure_png(fig)))
+        strategy = str(settings.get("strategy", "search"))
+        sections.append(("Hypervolume over evaluations",
+                         _figure_png(plot_hypervolume_history({strategy: frame}, objectives))))
+    else:
+        sections.append(("Pareto front", "<p>The study's settings name no objectives, so no front is drawn.</p>"))
+    sections.append(("Knee schedule", _knee_section(knee_key, records)))
+    sections.append(("Cost of the search", _cost_section(frame)))
+    hashes = sorted(set(frame["calibration_hash"].astype(str)))
+    calibration = settings.get("calibration")
+    provenance = (f"<p>Calibration hash: <code>{html.escape(str(calibration or ', '.join(hashes)))}</code>"
+                  + ("" if calibration is None or hashes == [calibration] else
+                     f" (records carry: <code>{html.escape(', '.join(hashes))}</code>)")
+                  + f"</p><p>Store: <code>{html.escape(str(store.path))}</code></p>")
+    sections.append(("Settings", provenance + f"<pre>{html.escape(json.dumps(dict(settings), indent=2))}</pre>"))
+    body = "\n".join(f"<section><h2>{html.escape(t)}</h2>\n{c}</section>" for t, c in sections)
+    return _PAGE.format(title=html.escape(f"schedsearch report: {study}"), body=body, script=_SORT_JS)
+
+
+_SORT_JS = """
+document.querySelectorAll("table.sortable").forEach(function (table) {
+  table.querySelectorAll("thead th").forEach(function (th, col) {
+    th.addEventListener("click", function () {
+      var body = table.tBodies[0], rows = Array.prototype.slice.call(body.rows);
+      var asc = th.getAttribute("data-order") !== "asc";
+      th.setAttribute("data-order", asc ? "asc" : "desc");
+      function key(row) {
+        var cell = row.cells[col], v = cell.getAttribute("data-value");
+        return v === null ? cell.textContent : (v === "" ? NaN : parseFloat(v));
+      }
+      rows.sort(function (a, b) {
+        var x = key(a), y = key(b), c;
+        if (typeof x === "number" && typeof y === "number") {
+          c = isNaN(x) ? (isNaN(y) ? 0 : 1) : (isNaN(y) ? -1 : x - y);
+          return asc || isNaN(x) || isNaN(y) ? c : -c;
+        }
+        c = String(x).localeCompare(String(y));
+        return asc ? c : -c;
+      });
+      rows.forEach(function (row) { body.appendChild(row); });
+    });
+  });
+});
+"""
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1200px; color: #222; }}
+table {{ border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }}
+th, td {{ border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: left; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+table.sortable th {{ cursor: pointer; background: #f3f3f3; }}
+tr.knee {{ background: #fff3c4; }}
+img {{ max-width: 100%; display: block; margin: 0.5em 0; }}
+pre {{ background: #f7f7f7; padding: 0.5em; overflow-x: auto; }}
+</style></head>
+<body><h1>{title}</h1>
+{body}
+<script>{script}</script>
+</body></html>
+"""
