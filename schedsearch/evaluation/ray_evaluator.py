@@ -1,0 +1,349 @@
+"""Score schedules on a Ray cluster: an `ActorPool` of workers, each holding the model, the calibration set and the
+objective models once; candidates go to workers as they free up and results stream back to the driver (which alone
+writes the store). A worker that dies mid-candidate is replaced and the candidate retried up to `max_retries` times;
+a candidate that still fails comes back as status "failed" with its error, never dropped.
+
+Workers run the same `LocalEvaluator` code (same seeds, same noise), so a study gives the same records either way.
+Schedules travel as JSON strings and results as plain dicts; `Evaluation` objects are rebuilt on the driver.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from schedsearch.spaces.schedule import Schedule
+
+__all__ = ["RayEvaluator", "SleepEvaluator", "WorkerDied", "evaluation_to_dict"]
+
+
+class WorkerDied(RuntimeError):
+    """A candidate whose worker died on every attempt."""
+
+
+def evaluation_to_dict(evaluation: Any) -> dict[str, Any]:
+    """The plain-dict form a worker returns (no Schedule object crosses the wire)."""
+    return {
+        "metrics": {k: float(v) for k, v in evaluation.metrics.items()},
+        "status": evaluation.status,
+        "error": evaluation.error,
+        "wall_time_s": float(evaluation.wall_time_s),
+        "device": evaluation.device,
+        "samples": int(getattr(evaluation, "samples", 0)),
+    }
+
+
+class _LocalFactory:
+    """Builds a worker's `LocalEvaluator` from names (picklable; runs inside the actor)."""
+
+    def __init__(self, model_name: str, calibration_spec: Any, cache_dir: str, objectives: Sequence[str],
+                 samples: int | None, batch_size: int, options: dict[str, Any] | None) -> None:
+        self.model_name, self.spec, self.cache_dir = model_name, calibration_spec, cache_dir
+        self.objectives, self.samples, self.batch_size, self.options = list(objectives), samples, batch_size, options
+
+    def __call__(self) -> Any:
+        from schedsearch.calibration.calibration_set import CalibrationSet
+        from schedsearch.evaluation.local import LocalEvaluator
+        from schedsearch.runtime.models import load_model
+
+        calibration = CalibrationSet.open(self.spec, self.cache_dir)
+        if not calibration.is_built:
+            raise FileNotFoundError(f"calibration set {calibration.hash} is not built at {calibration.root}; the "
+                                    "driver builds it before starting workers (is cache_dir shared with the workers?)")
+        return LocalEvaluator(load_model(self.model_name), calibration, self.objectives, samples=self.samples,
+                              batch_size=self.batch_size, cost_cache_dir=self.cache_dir, options=self.options)
+
+
+class _Worker:
+    """The actor body: one evaluator built once, then `evaluate_one(schedule_json) -> dict` per candidate."""
+
+    def __init__(self, factory: Callable[[], Any], threads: int, crash_on: Mapping[str, int] | None = None,
+                 crash_dir: str | None = None) -> None:
+        if threads > 0:
+            try:
+                import torch
+
+                torch.set_num_threads(threads)
+            except ImportError:
+                pass
+        self.evaluator = factory()
+        self.crash_on, self.crash_dir = dict(crash_on or {}), crash_dir
+
+    def describe(self) -> dict[str, Any]:
+        objectives = [{"name": o.name, "direction": o.direction} for o in self.evaluator.objectives]
+        return {"calibration_hash": self.evaluator.calibration_hash, "objectives": objectives, "pid": os.getpid()}
+
+    def evaluate_one(self, schedule_json: str, tag: int = 0) -> dict[str, Any]:
+        start = time.perf_counter()
+        try:
+            schedule = Schedule.from_json(schedule_json)
+            self._maybe_crash(schedule.key)
+            out = evaluation_to_dict(self.evaluator.evaluate_one(schedule))
+        except Exception as exc:  # e.g. a schedule the worker cannot even read: a failed record, not a lost task
+            out = {"metrics": {}, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                   "wall_time_s": time.perf_counter() - start, "device": "", "samples": 0}
+        out["tag"] = tag
+        return out
+
+    def _maybe_crash(self, key: str) -> None:
+        """Fault injection for tests: exit hard the first `crash_on[key]` times this key is evaluated (any worker)."""
+        times = self.crash_on.get(key, 0)
+        if not times or self.crash_dir is None:
+            return
+        done = len(list(Path(self.crash_dir).glob(f"{key}.*")))
+        if done < times:
+            Path(self.crash_dir, f"{key}.{done}.{os.getpid()}").touch()
+            os._exit(17)
+
+
+class SleepEvaluator:
+    """A fake model for tests and scaling benchmarks: `evaluate_one` sleeps `delay_s` (no CPU) and returns metrics
+    derived from the schedule key; keys in `fail` come back as failed (like a NaN output). No torch."""
+
+    def __init__(self, delay_s: float = 0.0, fail: Sequence[str] = (), calibration_hash: str = "fake-n0") -> None:
+        self.delay_s, self.fail, self.calibration_hash = delay_s, set(fail), calibration_hash
+        self.objectives = [_Objective("score", "max"), _Objective("nfe", "min")]
+
+    def evaluate_one(self, schedule: Schedule) -> Any:
+        from types import SimpleNamespace
+
+        start = time.perf_counter()
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        failed = schedule.key in self.fail
+        metrics = {} if failed else {"score": int(schedule.key[:8], 16) / 16**8, "nfe": float(schedule.solver.nfe)}
+        error = f"NonFiniteOutputError: schedule {schedule.key} produced NaN/inf images" if failed else ""
+        return SimpleNamespace(schedule=schedule, metrics=metrics, status="failed" if failed else "ok", error=error,
+                               wall_time_s=time.perf_counter() - start, device="fake", samples=0)
+
+    def evaluate(self, schedules: Iterable[Schedule]) -> Iterator[Any]:
+        for schedule in schedules:
+            yield self.evaluate_one(schedule)
+
+
+class _Objective:
+    def __init__(self, name: str, direction: str) -> None:
+        self.name, self.direction = name, direction
+
+    def __repr__(self) -> str:
+        return f"Objective({self.name!r}, {self.direction!r})"
+
+
+class RayEvaluator:
+    """`evaluate(schedules)` on a pool of Ray actors; results are yielded as they finish (any order).
+
+    address: "auto" or "ray://host:port" / "host:port" to join a cluster; None starts a local Ray (bound to
+    127.0.0.1, dashboard off unless `include_dashboard`) or uses the one already initialised in this process.
+    workers: actors in the pool (default: one per GPU if the cluster has GPUs, else one per CPU).
+    num_gpus_per_worker: default 1 where the cluster has GPUs, else 0 (CPU actors with `threads_per_worker`).
+    evaluator_factory: a picklable `() -> evaluator` run in each actor instead of building a `LocalEvaluator`
+    (fakes, benchmarks); the evaluator needs `evaluate_one(Schedule)`, `calibration_hash` and `objectives`.
+    crash_on: testing only — schedule key -> how many times a worker evaluating it exits hard.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        calibration_spec: Any,
+        cache_dir: str | Path | None,
+        objectives: Sequence[str],
+        *,
+        samples: int | None = None,
+        batch_size: int = 64,
+        workers: int | None = None,
+        address: str | None = None,
+        num_gpus_per_worker: float | None = None,
+        num_cpus_per_worker: float = 1.0,
+        threads_per_worker: int | None = None,
+        max_retries: int = 2,
+        evaluator_factory: Callable[[], Any] | None = None,
+        objective_options: dict[str, Any] | None = None,
+        include_dashboard: bool = False,
+        crash_on: Mapping[str, int] | None = None,
+    ) -> None:
+        import ray
+        from ray.util import ActorPool
+
+        if workers is not None and workers < 1:
+            raise ValueError(f"workers: {workers}; give at least 1")
+        if max_retries < 0:
+            raise ValueError(f"max_retries: {max_retries}; give 0 or more")
+        self.max_retries = max_retries
+        self._owns_ray = False
+        if not ray.is_initialized():
+            if address is None:
+                cpus = os.cpu_count() or 1
+                need = (workers or cpus) * num_cpus_per_worker
+                ray.init(num_cpus=max(cpus, int(need + 0.999)), include_dashboard=include_dashboard,
+                         dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True,
+                         configure_logging=False)
+            else:
+                ray.init(address=address)
+            self._owns_ray = True
+        resources = ray.cluster_resources()
+        gpus = float(resources.get("GPU", 0))
+        if num_gpus_per_worker is None:
+            num_gpus_per_worker = 1.0 if gpus >= 1 else 0.0
+        if workers is None:
+            workers = int(gpus // num_gpus_per_worker) if num_gpus_per_worker else int(
+                resources.get("CPU", 1) // max(num_cpus_per_worker, 1e-9))
+            workers = max(workers, 1)
+        if threads_per_worker is None:
+            threads_per_worker = max(1, int(num_cpus_per_worker))  # 1 torch thread per CPU the actor reserves
+        self.workers = workers
+        if evaluator_factory is None:
+            cache = str(cache_dir) if cache_dir is not None else None
+            if cache is None:
+                from schedsearch.calibration.calibration_set import default_cache_dir
+
+                cache = str(default_cache_dir())
+            _ensure_built(model_name, calibration_spec, cache, batch_size)
+            evaluator_factory = _LocalFactory(model_name, calibration_spec, cache, objectives, samples, batch_size,
+                                              objective_options)
+        # Ray sets OMP_NUM_THREADS to the actor's num_cpus; the actor also caps torch's intra-op threads.
+        self._actor_cls = ray.remote(_Worker).options(  # type: ignore[attr-defined]
+            num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, max_restarts=0, max_task_retries=0,
+        )
+        self._crash_dir = tempfile.mkdtemp(prefix="schedsearch-crash-") if crash_on else None
+        self._worker_args = (evaluator_factory, threads_per_worker, dict(crash_on or {}), self._crash_dir)
+        # The first worker alone first: it computes shared caches (e.g. FID reference statistics) once, and tells
+        # the driver the calibration hash and objectives; then the rest start in parallel.
+        first = self._spawn()
+        info = ray.get(first.describe.remote())
+        self._calibration_hash: str = info["calibration_hash"]
+        self.objectives = [_Objective(o["name"], o["direction"]) for o in info["objectives"]]
+        self._actors = [first] + [self._spawn() for _ in range(workers - 1)]
+        self._pool = ActorPool(list(self._actors))
+        self._on_actor: dict[str, tuple[int, Any]] = {}  # actor id -> (tag, actor) in flight
+        self._next_tag = 0
+        self.replaced = 0  # workers replaced after dying
+        self.device = f"ray x{workers}"
+
+    @property
+    def calibration_hash(self) -> str:
+        return self._calibration_hash
+
+    def _spawn(self) -> Any:
+        return self._actor_cls.remote(*self._worker_args)
+
+    def _submit(self, tag: int, schedule_json: str) -> None:
+        def call(actor: Any, value: tuple[int, str]) -> Any:
+            self._on_actor[actor._actor_id.hex()] = (value[0], actor)
+            return actor.evaluate_one.remote(value[1], value[0])
+
+        self._pool.submit(call, (tag, schedule_json))
+
+    def evaluate(self, schedules: Iterable[Schedule]) -> Iterator[Any]:
+        """Submit the whole batch, yield `Evaluation`s as workers finish them; dead workers are replaced."""
+        import ray
+
+        from schedsearch.evaluation.local import Evaluation
+
+        self._drain()
+        pending: dict[int, tuple[Schedule, str, int]] = {}  # tag -> (schedule, json, attempt)
+        for schedule in schedules:
+            tag, self._next_tag = self._next_tag, self._next_tag + 1
+            pending[tag] = (schedule, schedule.to_json(indent=None), 1)
+            self._submit(tag, pending[tag][1])
+        lost_error = ""
+        while pending:
+            if not self._pool.has_next():  # nothing in flight: what is still pending was lost with a task error
+                for tag in list(pending):
+                    yield from self._retry_or_fail(pending, tag, lost_error or "the result was lost")
+                lost_error = ""
+                continue
+            try:
+                out = self._pool.get_next_unordered()
+            except ray.exceptions.RayActorError as exc:
+                if exc.actor_init_failed:
+                    raise RuntimeError(f"a Ray worker failed to start: {exc}") from exc
+                entry = self._on_actor.pop(exc.actor_id, None) if exc.actor_id else None
+                self._replace(entry[1] if entry else None)
+                if entry is not None:
+                    yield from self._retry_or_fail(pending, entry[0], f"worker died: {exc}")
+                continue
+            except ray.exceptions.RayError as exc:  # the task lost, the worker kept: retried once the pool drains
+                lost_error = f"{type(exc).__name__}: {exc}"
+                continue
+            tag = int(out.pop("tag"))
+            if tag not in pending:  # a result of an abandoned batch
+                continue
+            schedule = pending.pop(tag)[0]
+            yield Evaluation(schedule, out["metrics"], out["status"], out["error"], out["wall_time_s"],
+                             out["device"], out["samples"])
+
+    def _retry_or_fail(self, pending: dict[int, tuple[Schedule, str, int]], tag: int, message: str) -> Iterator[Any]:
+        from schedsearch.evaluation.local import Evaluation
+
+        if tag not in pending:
+            return
+        schedule, text, attempt = pending[tag]
+        if attempt <= self.max_retries:
+            pending[tag] = (schedule, text, attempt + 1)
+            self._submit(tag, text)
+            return
+        del pending[tag]
+        yield Evaluation(schedule, {}, "failed", f"{WorkerDied.__name__}: {message} (after {attempt} attempt(s))",
+                         0.0, self.device, 0)
+
+    def _replace(self, dead: Any) -> None:
+        import ray
+
+        if dead is not None:
+            self._actors = [a for a in self._actors if a is not dead]
+            ray.kill(dead, no_restart=True)
+        actor = self._spawn()
+        self._actors.append(actor)
+        self._pool.push(actor)
+        self.replaced += 1
+
+    def _drain(self) -> None:
+        """Wait out the results of an abandoned `evaluate` generator (their tags are ignored)."""
+        import ray
+
+        while self._pool.has_next():
+            try:
+                self._pool.get_next_unordered()
+            except ray.exceptions.RayActorError as exc:
+                entry = self._on_actor.pop(exc.actor_id, None) if exc.actor_id else None
+                self._replace(entry[1] if entry else None)
+            except ray.exceptions.RayError:
+                pass
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the live workers (tests kill one)."""
+        import ray
+
+        return [ray.get(a.describe.remote())["pid"] for a in self._actors]
+
+    def close(self) -> None:
+        """Stop the workers; shut Ray down if this evaluator started it."""
+        import ray
+
+        for actor in getattr(self, "_actors", []):
+            ray.kill(actor, no_restart=True)
+        self._actors = []
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+            self._owns_ray = False
+
+    def __enter__(self) -> RayEvaluator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _ensure_built(model_name: str, spec: Any, cache_dir: str, batch_size: int) -> None:
+    """The driver builds the calibration set before workers start, so workers only read it."""
+    from schedsearch.calibration.calibration_set import CalibrationSet
+
+    calibration = CalibrationSet.open(spec, cache_dir)
+    if not calibration.is_built:
+        from schedsearch.runtime.models import load_model
+
+        calibration.build(load_model(model_name), batch_size=batch_size, progress=False)
