@@ -100,6 +100,10 @@ def _figure_png(fig: Figure) -> str:
     return f'<img alt="" src="data:image/png;base64,{data}">'
 
 
+def _pre(text: str) -> str:
+    return f"<pre>{html.escape(text, quote=False)}</pre>"
+
+
 def _pandas() -> Any:
     import pandas as pd  # here, not at the top: the CLI imports this module to register its command
 
@@ -156,7 +160,7 @@ def _knee_section(knee_key: str | None, records: Mapping[str, Any]) -> str:
              f"{schedule.solver.num_steps} steps.</p>", _figure_png(plot_solver_schedule(schedule))]
     if schedule.cache is not None:
         parts.append(_figure_png(plot_cache_heatmap(schedule)))
-    parts.append(f"<details><summary>schedule JSON</summary><pre>{html.escape(schedule.to_json())}</pre></details>")
+    parts.append(f"<details><summary>schedule JSON</summary>{_pre(schedule.to_json())}</details>")
     return "\n".join(parts)
 
 
@@ -171,7 +175,7 @@ def _cost_section(frame: pd.DataFrame) -> str:
         ("failed", str(failed)),
         ("total wall time", f"{wall.sum():.1f} s"),
         ("mean wall time per evaluation", f"{wall.mean():.3g} s"),
-        ("first to last result", f"{span.total_seconds():.1f} s"),
+        ("elapsed, first to last result", f"{span.total_seconds():.1f} s"),
         ("devices", ", ".join(sorted(set(frame["device"].astype(str)))) or "–"),
         ("code versions", ", ".join(sorted(set(frame["code_version"].astype(str)))) or "–"),
     ]
@@ -236,7 +240,7 @@ def _render(
                   + ("" if calibration is None or hashes == [calibration] else
                      f" (records carry: <code>{html.escape(', '.join(hashes))}</code>)")
                   + f"</p><p>Store: <code>{html.escape(str(store.path))}</code></p>")
-    sections.append(("Settings", provenance + f"<pre>{html.escape(json.dumps(dict(settings), indent=2))}</pre>"))
+    sections.append(("Settings", provenance + _pre(json.dumps(dict(settings), indent=2))))
     body = "\n".join(f"<section><h2>{html.escape(t)}</h2>\n{c}</section>" for t, c in sections)
     return _PAGE.format(title=html.escape(f"schedsearch report: {study}"), body=body, script=_SORT_JS)
 
