@@ -97,9 +97,15 @@ def run_search(
     strategy_options: dict[str, Any] | None = None,
     prompts: Sequence[str] | None = None,
     progress: bool = True,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> StudyResult:
     """Run or resume a study; every evaluation is appended to `store` as it finishes. Bad combinations and
-    unavailable objectives fail here, before any sampling."""
+    unavailable objectives fail here, before any sampling.
+
+    workers / ray_address: evaluate on Ray (`workers` actors on a local Ray, or join the cluster at `ray_address`,
+        e.g. "auto"); the driver still writes the store alone.
+    """
     from schedsearch.calibration.calibration_set import CalibrationSet, default_cache_dir, default_spec
     from schedsearch.evaluation.local import LocalEvaluator
     from schedsearch.runtime.models import LoadedModel, load_model
@@ -115,8 +121,16 @@ def run_search(
                         teacher_steps=p.teacher_steps)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     calibration = CalibrationSet.open(spec, cache_dir)
-    evaluator = LocalEvaluator(model, calibration, list(objectives), batch_size=batch_size,
-                               cost_cache_dir=str(cache_dir))
+    evaluator: Any
+    if workers is not None or ray_address is not None:
+        from schedsearch.evaluation.ray_evaluator import RayEvaluator
+
+        calibration.build(model, batch_size=batch_size, progress=progress)  # workers only read it
+        evaluator = RayEvaluator(model.info.name, spec, cache_dir, list(objectives), batch_size=batch_size,
+                                 workers=workers, address=ray_address)
+    else:
+        evaluator = LocalEvaluator(model, calibration, list(objectives), batch_size=batch_size,
+                                   cost_cache_dir=str(cache_dir))
     directions = objective_directions(evaluator, objectives)
     owns_store = not isinstance(store, ResultStore)
     results = ResultStore(store) if owns_store else store
@@ -139,6 +153,8 @@ def run_search(
     finally:
         if owns_store:
             results.close()
+        if hasattr(evaluator, "close"):
+            evaluator.close()
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,101 @@
+"""RayEvaluator on a local 2-CPU Ray (started once for the module): same records as the local evaluator, dead
+workers replaced and their candidates retried, repeated failures returned as failed, batches run in parallel."""
+
+import functools
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from schedsearch.evaluation.ray_evaluator import RayEvaluator, SleepEvaluator  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def solver_space(builtin_model):
+    from schedsearch.study import build_space
+
+    return build_space("solver", builtin_model.info, options={"nfe_range": (4, 5)})
+
+
+def _fake(local_ray, **kwargs):
+    factory = functools.partial(SleepEvaluator, **kwargs.pop("fake"))
+    return RayEvaluator("fake", None, None, [], workers=2, evaluator_factory=factory, **kwargs)
+
+
+def test_same_records_as_local_evaluator(local_ray, builtin_model, solver_space, tmp_path):
+    from schedsearch.calibration.calibration_set import CalibrationSet, default_spec
+    from schedsearch.evaluation.local import LocalEvaluator
+    from schedsearch.results.store import ResultStore
+    from schedsearch.search.base import Budget
+    from schedsearch.search.loop import run_study
+    from schedsearch.search.registry import make_strategy
+
+    spec = default_spec(builtin_model.info, samples=4, teacher_steps=20)
+    calibration = CalibrationSet.open(spec, tmp_path).build(builtin_model, batch_size=4, progress=False)
+    objectives = {"psnr": "max", "nfe": "min"}
+    local = LocalEvaluator(builtin_model, calibration, list(objectives), batch_size=4)
+    records = {}
+    with RayEvaluator(builtin_model.info.name, spec, tmp_path, list(objectives), batch_size=4, workers=2) as remote:
+        assert remote.calibration_hash == local.calibration_hash
+        assert [(o.name, o.direction) for o in remote.objectives] == list(objectives.items())
+        for name, evaluator in (("local", local), ("ray", remote)):
+            with ResultStore(tmp_path / f"{name}.sqlite") as store:
+                strategy = make_strategy("tpe", solver_space, 2, seed=0)
+                run_study(study="same", space=solver_space, strategy=strategy, objectives=objectives,
+                          evaluator=evaluator, store=store, budget=Budget(evaluations=4), batch_size=4,
+                          progress=False)
+                records[name] = sorted((r.key, r.status, r.metrics, r.schedule_json) for r in store.records("same"))
+    assert len(records["local"]) == 4
+    assert all(status == "ok" for _, status, _, _ in records["local"])
+    assert records["ray"] == records["local"]  # same seeds, same noise, same numbers
+
+
+def test_dead_workers_are_replaced_and_repeated_failures_returned(local_ray, solver_space):
+    schedules = [solver_space.sample(np.random.default_rng(i)) for i in range(6)]
+    once, always, nan = schedules[1].key, schedules[2].key, schedules[3].key
+    with _fake(local_ray, fake={"delay_s": 0.05, "fail": [nan]}, crash_on={once: 1, always: 99},
+               max_retries=1) as evaluator:
+        results = {e.schedule.key: e for e in evaluator.evaluate(schedules)}
+        assert set(results) == {s.key for s in schedules}  # nothing dropped
+        assert results[once].status == "ok"  # the worker died once: replaced, candidate retried
+        assert results[always].status == "failed"
+        assert "worker died" in results[always].error and "after 2 attempt(s)" in results[always].error
+        assert results[nan].status == "failed" and "NaN" in results[nan].error
+        assert sum(e.status == "ok" for e in results.values()) == 4
+        assert evaluator.replaced == 3  # one death for `once`, two for `always`
+        again = list(evaluator.evaluate(schedules[4:]))  # the pool works on after the replacements
+        assert [e.status for e in again] == ["ok", "ok"]
+
+
+def test_worker_killed_from_outside_mid_candidate(local_ray, solver_space):
+    schedules = [solver_space.sample(np.random.default_rng(10 + i)) for i in range(4)]
+    with _fake(local_ray, fake={"delay_s": 1.0}) as evaluator:
+        victim = evaluator.worker_pids()[0]
+        threading.Timer(0.4, os.kill, (victim, signal.SIGKILL)).start()
+        results = list(evaluator.evaluate(schedules))
+        assert sorted(e.schedule.key for e in results) == sorted(s.key for s in schedules)
+        assert all(e.status == "ok" for e in results)
+        assert evaluator.replaced == 1
+
+
+def test_a_batch_runs_in_parallel_and_streams(local_ray, solver_space):
+    schedules = [solver_space.sample(np.random.default_rng(20 + i)) for i in range(6)]
+    with _fake(local_ray, fake={"delay_s": 0.5}) as evaluator:
+        list(evaluator.evaluate(schedules[:2]))  # warm up both workers
+        start = time.perf_counter()
+        arrivals = [time.perf_counter() - start for _ in evaluator.evaluate(schedules)]
+    assert arrivals[-1] < 6 * 0.5 * 0.8  # two workers: ~1.5 s, serial would be 3 s
+    assert arrivals[0] < arrivals[-1] - 0.5  # results stream back as they finish
