@@ -17,6 +17,8 @@ _LAZY = {
     "load_model": "schedsearch.runtime.models",
     "initial_noise": "schedsearch.runtime.models",
     "sample": "schedsearch.runtime.sampler",
+    "apply_schedule": "schedsearch.runtime.apply",
+    "export_front": "schedsearch.results.export",
 }
 
 __all__ = [
