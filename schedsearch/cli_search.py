@@ -63,7 +63,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         model=args.model, space=args.space, strategy=args.strategy, objectives=objectives, study=args.study,
         store=args.store, budget=budget, preset=args.preset, samples=args.samples, seed=args.seed,
         guidance=args.guidance, cache_dir=args.cache_dir, batch_size=args.batch_size, prompts=prompts,
-        progress=not args.quiet, **_distribution(args),
+        progress=not args.quiet, low_fidelity_samples=args.low_fidelity_samples, validate=not args.no_validate,
+        **_distribution(args),
     )
     print(f"study {args.study}: {result.evaluations} new evaluations, {result.reused} reused from the store, "
           f"{result.wall_time_s:.0f} s")
@@ -112,6 +113,9 @@ def _front_frame(store: Any, study: str, objectives: dict[str, str], all_records
     from schedsearch.results.pareto import non_dominated
 
     df = store.to_frame(study)
+    calibration = (store.study_settings(study) or {}).get("calibration")
+    if calibration and not all_records:  # low-fidelity rows of successive halving are not front material
+        df = df[df["calibration_hash"] == calibration]
     cols = [f"metric.{n}" for n in objectives]
     ok = df[(df["status"] == "ok")].dropna(subset=cols)
     if not all_records:
@@ -227,6 +231,9 @@ def add_study_commands(sub: Any) -> None:
     s.add_argument("--cache-dir", type=Path, help="calibration sets and cost tables (default ~/.cache/schedsearch)")
     s.add_argument("--workers", type=int, help="evaluate on K Ray workers (starts a local Ray on 127.0.0.1)")
     s.add_argument("--ray-address", help="connect to an existing Ray cluster ('auto' or host:port)")
+    s.add_argument("--low-fidelity-samples", type=int,
+                   help="score candidates on this many samples first; promote the better half (successive halving)")
+    s.add_argument("--no-validate", action="store_true", help="skip re-scoring the front on the held-out split")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(run=_cmd_search)
 

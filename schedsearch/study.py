@@ -97,12 +97,17 @@ def run_search(
     strategy_options: dict[str, Any] | None = None,
     prompts: Sequence[str] | None = None,
     progress: bool = True,
+    low_fidelity_samples: int | None = None,
+    validate: bool = True,
     workers: int | None = None,
     ray_address: str | None = None,
 ) -> StudyResult:
     """Run or resume a study; every evaluation is appended to `store` as it finishes. Bad combinations and
     unavailable objectives fail here, before any sampling.
 
+    low_fidelity_samples: score each batch on this many samples first and promote the better half to the full
+        count (successive halving). validate: re-score the final front on the held-out split (disjoint seeds)
+        into the study `<study>@heldout`, which `export` reports beside the search metrics.
     workers / ray_address: evaluate on Ray (`workers` actors on a local Ray, or join the cluster at `ray_address`,
         e.g. "auto"); the driver still writes the store alone.
     """
@@ -148,13 +153,80 @@ def run_search(
         if strategy == "dc-fit":
             opts.setdefault("genomes", _dc_fit_genomes(model, search_space, spec, progress))
         strat = make_strategy(strategy, search_space, len(directions), preset=preset, seed=seed, options=opts)
-        return run_study(study=study, space=search_space, strategy=strat, objectives=directions,
-                         evaluator=evaluator, store=results, budget=budget, progress=progress)
+        low = None
+        if low_fidelity_samples is not None:
+            if not 1 <= low_fidelity_samples < n:
+                raise ValueError(f"low_fidelity_samples: {low_fidelity_samples} must be in [1, {n}) (--samples)")
+            low = LocalEvaluator(model, calibration, evaluator.objectives, samples=low_fidelity_samples,
+                                 batch_size=batch_size)
+        result = run_study(study=study, space=search_space, strategy=strat, objectives=directions,
+                           evaluator=evaluator, store=results, budget=budget, progress=progress, low_fidelity=low)
+        if validate:
+            validate_front(model, results, study, directions, evaluator, spec, cache_dir, batch_size, progress)
+        return result
     finally:
         if owns_store:
             results.close()
         if hasattr(evaluator, "close"):
             evaluator.close()
+
+
+def heldout_study(study: str) -> str:
+    return f"{study}@heldout"
+
+
+def validate_front(model: Any, store: ResultStore, study: str, objectives: dict[str, str], evaluator: Any,
+                   spec: Any, cache_dir: Path, batch_size: int, progress: bool) -> list[Any]:
+    """Re-score every Pareto-optimal schedule of `study` on the held-out split (same sample count, disjoint seeds
+    and, for prompt models, the same prompts) so an exported schedule's quality is not a product of selection."""
+    import dataclasses
+
+    from schedsearch.calibration.calibration_set import HELDOUT_SEED_OFFSET, CalibrationSet
+    from schedsearch.evaluation.local import LocalEvaluator
+    from schedsearch.results.pareto import non_dominated
+    from schedsearch.search.loop import run_study
+    from schedsearch.search.registry import FixedStrategy
+
+    records = [r for r in store.records(study) if r.status == "ok" and r.calibration_hash == evaluator.calibration_hash]
+    if not records:
+        return []
+    points = [[r.metrics[n] for n in objectives] for r in records]
+    front = [r for r, keep in zip(records, non_dominated(points, list(objectives.values())), strict=True) if keep]
+    heldout = dataclasses.replace(spec, split="heldout", seeds=tuple(HELDOUT_SEED_OFFSET + s for s in spec.seeds))
+    calibration = CalibrationSet.open(heldout, cache_dir)
+    calibration.build(model, batch_size=batch_size, progress=progress)
+    check = LocalEvaluator(model, calibration, evaluator.objectives, batch_size=batch_size)
+    schedules = [r.to_schedule() for r in front]
+    space = _ListSpace(schedules)
+    strategy = FixedStrategy(space.genome, len(objectives), genomes=[space.encode(s) for s in schedules])
+    result = run_study(study=heldout_study(study), space=space, strategy=strategy, objectives=objectives,
+                       evaluator=check, store=store, budget=Budget(evaluations=len(schedules) + 1),
+                       progress=False)
+    return list(result.records)
+
+
+class _ListSpace(SearchSpace):
+    """A space of given schedules (genome = index): lets a fixed list run through the same loop and store."""
+
+    name = "list"
+
+    def __init__(self, schedules: Sequence[Any]) -> None:
+        from schedsearch.spaces.base import GenomeSpec
+
+        self.schedules = list(schedules)
+        self.genome = GenomeSpec(("int",), (0.0,), (float(max(0, len(self.schedules) - 1)),))
+        self.keys = [s.key for s in self.schedules]
+
+    def decode(self, genome: Any) -> Any:
+        return self.schedules[int(self.genome.clip(genome)[0])]
+
+    def encode(self, schedule: Any) -> Any:
+        import numpy as np
+
+        return np.array([float(self.keys.index(schedule.key))])
+
+    def baselines(self) -> list[tuple[str, Any]]:
+        return []
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:

@@ -57,6 +57,68 @@ def _values(record: Record, objectives: Mapping[str, str]) -> list[float]:
     return [signs[d] * record.metrics.get(name, np.nan) for name, d in objectives.items()]
 
 
+@dataclass
+class _Progress:
+    """Mutable bookkeeping of one run_study call."""
+
+    study: str
+    objectives: Mapping[str, str]
+    store: ResultStore
+    space: SearchSpace
+    bar: Any
+    on_record: Callable[[Record], None] | None
+    records: list[Record]
+    evaluations: int = 0
+    reused: int = 0
+
+    def answer(self, schedules: Sequence[Schedule], evaluator: Evaluator) -> list[Record]:
+        """A record per schedule (in order): from the store when this candidate was already scored under the same
+        calibration with every objective (in this study or another), else evaluated now and appended."""
+        cal = evaluator.calibration_hash
+        keys = [candidate_key(s, cal) for s in schedules]
+        answers: dict[str, Record] = {}
+        fresh: dict[str, Schedule] = {}
+        for key, schedule in zip(keys, schedules, strict=True):
+            if key in answers or key in fresh:
+                continue
+            known = self.store.get(self.study, key)
+            if known is None:
+                known = next((r for r in self.store.find(key) if self._complete(r)), None)
+                if known is not None:  # scored by another study on the same calibration: copy, don't rerun
+                    known = _copy_to(known, self.study)
+                    self.store.append(known)
+                    self.records.append(known)
+            if known is not None and self._complete(known):
+                answers[key] = known
+                self.reused += 1
+            else:
+                fresh[key] = schedule
+        for result in evaluator.evaluate(fresh.values()):
+            record = Record.for_schedule(
+                self.study, result.schedule, result.metrics, calibration_hash=cal,
+                status=result.status,  # type: ignore[arg-type]
+                error=result.error, device=result.device, wall_time_s=result.wall_time_s,
+                summary=self.space.summary(result.schedule),
+            )
+            if not self.store.append(record):  # an incomplete earlier row holds the key: keep both answers apart
+                record = self.store.get(self.study, record.key) or record
+            answers[record.key] = record
+            self.records.append(record)
+            self.evaluations += 1
+            if self.on_record is not None:
+                self.on_record(record)
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix_str(_postfix(self.records, self.objectives), refresh=False)
+        missing = [k for k in keys if k not in answers]
+        if missing:
+            raise RuntimeError(f"evaluator returned no result for {len(missing)} candidate(s), e.g. {missing[0]}")
+        return [answers[k] for k in keys]
+
+    def _complete(self, record: Record) -> bool:
+        return record.status != "ok" or all(name in record.metrics for name in self.objectives)
+
+
 def run_study(
     *,
     study: str,
@@ -69,72 +131,67 @@ def run_study(
     batch_size: int | None = None,
     progress: bool = True,
     on_record: Callable[[Record], None] | None = None,
+    low_fidelity: Evaluator | None = None,
+    promote_fraction: float = 0.5,
 ) -> StudyResult:
     """Run (or resume) `study` until `budget` is spent or the strategy has nothing more to ask. The budget is
     checked between asks, so a GA finishes the generation it started.
 
     objectives: metric name -> "min" | "max", in the order the strategy sees them.
     batch_size: genomes per ask (default: the strategy's natural batch, e.g. one GA generation).
+    low_fidelity: an evaluator on fewer calibration samples. Each batch is first scored by it; the best
+        `promote_fraction` (by non-dominated rank) are scored again by `evaluator` (successive halving with one
+        rung). The strategy is told full-fidelity values where they exist, low-fidelity ones otherwise; fronts and
+        exports use full-fidelity records only (their calibration hash says which). Both kinds count as evaluations.
     """
     for name, direction in objectives.items():
         if direction not in ("min", "max"):
             raise ValueError(f"objectives[{name!r}]: direction {direction!r}; use 'min' or 'max'")
+    if not 0 < promote_fraction <= 1:
+        raise ValueError(f"promote_fraction: {promote_fraction} must be in (0, 1]")
     cal = evaluator.calibration_hash
     start = time.perf_counter()
-    own = [r for r in store.records(study) if r.calibration_hash == cal]
+    history = store.records(study)
+    own = [r for r in history if r.calibration_hash == cal]
+    if low_fidelity is not None:  # low-fidelity results of candidates never promoted are history too
+        promoted = {r.to_schedule().key for r in own}
+        own += [r for r in history if r.calibration_hash == low_fidelity.calibration_hash
+                and r.to_schedule().key not in promoted]
     _warm_start(space, strategy, own, objectives)
-    done_keys = {r.key for r in own}
-    evaluations = reused = generations = 0
-    bar = _progress(progress, budget, study)
-    all_records = list(own)
+    generations = 0
+    state = _Progress(study, objectives, store, space, _progress(progress, budget, study), on_record, list(own))
     try:
-        while not budget.spent(evaluations, time.perf_counter() - start, generations):
+        while not budget.spent(state.evaluations, time.perf_counter() - start, generations):
             genomes = strategy.ask(batch_size)
             if not genomes:
                 break
             schedules = [space.decode(g) for g in genomes]
-            keys = [candidate_key(s, cal) for s in schedules]
-            answers: dict[str, Record] = {}
-            fresh: dict[str, Schedule] = {}
-            for key, schedule in zip(keys, schedules, strict=True):
-                if key in answers or key in fresh:
-                    continue
-                known = store.get(study, key) or next(iter(store.find(key)), None)
-                if known is not None:
-                    if known.study != study:  # evaluated by another study on the same calibration: copy, don't rerun
-                        known = _copy_to(known, study)
-                        store.append(known)
-                        all_records.append(known)
-                    answers[key] = known
-                    reused += 1
-                else:
-                    fresh[key] = schedule
-            for result in evaluator.evaluate(fresh.values()):
-                record = Record.for_schedule(
-                    study, result.schedule, result.metrics, calibration_hash=cal, status=result.status,  # type: ignore[arg-type]
-                    error=result.error, device=result.device, wall_time_s=result.wall_time_s,
-                    summary=space.summary(result.schedule),
-                )
-                store.append(record)
-                answers[record.key] = record
-                all_records.append(record)
-                done_keys.add(record.key)
-                evaluations += 1
-                if on_record is not None:
-                    on_record(record)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix_str(_postfix(all_records, objectives), refresh=False)
-            missing = [k for k in keys if k not in answers]
-            if missing:
-                raise RuntimeError(f"evaluator returned no result for {len(missing)} candidate(s), e.g. {missing[0]}")
-            values = np.array([_values(answers[k], objectives) for k in keys], dtype=float)
+            if low_fidelity is None:
+                answers = state.answer(schedules, evaluator)
+            else:
+                answers = state.answer(schedules, low_fidelity)
+                low_values = np.array([_values(r, objectives) for r in answers], dtype=float)
+                chosen = _promote(low_values, promote_fraction)
+                for i, record in zip(chosen, state.answer([schedules[i] for i in chosen], evaluator), strict=True):
+                    answers[i] = record
+            values = np.array([_values(r, objectives) for r in answers], dtype=float)
             strategy.tell(genomes, np.where(np.isnan(values), np.inf, values))
             generations += 1
     finally:
-        if bar is not None:
-            bar.close()
-    return StudyResult(study, evaluations, reused, generations, time.perf_counter() - start, tuple(all_records))
+        if state.bar is not None:
+            state.bar.close()
+    return StudyResult(study, state.evaluations, state.reused, generations, time.perf_counter() - start,
+                       tuple(state.records))
+
+
+def _promote(values: np.ndarray, fraction: float) -> list[int]:
+    """Indices of the best ceil(fraction·n) rows (minimised values) by non-dominated rank, then by index."""
+    from schedsearch.results.pareto import nondominated_sort
+
+    finite = np.where(np.isfinite(values), values, np.finfo(float).max)
+    order = [int(i) for front in nondominated_sort(finite, ["min"] * values.shape[1]) for i in front]
+    count = max(1, int(np.ceil(fraction * len(values))))
+    return sorted(order[:count])
 
 
 def _warm_start(
