@@ -1,0 +1,79 @@
+"""S³ on the builtin model: at NFE 4, 5, 6, search the solver space for FID and compare the best found schedule
+with the best of DDIM / DPM-Solver++ 2M, 3M / UniPC bh1, bh2 at the same NFE — selected on the search split, then
+both re-scored on the held-out split (disjoint seeds, more samples) so selection noise does not flatter either.
+
+    python benchmarks/solver_search.py [--strategy predictor] [--budget 30] [--samples 500] [--heldout 1000]
+
+Prints one JSON object and writes benchmarks/results/solver_search.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from schedsearch.calibration.calibration_set import CalibrationSet, default_spec
+from schedsearch.evaluation.local import LocalEvaluator
+from schedsearch.results.store import ResultStore
+from schedsearch.runtime.models import load_model
+from schedsearch.search.base import Budget
+from schedsearch.study import build_space, run_search
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategy", default="predictor")
+    parser.add_argument("--budget", type=int, default=30)
+    parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--heldout", type=int, default=1000)
+    parser.add_argument("--nfe", default="4,5,6")
+    args = parser.parse_args()
+    cache_dir = Path(tempfile.mkdtemp(prefix="sssolver"))
+    store_path = cache_dir / "solver.db"
+    model = load_model("builtin:mnist-dit")
+    spec = default_spec(model.info, samples=args.heldout, split="heldout")
+    heldout = CalibrationSet.open(spec, cache_dir)
+    heldout.root.mkdir(parents=True, exist_ok=True)
+    check = LocalEvaluator(model, heldout, ["fid"], batch_size=100)
+    out = {"model": model.info.name, "strategy": args.strategy, "budget_per_nfe": args.budget,
+           "search_samples": args.samples, "heldout_samples": args.heldout,
+           "fid_features": "builtin classifier (64-d) vs 1,000 held-out real digits", "rows": []}
+    for nfe in (int(v) for v in args.nfe.split(",")):
+        start = time.perf_counter()
+        study = f"solver-nfe{nfe}"
+        options = {"nfe_range": (nfe, nfe)}
+        run_search(model=model, space="solver", strategy=args.strategy, objectives=["fid", "nfe"], study=study,
+                   store=store_path, budget=Budget(evaluations=args.budget), samples=args.samples,
+                   cache_dir=cache_dir, batch_size=100, space_options=options, progress=False, validate=False)
+        space = build_space("solver", model.info, "quick", options)
+        names = {s.key: name for name, s in space.baselines()}
+        with ResultStore(store_path) as store:
+            records = [r for r in store.records(study) if r.status == "ok"]
+        base = [r for r in records if r.to_schedule().key in names]
+        found = [r for r in records if r.to_schedule().key not in names]
+        best_base = min(base, key=lambda r: r.metrics["fid"])
+        best_found = min(found, key=lambda r: r.metrics["fid"]) if found else best_base
+        held = {}
+        for label, record in (("baseline", best_base), ("found", best_found)):
+            held[label] = check.evaluate_one(record.to_schedule()).metrics["fid"]
+        row = {
+            "nfe": nfe, "evaluations": len(records), "search_wall_time_s": round(time.perf_counter() - start, 1),
+            "best_baseline": names[best_base.to_schedule().key],
+            "search_fid": {"baseline": best_base.metrics["fid"], "found": best_found.metrics["fid"]},
+            "heldout_fid": held,
+            "heldout_fid_reduction": 1 - held["found"] / held["baseline"],
+            "found_schedule": json.loads(best_found.schedule_json)["solver"],
+        }
+        out["rows"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "found_schedule"}), file=sys.stderr, flush=True)
+    text = json.dumps(out, indent=1)
+    print(text)
+    (Path(__file__).parent / "results" / "solver_search.json").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
