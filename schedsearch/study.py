@@ -149,7 +149,7 @@ def run_search(
         calibration.build(model, batch_size=batch_size, progress=progress)
         opts = dict(strategy_options or {})
         if strategy == "dp":
-            opts.setdefault("distance", _dp_distance(model, search_space, spec))
+            opts.setdefault("distance", _dp_distance(model, search_space, spec, cache_dir))
         if strategy == "dc-fit":
             opts.setdefault("genomes", _dc_fit_genomes(model, search_space, spec, progress))
         strat = make_strategy(strategy, search_space, len(directions), preset=preset, seed=seed, options=opts)
@@ -233,13 +233,32 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
 
 
-def _dp_distance(model: Any, space: Any, spec: Any) -> Any:
-    """CacheQuant §3.2: the unit's step-to-step feature distances from one full run on 8 calibration samples."""
+def _dp_distance(model: Any, space: Any, spec: Any, cache_dir: Path) -> Any:
+    """CacheQuant §3.2: the unit's step-to-step feature distances from one full run on 8 calibration samples,
+    computed once per (calibration set, solver plan, unit) and kept beside the teacher images."""
+    import hashlib
+
+    import numpy as np
+
+    from schedsearch.calibration.calibration_set import CalibrationSet
     from schedsearch.calibration.unit_features import unit_feature_distances
+    from schedsearch.results.atomic import atomic_write_bytes
+    from schedsearch.spaces.schedule import Schedule
 
     k = min(8, len(spec))
-    table = unit_feature_distances(model, space.solver, (space.group, *space.unit), list(spec.conditions[:k]),
-                                   list(spec.seeds[:k]), spec.guidance)
+    unit = (space.group, *space.unit)
+    tag = hashlib.sha256(f"{Schedule(spec.model, space.solver).key}{unit}{k}".encode()).hexdigest()[:12]
+    path = CalibrationSet.open(spec, cache_dir).root / f"unit_distances_{tag}.npy"
+    if path.is_file():
+        table = np.load(path, allow_pickle=False)
+    else:
+        table = unit_feature_distances(model, space.solver, unit, list(spec.conditions[:k]), list(spec.seeds[:k]),
+                                       spec.guidance)
+        import io
+
+        buffer = io.BytesIO()
+        np.save(buffer, table, allow_pickle=False)
+        atomic_write_bytes(path, buffer.getvalue())
     offset = space.solver.num_steps - space.solver.nfe
     return table[offset:, offset:]
 
