@@ -30,9 +30,19 @@ def solver_space(builtin_model):
     return build_space("solver", builtin_model.info, options={"nfe_range": (4, 5)})
 
 
-def _fake(local_ray, **kwargs):
-    factory = functools.partial(SleepEvaluator, **kwargs.pop("fake"))
-    return RayEvaluator("fake", None, None, [], workers=2, evaluator_factory=factory, **kwargs)
+def _schedules(space, first, n):
+    return [space.sample(np.random.default_rng(first + i)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def fake_pool(local_ray, solver_space):
+    """One pool of 2 fake workers (0.5 s per candidate, no CPU) for the fault and parallelism tests: schedule 1
+    kills its worker once, schedule 2 every time, schedule 3 fails like a NaN output."""
+    crash = _schedules(solver_space, 0, 4)
+    factory = functools.partial(SleepEvaluator, delay_s=0.5, fail=[crash[3].key])
+    with RayEvaluator("fake", None, None, [], workers=2, evaluator_factory=factory, max_retries=1,
+                      crash_on={crash[1].key: 1, crash[2].key: 99}) as evaluator:
+        yield evaluator
 
 
 def test_same_records_as_local_evaluator(local_ray, builtin_model, solver_space, tmp_path):
@@ -63,39 +73,35 @@ def test_same_records_as_local_evaluator(local_ray, builtin_model, solver_space,
     assert records["ray"] == records["local"]  # same seeds, same noise, same numbers
 
 
-def test_dead_workers_are_replaced_and_repeated_failures_returned(local_ray, solver_space):
-    schedules = [solver_space.sample(np.random.default_rng(i)) for i in range(6)]
+def test_dead_workers_are_replaced_and_repeated_failures_returned(fake_pool, solver_space):
+    schedules = _schedules(solver_space, 0, 6)
     once, always, nan = schedules[1].key, schedules[2].key, schedules[3].key
-    with _fake(local_ray, fake={"delay_s": 0.05, "fail": [nan]}, crash_on={once: 1, always: 99},
-               max_retries=1) as evaluator:
-        results = {e.schedule.key: e for e in evaluator.evaluate(schedules)}
-        assert set(results) == {s.key for s in schedules}  # nothing dropped
-        assert results[once].status == "ok"  # the worker died once: replaced, candidate retried
-        assert results[always].status == "failed"
-        assert "worker died" in results[always].error and "after 2 attempt(s)" in results[always].error
-        assert results[nan].status == "failed" and "NaN" in results[nan].error
-        assert sum(e.status == "ok" for e in results.values()) == 4
-        assert evaluator.replaced == 3  # one death for `once`, two for `always`
-        again = list(evaluator.evaluate(schedules[4:]))  # the pool works on after the replacements
-        assert [e.status for e in again] == ["ok", "ok"]
+    replaced = fake_pool.replaced
+    results = {e.schedule.key: e for e in fake_pool.evaluate(schedules)}
+    assert set(results) == {s.key for s in schedules}  # nothing dropped
+    assert results[once].status == "ok"  # the worker died once: replaced, candidate retried
+    assert results[always].status == "failed"
+    assert "worker died" in results[always].error and "after 2 attempt(s)" in results[always].error
+    assert results[nan].status == "failed" and "NaN" in results[nan].error
+    assert sum(e.status == "ok" for e in results.values()) == 4
+    assert fake_pool.replaced - replaced == 3  # one death for `once`, two for `always`
 
 
-def test_worker_killed_from_outside_mid_candidate(local_ray, solver_space):
-    schedules = [solver_space.sample(np.random.default_rng(10 + i)) for i in range(4)]
-    with _fake(local_ray, fake={"delay_s": 1.0}) as evaluator:
-        victim = evaluator.worker_pids()[0]
-        threading.Timer(0.4, os.kill, (victim, signal.SIGKILL)).start()
-        results = list(evaluator.evaluate(schedules))
-        assert sorted(e.schedule.key for e in results) == sorted(s.key for s in schedules)
-        assert all(e.status == "ok" for e in results)
-        assert evaluator.replaced == 1
+def test_worker_killed_from_outside_mid_candidate(fake_pool, solver_space):
+    schedules = _schedules(solver_space, 10, 4)
+    replaced = fake_pool.replaced
+    victim = fake_pool.worker_pids()[0]
+    threading.Timer(0.2, os.kill, (victim, signal.SIGKILL)).start()
+    results = list(fake_pool.evaluate(schedules))
+    assert sorted(e.schedule.key for e in results) == sorted(s.key for s in schedules)
+    assert all(e.status == "ok" for e in results)
+    assert fake_pool.replaced - replaced == 1
 
 
-def test_a_batch_runs_in_parallel_and_streams(local_ray, solver_space):
-    schedules = [solver_space.sample(np.random.default_rng(20 + i)) for i in range(6)]
-    with _fake(local_ray, fake={"delay_s": 0.5}) as evaluator:
-        list(evaluator.evaluate(schedules[:2]))  # warm up both workers
-        start = time.perf_counter()
-        arrivals = [time.perf_counter() - start for _ in evaluator.evaluate(schedules)]
+def test_a_batch_runs_in_parallel_and_streams(fake_pool, solver_space):
+    schedules = _schedules(solver_space, 20, 6)
+    list(fake_pool.evaluate(schedules[:2]))  # both workers up
+    start = time.perf_counter()
+    arrivals = [time.perf_counter() - start for _ in fake_pool.evaluate(schedules)]
     assert arrivals[-1] < 6 * 0.5 * 0.8  # two workers: ~1.5 s, serial would be 3 s
     assert arrivals[0] < arrivals[-1] - 0.5  # results stream back as they finish
