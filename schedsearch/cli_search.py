@@ -86,18 +86,14 @@ def _distribution(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def objectives_of(settings: dict[str, Any] | None) -> dict[str, str]:
-    """The study's objectives in their search order ({name: direction}); stored as [[name, direction], ...]."""
-    value = (settings or {}).get("objectives") or []
-    return dict(value.items()) if isinstance(value, dict) else {str(n): str(d) for n, d in value}
-
-
 def study_objectives(store: Any, study: str, given: str | None) -> dict[str, str]:
+    from schedsearch.results.store import settings_objectives
+
     settings = store.study_settings(study)
     if settings is None and store.count(study) == 0:
         known = ", ".join(store.studies()) or "none"
         raise StudyCliError(f"--study: no study {study!r} in {store.path}; studies there: {known}")
-    stored = objectives_of(settings)
+    stored = settings_objectives(settings)
     if given is None:
         if not stored:
             raise StudyCliError(f"--objectives: study {study!r} has no stored objectives; name them (e.g. psnr,macs)")

@@ -102,6 +102,7 @@ def test_cli_search_front_export_evaluate(tmp_path, cache_dir, capsys):
         assert not np.any((psnr >= psnr[i]) & (nfe <= nfe[i]) & ((psnr > psnr[i]) | (nfe < nfe[i])))
     assert main(["export", "--store", str(store), "--study", "s", "--out", str(out)]) == 0
     index = json.loads((out / "index.json").read_text())
+    assert list(index["objectives"]) == ["psnr", "nfe"]  # the study's order, not the store's sorted keys
     first = out / index["schedules"][0]["file"]
     capsys.readouterr()
     assert main(["evaluate", "--schedule", str(first), "--objectives", "psnr,nfe,macs", "--samples", "4",

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from schedsearch.results.pareto import knee_point, non_dominated
-from schedsearch.results.store import Record, ResultStore
+from schedsearch.results.store import Record, ResultStore, settings_objectives
 from schedsearch.spaces.schedule import Schedule
 
 __all__ = ["INDEX_FORMAT", "ExportError", "export_front", "front_records"]
@@ -34,9 +34,8 @@ class ExportError(ValueError):
 
 def _objectives_of(store: ResultStore, study: str, objectives: Mapping[str, str] | None) -> dict[str, str]:
     if objectives is None:
-        settings = store.study_settings(study) or {}
-        objectives = settings.get("objectives")
-        if not isinstance(objectives, Mapping) or not objectives:
+        objectives = settings_objectives(store.study_settings(study))
+        if not objectives:
             raise ExportError(
                 f"study {study!r} has no objectives in its settings; pass objectives={{name: 'min' | 'max'}}"
             )

@@ -21,7 +21,7 @@ import numpy as np
 
 from schedsearch.results.atomic import atomic_write_text
 from schedsearch.results.pareto import knee_point, pareto_frame
-from schedsearch.results.store import ResultStore, StoreError
+from schedsearch.results.store import ResultStore, StoreError, settings_objectives
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -81,7 +81,7 @@ def _write(store: ResultStore, study: str, out_dir: str | Path, objectives: Mapp
         raise ReportError(f"{store.path}: study {study!r} {what}; studies with evaluations: {listed}")
     settings = settings or {}
     if objectives is None:
-        objectives = settings.get("objectives") or {}
+        objectives = settings_objectives(settings)
     objectives = dict(objectives)
     frame = store.to_frame(study)
     missing = [n for n in objectives if f"metric.{n}" not in frame.columns]

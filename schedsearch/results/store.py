@@ -369,6 +369,15 @@ def records_frame(records: Iterable[Record]) -> pd.DataFrame:
     return frame
 
 
+def settings_objectives(settings: Mapping[str, Any] | None) -> dict[str, str]:
+    """A study's objectives in search order, {name: "min" | "max"}. Stored as [[name, direction], ...] because the
+    store writes JSON with sorted keys (a dict would lose the order; older stores may hold one)."""
+    value = (settings or {}).get("objectives") or []
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    return {str(n): str(d) for n, d in value}
+
+
 def _open(path: Path, *, create: bool) -> sqlite3.Connection:
     if path.is_dir():
         raise StoreError(f"{path}: is a directory, not a results store file; give a file such as {path}/results.db")
