@@ -42,6 +42,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from schedsearch.study import run_search
 
     check_combination(args.strategy, args.space)  # before loading anything
+    _quiet_libraries()
     objectives = parse_objective_list(args.objectives)
     budget = _budget(args)
     if not args.study.strip():
@@ -72,6 +73,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
         _print_front(store, args.study, None, all_records=False, fmt="table")
     print(f"export the front: schedsearch export --store {args.store} --study {args.study} --out DIR")
     return 0
+
+
+def _quiet_libraries() -> None:
+    """optuna logs every trial at INFO; the progress bar already says what a user needs."""
+    import logging
+
+    logging.getLogger("optuna").setLevel(logging.WARNING)
 
 
 def _distribution(args: argparse.Namespace) -> dict[str, Any]:
