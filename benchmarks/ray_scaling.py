@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from schedsearch.evaluation.ray_evaluator import RayEvaluator, SleepEvaluator
+from schedsearch.evaluation.ray_evaluator import RayEvaluator, SleepEvaluator, start_local_ray
 
 OUT = Path(__file__).resolve().parent / "results" / "ray_scaling.json"
 
@@ -105,8 +105,7 @@ def main() -> None:
 
     space = build_space("solver", load_model("builtin:mnist-dit").info)
     schedules = [space.sample(np.random.default_rng(1000 + i)) for i in range(400)]
-    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, _node_ip_address="127.0.0.1",
-             configure_logging=False, log_to_driver=False)
+    start_local_ray(num_cpus=os.cpu_count() or 1)
     try:
         report: dict[str, Any] = {
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "ray": ray.__version__,

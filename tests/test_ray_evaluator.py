@@ -12,13 +12,13 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from schedsearch.evaluation.ray_evaluator import RayEvaluator, SleepEvaluator  # noqa: E402
+from schedsearch.evaluation.ray_evaluator import RayEvaluator, SleepEvaluator, start_local_ray  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
-             log_to_driver=False)
+    start_local_ray(num_cpus=2)
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")  # bound to loopback
     yield
     ray.shutdown()
 

@@ -18,7 +18,22 @@ from typing import Any
 
 from schedsearch.spaces.schedule import Schedule
 
-__all__ = ["RayEvaluator", "SleepEvaluator", "WorkerDied", "evaluation_to_dict"]
+__all__ = ["RayEvaluator", "SleepEvaluator", "WorkerDied", "evaluation_to_dict", "start_local_ray"]
+
+
+def start_local_ray(num_cpus: int, num_gpus: int | None = None, include_dashboard: bool = False) -> None:
+    """Start a single-node Ray bound to 127.0.0.1 (GCS, raylet, workers), dashboard off unless asked.
+
+    Ray resolves "127.0.0.1" to the machine's reachable address unless its cluster mode is off
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, what it does on laptops); the variable is set for the processes Ray starts.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at import; ray may be imported already
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1", configure_logging=False)
 
 
 class WorkerDied(RuntimeError):
@@ -178,9 +193,7 @@ class RayEvaluator:
             if address is None:
                 cpus = os.cpu_count() or 1
                 need = (workers or cpus) * num_cpus_per_worker
-                ray.init(num_cpus=max(cpus, int(need + 0.999)), include_dashboard=include_dashboard,
-                         dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True,
-                         configure_logging=False)
+                start_local_ray(max(cpus, int(need + 0.999)), include_dashboard=include_dashboard)
             else:
                 ray.init(address=address)
             self._owns_ray = True
