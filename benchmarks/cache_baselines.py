@@ -1,7 +1,12 @@
 """Cache baselines on the builtin model: MACs ratio, measured speedup, fidelity, hook overhead, and how well the
 per-component latency table predicts measured latency. Prints one JSON object per line (machine-readable).
 
-    python benchmarks/cache_baselines.py [--steps 20] [--batch 64] [--repeats 3] [--random 10]
+    python benchmarks/cache_baselines.py [--steps 20] [--batch 64] [--repeats 3] [--random 10] [--calibrate-mag]
+
+diffusers' caches (FirstBlockCache, PAB, TaylorSeer, FasterCache, MagCache) are costed by what really ran
+(`observe_units`: rows of every block and component per call), ours by their plans; both with the same tables.
+`--calibrate-mag` (re)writes the builtin model's MagCache ratios (schedsearch/assets/mnist_dit_mag_ratios.json)
+with diffusers' calibration mode on this exact setting before the MagCache rows.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from pathlib import Path
 
 import torch
 
@@ -17,12 +23,17 @@ from schedsearch.objectives.cost import (
     calibrate_base,
     measure_latency,
     measured_latency_table,
-    observe_recompute,
+    observe_units,
     schedule_cost,
 )
 from schedsearch.objectives.fidelity import mse, psnr
 from schedsearch.runtime.cache_hooks import CacheRuntime, model_layout
-from schedsearch.runtime.diffusers_caches import DiffusersCache
+from schedsearch.runtime.diffusers_caches import (
+    MAG_RATIOS_PATH,
+    DiffusersCache,
+    builtin_mag_ratios,
+    calibrate_mag_ratios,
+)
 from schedsearch.runtime.models import initial_noise, load_model
 from schedsearch.runtime.sampler import sample
 from schedsearch.spaces import baselines
@@ -35,8 +46,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--random", type=int, default=10, help="random component plans for the latency check")
+    parser.add_argument("--calibrate-mag", action="store_true", help="recalibrate the builtin MagCache ratios")
     args = parser.parse_args()
     torch.manual_seed(0)
+    torch.set_num_threads(2)
     model = load_model("builtin:mnist-dit")
     info, net = model.info, model.network
     plan = baselines.dpm_solver_plan(baselines.linspace_timesteps(info.num_train_timesteps, args.steps), 2)
@@ -51,8 +64,13 @@ def main() -> None:
         with CacheRuntime(net, info, cache) as runtime:
             return sample(runtime.wrap(denoise), x, plan, model.noise_schedule)
 
-    def report(name: str, out: torch.Tensor, timing, cache) -> None:
-        cost = schedule_cost(macs, plan, info, cache, multiplier=2)
+    def report(name: str, out: torch.Tensor, timing, cache=None, observed=None) -> None:
+        if observed is not None:  # what a rule-based cache really ran, row by row
+            cost = observed.cost(macs, full_batch=2 * args.batch, multiplier=2)
+            predicted = observed.cost(lat_table, full_batch=2 * args.batch)
+        else:
+            cost = schedule_cost(macs, plan, info, cache, multiplier=2)
+            predicted = schedule_cost(lat_table, plan, info, cache)
         speedup = base_time.median_s / timing.median_s
         row = {
             "bench": "cache_baseline",
@@ -64,7 +82,7 @@ def main() -> None:
             "psnr_db": float(psnr(out, reference).mean()),
             "mse": float(mse(out, reference).mean()),
             **timing.as_dict(),
-            "predicted_s": schedule_cost(lat_table, plan, info, cache),
+            "predicted_s": predicted,
         }
         print(json.dumps(row))
 
@@ -116,7 +134,37 @@ def main() -> None:
             "pyramid_attention_broadcast",
             {"spatial_attention_block_skip_range": 3, "spatial_attention_timestep_skip_range": (100, 800)},
         ),
+        "diffusers TaylorSeer interval 2, order 1": (
+            "taylorseer_cache",
+            {"cache_interval": 2, "max_order": 1, "disable_cache_before_step": 3},
+        ),
+        "diffusers TaylorSeer interval 3, order 1": (
+            "taylorseer_cache",
+            {"cache_interval": 3, "max_order": 1, "disable_cache_before_step": 3},
+        ),
+        "diffusers TaylorSeer interval 3, order 2": (
+            "taylorseer_cache",
+            {"cache_interval": 3, "max_order": 2, "disable_cache_before_step": 3},
+        ),
+        "diffusers FasterCache (defaults, BCHW)": ("faster_cache", {}),
+        "diffusers FasterCache uncond every 2 (t<900)": (
+            "faster_cache",
+            {
+                "spatial_attention_timestep_skip_range": (-1, 900),
+                "unconditional_batch_skip_range": 2,
+                "unconditional_batch_timestep_skip_range": (-1, 900),
+            },
+        ),
     }
+    if args.calibrate_mag or not MAG_RATIOS_PATH.is_file():
+        ratios = calibrate_mag_ratios(net, denoise, lambda d: sample(d, x, plan, model.noise_schedule), plan.nfe)
+        setting = {"model": info.name, "solver": "dpm_solver++(2M)", "steps": n, "batch": args.batch, "guidance": 2.0}
+        Path(MAG_RATIOS_PATH).write_text(json.dumps({"setting": setting, "mag_ratios": ratios}, indent=1) + "\n")
+    for threshold in (0.06, 0.12, 0.24):
+        external[f"diffusers MagCache {threshold}"] = (
+            "mag_cache",
+            {"threshold": threshold, "mag_ratios": builtin_mag_ratios(), "num_inference_steps": plan.nfe},
+        )
     for name, (kind, params) in external.items():
         with DiffusersCache(net, kind, **params) as ext:
             wrapped = ext.wrap(denoise)
@@ -125,9 +173,9 @@ def main() -> None:
                 return sample(wrapped, x, plan, model.noise_schedule)
 
             out = run_ext()
-            observed = observe_recompute(net, info, run_ext)
+            observed = observe_units(net, info, run_ext)
             timing = measure_latency(run_ext, warmup=0, repeats=args.repeats)
-        report(name, out, timing, observed)
+        report(name, out, timing, observed=observed)
 
     rng = random.Random(0)
     errors = []

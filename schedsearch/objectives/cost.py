@@ -264,6 +264,71 @@ def observe_recompute(network: torch.nn.Module, info: ModelInfo, run: Callable[[
     return ComponentCachePlan(model_layout(info), tuple("".join(r) for r in rows))
 
 
+@dataclass(frozen=True)
+class Observation:
+    """What a run really computed: per network call, the batch rows each cost unit ("" = base, 'group.block' =
+    block overhead, 'group.block.component' = slot) processed (0 when it was skipped)."""
+
+    calls: tuple[dict[str, int], ...]
+
+    def cost(self, table: CostTable, full_batch: int, multiplier: float = 1.0) -> float:
+        """Σ over calls and units of the unit's cost × rows / `full_batch` × `multiplier`: with a per-sample MACs
+        table, full_batch = the CFG batch (2N) and multiplier = 2 give the same units as `schedule_cost`."""
+        total = 0.0
+        for rows in self.calls:
+            total += table.base * rows.get("", 0)
+            total += sum(table.block_overhead[b] * rows.get(b, 0) for b in table.block_overhead)
+            total += sum(table.slots[n] * rows.get(n, 0) for n in table.slots)
+        return total / full_batch * multiplier
+
+    def recompute_fraction(self) -> float:
+        slots = [n for n in self.calls[0] if n.count(".") >= 2] if self.calls else []
+        ran = sum(rows[n] > 0 for rows in self.calls for n in slots)
+        return ran / max(1, len(slots) * len(self.calls))
+
+
+def _leaves(module: torch.nn.Module, exclude: tuple[torch.nn.Module | None, ...] = ()) -> list[torch.nn.Module]:
+    """Submodules owning parameters (registration order), outside `exclude`'s subtrees."""
+    skipped = {id(m) for e in exclude if e is not None for m in e.modules()}
+    return [m for m in module.modules() if id(m) not in skipped and any(True for _ in m.parameters(False))]
+
+
+def observe_units(network: torch.nn.Module, info: ModelInfo, run: Callable[[], Any]) -> Observation:
+    """Run `run()` and record, per network call, how many batch rows each cost unit processed.
+
+    A unit counts as run when its first parameterised submodule runs (a reused or skipped output never reaches it):
+    the base by the first one outside all blocks (the patch embedding), a block's overhead by the last one
+    outside its components (its adaLN linear: DiT also calls block 0's timestep MLP for its final layer), a
+    component by its first. Rows, not calls, are counted, so a
+    cache that drops the unconditional half of a CFG batch (FasterCache) is accounted too; whole-block skips
+    (FirstBlockCache, MagCache) drop the block overhead as well as the components."""
+    units: dict[str, torch.nn.Module] = {}
+    blocks = [(f"{g.path}.{b}", g.components) for g in info.block_groups for b in range(g.count)]
+    block_modules = tuple(network.get_submodule(b) for b, _ in blocks)
+    units[""] = _leaves(network, block_modules)[0]
+    for (block, components), module in zip(blocks, block_modules, strict=True):
+        parts = tuple(getattr(module, c, None) for c in components)
+        units[block] = _leaves(module, parts)[-1]
+        for c, part in zip(components, parts, strict=True):
+            if part is not None:
+                units[f"{block}.{c}"] = _leaves(part)[0]
+    calls: list[dict[str, int]] = []
+    handles = [network.register_forward_pre_hook(lambda *_: calls.append(dict.fromkeys(units, 0)))]
+    for name, leaf in units.items():
+
+        def mark(_: torch.nn.Module, args: tuple, name: str = name) -> None:
+            rows = int(args[0].shape[0]) if args and torch.is_tensor(args[0]) and args[0].ndim else 1
+            calls[-1][name] = max(calls[-1][name], rows)
+
+        handles.append(leaf.register_forward_pre_hook(mark))
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return Observation(tuple(calls))
+
+
 def calibrate_base(table: CostTable, measured_full_s: float, evaluations: int) -> CostTable:
     """Fold what module timing cannot see (the sampler's own arithmetic, CFG combination, Python between modules)
     into `base`, from one measured uncached run, so that predicted = measured for the uncached schedule and a cached
