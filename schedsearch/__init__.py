@@ -19,6 +19,11 @@ _LAZY = {
     "sample": "schedsearch.runtime.sampler",
     "apply_schedule": "schedsearch.runtime.apply",
     "export_front": "schedsearch.results.export",
+    "run_search": "schedsearch.study",
+    "run_study": "schedsearch.search.loop",
+    "Budget": "schedsearch.search.base",
+    "ResultStore": "schedsearch.results.store",
+    "write_report": "schedsearch.results.report",
 }
 
 __all__ = [
