@@ -105,7 +105,7 @@ def main() -> None:
 
     space = build_space("solver", load_model("builtin:mnist-dit").info)
     schedules = [space.sample(np.random.default_rng(1000 + i)) for i in range(400)]
-    start_local_ray(num_cpus=os.cpu_count() or 1)
+    start_local_ray(num_cpus=os.cpu_count() or 1, log_to_driver=False)  # stdout stays JSON
     try:
         report: dict[str, Any] = {
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "ray": ray.__version__,

@@ -21,7 +21,8 @@ from schedsearch.spaces.schedule import Schedule
 __all__ = ["RayEvaluator", "SleepEvaluator", "WorkerDied", "evaluation_to_dict", "start_local_ray"]
 
 
-def start_local_ray(num_cpus: int, num_gpus: int | None = None, include_dashboard: bool = False) -> None:
+def start_local_ray(num_cpus: int, num_gpus: int | None = None, include_dashboard: bool = False,
+                    log_to_driver: bool = True) -> None:
     """Start a single-node Ray bound to 127.0.0.1 (GCS, raylet, workers), dashboard off unless asked.
 
     Ray resolves "127.0.0.1" to the machine's reachable address unless its cluster mode is off
@@ -33,7 +34,7 @@ def start_local_ray(num_cpus: int, num_gpus: int | None = None, include_dashboar
 
     ray_constants.ENABLE_RAY_CLUSTER = False  # read at import; ray may be imported already
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", configure_logging=False)
+             _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=log_to_driver)
 
 
 class WorkerDied(RuntimeError):
@@ -226,7 +227,12 @@ class RayEvaluator:
         # The first worker alone first: it computes shared caches (e.g. FID reference statistics) once, and tells
         # the driver the calibration hash and objectives; then the rest start in parallel.
         first = self._spawn()
-        info = ray.get(first.describe.remote())
+        self._actors = [first]
+        try:
+            info = ray.get(first.describe.remote())
+        except ray.exceptions.RayError as exc:  # e.g. an objective's weights missing on the workers
+            self.close()
+            raise RuntimeError(f"the first Ray worker failed to start: {exc}") from exc
         self._calibration_hash: str = info["calibration_hash"]
         self.objectives = [_Objective(o["name"], o["direction"]) for o in info["objectives"]]
         self._actors = [first] + [self._spawn() for _ in range(workers - 1)]
