@@ -141,12 +141,22 @@ class SleepEvaluator:
             yield self.evaluate_one(schedule)
 
 
-class _Objective:
-    def __init__(self, name: str, direction: str) -> None:
-        self.name, self.direction = name, direction
+class _Objective(str):
+    """An objective's name (a str, so it can rebuild the objective anywhere) with its direction."""
 
-    def __repr__(self) -> str:
-        return f"Objective({self.name!r}, {self.direction!r})"
+    direction: str
+
+    def __new__(cls, name: str, direction: str) -> _Objective:
+        obj = super().__new__(cls, name)
+        obj.direction = direction
+        return obj
+
+    @property
+    def name(self) -> str:
+        return str(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Objective, (str(self), self.direction))
 
 
 class RayEvaluator:
