@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from test_diffusers_models import PROMPT_DIM, build_pipeline
+from test_diffusers_models import POOLED_DIM, PROMPT_DIM, build_pipeline
 
 from schedsearch.objectives.cost import (
     analytic_macs_table,
@@ -12,6 +12,7 @@ from schedsearch.objectives.cost import (
     measured_macs_table,
     schedule_cost,
 )
+from schedsearch.runtime import diffusers_models as dm
 from schedsearch.runtime.cache_hooks import model_layout
 from schedsearch.runtime.models import BlockGroup, ModelInfo
 from schedsearch.spaces import baselines
@@ -66,6 +67,71 @@ def test_pixart_macs_match_flop_counter(tmp_path):
 
     analytic = analytic_macs_table(net, info, encoder_tokens=tokens)
     assert_tables_agree(analytic, measured_macs_table(net, info, forward, batch))
+
+
+def agreement(analytic, measured) -> float:
+    """Worst relative difference over slots, block overheads and the total (for the report)."""
+    pairs = [(analytic.full, measured.full), *((v, measured.slots[k]) for k, v in analytic.slots.items() if v)]
+    pairs += [(v, measured.block_overhead[k]) for k, v in analytic.block_overhead.items() if v]
+    return max(abs(a - m) / m for a, m in pairs)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_mmdit_macs_match_flop_counter(tmp_path, family):
+    """Flux (double + single blocks) and SD3 (joint blocks, the last one context_pre_only) on tiny random models."""
+    torch.manual_seed(0)
+    model = dm.loaded_model_from_pipeline(build_pipeline(family, tmp_path), resolution=16)
+    net, info = model.network.eval(), model.info
+    batch, text = 2, 7
+    c, h, w = info.sample_shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, c, h, w, generator=g)
+    prompt, pooled = torch.randn(batch, text, PROMPT_DIM, generator=g), torch.randn(batch, POOLED_DIM, generator=g)
+
+    def forward():
+        if family == "flux":
+            net(
+                hidden_states=dm.pack_latents(x),
+                timestep=torch.tensor([0.3, 0.6]),
+                guidance=torch.full((batch,), 3.5),
+                pooled_projections=pooled,
+                encoder_hidden_states=prompt,
+                txt_ids=torch.zeros(text, 3),
+                img_ids=dm.flux_image_ids(h, w),
+            )
+        else:
+            net(hidden_states=x, timestep=torch.tensor([300.0, 600.0]), encoder_hidden_states=prompt,
+                pooled_projections=pooled)  # fmt: skip
+
+    analytic = analytic_macs_table(net, info, encoder_tokens=text)
+    measured = measured_macs_table(net, info, forward, batch)
+    assert_tables_agree(analytic, measured)
+    assert agreement(analytic, measured) < 0.02
+    assert set(analytic.slots) == set(measured.slots) and len(analytic.block_overhead) == info.num_blocks
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_unet_macs_match_flop_counter(tmp_path, family):
+    """UNet2DConditionModel per attention block (resnets, attentions, samplers) on tiny random SD / SDXL UNets."""
+    torch.manual_seed(0)
+    model = dm.loaded_model_from_pipeline(build_pipeline(family, tmp_path))
+    net, info = model.network.eval(), model.info
+    batch, text = 2, 7
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *info.sample_shape, generator=g)
+    prompt = torch.randn(batch, text, PROMPT_DIM, generator=g)
+    added = None
+    if family == "sdxl":
+        added = {"text_embeds": torch.randn(batch, POOLED_DIM, generator=g), "time_ids": torch.ones(batch, 6)}
+
+    def forward():
+        net(x, torch.tensor([300.0, 600.0]), encoder_hidden_states=prompt, added_cond_kwargs=added)
+
+    analytic = analytic_macs_table(net, info, encoder_tokens=text)
+    measured = measured_macs_table(net, info, forward, batch)
+    assert_tables_agree(analytic, measured)
+    assert agreement(analytic, measured) < 0.02
+    assert all(v > 0 for v in analytic.slots.values())
 
 
 def test_schedule_macs_add_up(builtin_model):

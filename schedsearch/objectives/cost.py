@@ -8,6 +8,7 @@ scores and values included, per sample; a CFG pair costs twice. The analytic tab
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -75,10 +76,195 @@ def _dit_like_macs(network: torch.nn.Module, info: ModelInfo, encoder_tokens: in
     return CostTable("MACs", float(patchify + final), slots, overhead)
 
 
+def _image_tokens(info: ModelInfo, patch: int) -> int:
+    """Image tokens per sample from the (unpacked) latent shape: Flux packs 2x2 latent patches into one token."""
+    _, height, width = info.sample_shape
+    return (height // patch) * (width // patch)
+
+
+def _joint_attention(tokens: int, text: int, d: int, *, text_out: bool = True, image_out: bool = True) -> int:
+    """MM-DiT joint attention (SD3 / Flux `attn`): q, k, v of image and text tokens, scores and values over all
+    T + L tokens, output projections (`to_out`, `to_add_out`) where the block has them."""
+    joint = tokens + text
+    return (
+        3 * joint * d * d
+        + 2 * joint * joint * d
+        + (tokens * d * d if image_out else 0)
+        + (text * d * d if text_out else 0)
+    )
+
+
+def _flux_macs(network: torch.nn.Module, info: ModelInfo, text: int) -> CostTable:
+    """Flux (diffusers transformer_flux.py) per sample with T image tokens, L text tokens, width d, MLP width f=4d.
+
+    Double block: attn = joint attention with both output projections; ff = 2·T·d·f; ff_context = 2·L·d·f;
+    overhead = the two adaLN-zero linears (2 · 6d²). Single block on S = L + T tokens: attn = 3·S·d² + 2·S²·d
+    (no output projection), proj_mlp = S·d·f, proj_out = S·(d + f)·d; overhead = adaLN linear 3d².
+    Base: x_embedder, context_embedder, timestep / guidance / pooled-text MLPs, adaLN-continuous out and proj_out.
+    """
+    cfg = network.config
+    d = cfg.num_attention_heads * cfg.attention_head_dim
+    tokens = _image_tokens(info, 2 * cfg.patch_size)
+    f = network.single_transformer_blocks[0].proj_mlp.out_features if len(network.single_transformer_blocks) else 4 * d
+    f_double = network.transformer_blocks[0].ff.net[0].proj.out_features if len(network.transformer_blocks) else 4 * d
+    joint = tokens + text
+    double = {
+        "attn": _joint_attention(tokens, text, d),
+        "ff": 2 * tokens * d * f_double,
+        "ff_context": 2 * text * d * f_double,
+    }
+    single = {
+        "attn": 3 * joint * d * d + 2 * joint * joint * d,
+        "proj_mlp": joint * d * f,
+        "proj_out": joint * (d + f) * d,
+    }
+    per_group = {"transformer_blocks": (double, 12 * d * d), "single_transformer_blocks": (single, 3 * d * d)}
+    slots, overhead = _fill(info, per_group)
+    embed = 256 * d + d * d
+    base = tokens * cfg.in_channels * d + text * cfg.joint_attention_dim * d
+    base += embed * (2 if cfg.guidance_embeds else 1) + cfg.pooled_projection_dim * d + d * d
+    out_channels = cfg.out_channels or cfg.in_channels
+    base += 2 * d * d + tokens * d * cfg.patch_size**2 * out_channels
+    return CostTable("MACs", float(base), slots, overhead)
+
+
+def _sd3_macs(network: torch.nn.Module, info: ModelInfo, text: int) -> CostTable:
+    """SD3 / SD3.5 (diffusers transformer_sd3.py, JointTransformerBlock) per sample with T image tokens, L text
+    tokens, width d, ff width f = 4d.
+
+    attn = joint attention (the last block is `context_pre_only`: no `to_add_out`, no ff_context, its context
+    norm an adaLN-continuous 2d² instead of adaLN-zero 6d²); ff = 2·T·d·f; ff_context = 2·L·d·f; overhead = the
+    adaLN linears (6d² + 6d² or 2d²) plus SD3.5's dual image self-attention `attn2` (4·T·d² + 2·T²·d) where present.
+    Base: patch-embedding convolution, timestep and pooled-text MLPs, context_embedder, adaLN-continuous out,
+    proj_out.
+    """
+    cfg = network.config
+    d = cfg.num_attention_heads * cfg.attention_head_dim
+    p = cfg.patch_size
+    tokens = _image_tokens(info, p)
+    slots, overhead = {}, {}
+    (group,) = info.block_groups
+    for b, block in enumerate(network.transformer_blocks):
+        pre_only = block.context_pre_only
+        f = block.ff.net[0].proj.out_features
+        costs = {
+            "attn": _joint_attention(tokens, text, d, text_out=not pre_only),
+            "ff": 2 * tokens * d * f,
+            "ff_context": 0 if pre_only else 2 * text * d * block.ff_context.net[0].proj.out_features,
+        }
+        for c in group.components:
+            slots[f"{group.path}.{b}.{c}"] = float(costs[c])
+        extra = 4 * tokens * d * d + 2 * tokens * tokens * d if getattr(block, "attn2", None) is not None else 0
+        norms = block.norm1.linear.out_features * d + block.norm1_context.linear.out_features * d
+        overhead[f"{group.path}.{b}"] = float(norms + extra)
+    base = tokens * p * p * cfg.in_channels * d + 256 * d + d * d + cfg.pooled_projection_dim * d + d * d
+    base += text * cfg.joint_attention_dim * cfg.caption_projection_dim
+    base += 2 * d * d + tokens * d * p * p * (cfg.out_channels or cfg.in_channels)
+    return CostTable("MACs", float(base), slots, overhead)
+
+
+def _fill(
+    info: ModelInfo, per_group: dict[str, tuple[dict[str, int], int]]
+) -> tuple[dict[str, float], dict[str, float]]:
+    slots, overhead = {}, {}
+    for g in info.block_groups:
+        costs, block_cost = per_group[g.path]
+        for b in range(g.count):
+            for c in g.components:
+                slots[f"{g.path}.{b}.{c}"] = float(costs[c])
+            overhead[f"{g.path}.{b}"] = float(block_cost)
+    return slots, overhead
+
+
+def _linear(m: torch.nn.Module, rows: int) -> int:
+    return rows * m.in_features * m.out_features if isinstance(m, torch.nn.Linear) else _conv(m, rows)
+
+
+def _conv(m: torch.nn.Module, pixels_out: int) -> int:
+    """A convolution's MACs: output pixels × in × out × kernel area / groups."""
+    return pixels_out * m.in_channels * m.out_channels * math.prod(m.kernel_size) // m.groups
+
+
+def _attention(attn: torch.nn.Module, queries: int, keys: int) -> int:
+    """diffusers `Attention`: q from `queries` tokens, k and v from `keys` tokens, scores and values, out."""
+    inner = attn.to_q.out_features
+    qkv = _linear(attn.to_q, queries) + _linear(attn.to_k, keys) + _linear(attn.to_v, keys)
+    return qkv + 2 * queries * keys * inner + _linear(attn.to_out[0], queries)
+
+
+def _resnet(r: torch.nn.Module, pixels: int) -> int:
+    """ResnetBlock2D: two convolutions, the time-embedding projection (per sample), a 1x1 shortcut if present."""
+    macs = _conv(r.conv1, pixels) + _conv(r.conv2, pixels)
+    macs += r.time_emb_proj.in_features * r.time_emb_proj.out_features if r.time_emb_proj is not None else 0
+    return macs + (_conv(r.conv_shortcut, pixels) if r.conv_shortcut is not None else 0)
+
+
+def _spatial_transformer(t: torch.nn.Module, pixels: int, text: int) -> int:
+    """Transformer2DModel on a UNet feature map: proj_in, per block self-attention over the pixels,
+    cross-attention to the text, GEGLU feed-forward; proj_out."""
+    macs = _linear(t.proj_in, pixels) + _linear(t.proj_out, pixels)
+    for block in t.transformer_blocks:
+        macs += _attention(block.attn1, pixels, pixels)
+        if block.attn2 is not None:
+            macs += _attention(block.attn2, pixels, text)
+        macs += _linear(block.ff.net[0].proj, pixels) + _linear(block.ff.net[2], pixels)
+    return macs
+
+
+def _unet_block(block: torch.nn.Module, pixels: int, text: int) -> dict[str, int]:
+    """One UNet block at its input resolution: resnets, attentions, samplers (the block overhead)."""
+    parts = {
+        "resnets": sum(_resnet(r, pixels) for r in block.resnets),
+        "attentions": sum(_spatial_transformer(t, pixels, text) for t in getattr(block, "attentions", []) or []),
+        "": 0,
+    }
+    for down in getattr(block, "downsamplers", None) or []:
+        parts[""] += _conv(down.conv, pixels // 4)
+    for up in getattr(block, "upsamplers", None) or []:
+        parts[""] += _conv(up.conv, pixels * 4)
+    return parts
+
+
+def _unet_macs(network: torch.nn.Module, info: ModelInfo, text: int) -> CostTable:
+    """UNet2DConditionModel (SD 1.x/2.x, SDXL; diffusers unet_2d_condition.py) per sample: every block costed at
+    its resolution (down block i at H/2^i; up block j at the resolution of the down block it mirrors).
+    Units are the blocks with attention (`unet_block_groups`): slots `resnets` and `attentions`, overhead the
+    samplers. Base: conv_in, time (and SDXL add-) embedding MLPs, attention-free blocks, conv_out."""
+    _, height, width = info.sample_shape
+    n = len(network.down_blocks)
+    pixels = [(height // 2**i) * (width // 2**i) for i in range(n)]
+    costs = {f"down_blocks.{i}": _unet_block(b, pixels[i], text) for i, b in enumerate(network.down_blocks)}
+    if network.mid_block is not None:
+        costs["mid_block"] = _unet_block(network.mid_block, pixels[-1], text)
+    costs |= {f"up_blocks.{j}": _unet_block(b, pixels[n - 1 - j], text) for j, b in enumerate(network.up_blocks)}
+    mlps = [network.time_embedding.linear_1, network.time_embedding.linear_2]
+    if getattr(network, "add_embedding", None) is not None:
+        mlps += [network.add_embedding.linear_1, network.add_embedding.linear_2]
+    base = _conv(network.conv_in, pixels[0]) + _conv(network.conv_out, pixels[0]) + sum(_linear(m, 1) for m in mlps)
+    slots, overhead = {}, {}
+    units = {g.path: g for g in info.block_groups}
+    for path, parts in costs.items():
+        if path not in units:
+            base += sum(parts.values())
+            continue
+        for c in units[path].components:
+            slots[f"{path}.0.{c}"] = float(parts[c])
+        overhead[f"{path}.0"] = float(parts[""])
+    return CostTable("MACs", float(base), slots, overhead)
+
+
 def analytic_macs_table(network: torch.nn.Module, info: ModelInfo, encoder_tokens: int = 120) -> CostTable:
-    """Per-sample MACs of one evaluation from the model config (DiT and PixArt families)."""
+    """Per-sample MACs of one evaluation from the model config (DiT, PixArt, SD3, Flux); `encoder_tokens` is the
+    text length L (PixArt's 120 by default; SD3 pipelines use 77 + 256 = 333, Flux 512 for dev, 256 for schnell,
+    SD / SDXL 77). Shapes (channels, heads, widths) are read from the config and the layers it built."""
     if info.family in ("dit", "pixart"):
         return _dit_like_macs(network, info, encoder_tokens)
+    if info.family == "flux":
+        return _flux_macs(network, info, encoder_tokens)
+    if info.family == "sd3":
+        return _sd3_macs(network, info, encoder_tokens)
+    if info.family in ("sd", "sdxl"):
+        return _unet_macs(network, info, encoder_tokens)
     raise NotImplementedError(
         f"analytic MACs: no formula for family {info.family!r} yet; use measured_macs_table(...) instead"
     )
@@ -96,16 +282,29 @@ def measured_macs_table(network: torch.nn.Module, info: ModelInfo, forward: Call
     root = type(network).__name__
 
     def macs(name: str) -> float:
-        return sum(counts.get(f"{root}.{name}" if name else root, {}).values()) / 2 / batch
+        key = f"{root}.{name}" if name else root
+        if key in counts:
+            return sum(counts[key].values()) / 2 / batch
+        # a ModuleList (a UNet block's `resnets`) is never called itself: sum its numbered children
+        children = [k for k in counts if k.startswith(key + ".") and k[len(key) + 1 :].isdigit()]
+        return sum(sum(counts[k].values()) for k in children) / 2 / batch
 
-    slots = {name: macs(name) for name in slot_names_of(info)}
-    overhead = {}
+    slots, overhead = {}, {}
     for g in info.block_groups:
         for b in range(g.count):
-            key = f"{g.path}.{b}"
-            overhead[key] = macs(key) - sum(slots[f"{key}.{c}"] for c in g.components)
+            key, module = f"{g.path}.{b}", _block_module_name(network, g.path, g.count, b)
+            for c in g.components:
+                slots[f"{key}.{c}"] = macs(f"{module}.{c}")
+            overhead[key] = macs(module) - sum(slots[f"{key}.{c}"] for c in g.components)
     base = macs("") - sum(slots.values()) - sum(overhead.values())
     return CostTable("MACs", base, slots, overhead)
+
+
+def _block_module_name(network: torch.nn.Module, path: str, count: int, index: int) -> str:
+    """Module name of block `index` of a group: `path.index` in a ModuleList; `path` itself for a single-unit
+    group (a UNet block such as `down_blocks.0`, whose slot names still carry the index 0)."""
+    single = count == 1 and not isinstance(network.get_submodule(path), torch.nn.ModuleList)
+    return path if single else f"{path}.{index}"
 
 
 def slot_names_of(info: ModelInfo) -> list[str]:
