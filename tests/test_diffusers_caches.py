@@ -131,6 +131,14 @@ def test_mag_cache_needs_ratios_and_blocks(env):
         DiffusersCache(torch.nn.Sequential(torch.nn.Linear(2, 2)), "mag_cache", mag_ratios=[1.0], num_inference_steps=1)
 
 
+def test_mag_cache_steps_must_match_the_run(env, mag_ratios):
+    model, denoise, x, _ = env
+    cache = DiffusersCache(model.network, "mag_cache", mag_ratios=mag_ratios, num_inference_steps=5)
+    with cache, pytest.raises(ValueError, match="num_inference_steps=5"):
+        sample(cache.wrap(denoise), x, PLAN, model.noise_schedule)
+    assert_detached(model.network)
+
+
 def assert_detached(network):
     assert not any(getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks for m in network.modules())
 

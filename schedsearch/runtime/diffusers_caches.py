@@ -84,13 +84,17 @@ class DiffusersCache:
       the last low/high-frequency difference (FFT over H, W: `tensor_format="BCHW"`, the DiT's output layout).
       It needs the batch as [uncond, cond] with the halves in kwargs it knows; we add `class_labels` to the split
       kwargs and put a batch-swapping hook outside FasterCache's (`cond_first=True`, our denoisers' order).
-      Attention is only skipped on steps whose uncond branch is skipped (FasterCache's own rule).
+      Attention is only skipped on steps whose uncond branch is skipped (FasterCache's own rule). Without a CFG
+      pair (guidance 1) pass `is_guidance_distilled=True`, or FasterCache would take half the samples for the
+      unconditional branch. Token-layout outputs (Flux, SD3: B×S×C) have no FFT format in diffusers 0.42
+      (`tensor_format` must be BCFHW, BFCHW or BCHW), so there only the attention part could apply.
     - `mag_cache`: needs the model's magnitude ratios (`mag_ratios`; for the builtin model `builtin_mag_ratios()`,
       made with `calibrate_mag_ratios`) and `num_inference_steps` = network calls per run.
     """
 
     def __init__(self, network: torch.nn.Module, kind: str, *, cond_first: bool = True, **params: Any) -> None:
         self.network, self.kind, self.timestep = network, kind, None
+        self._last_step: int | None = None
         if kind == "first_block_cache":
             self.config: Any = FirstBlockCacheConfig(**params)
             apply_first_block_cache(network, self.config)
@@ -127,9 +131,14 @@ class DiffusersCache:
 
     def wrap(self, denoise: Denoiser) -> Denoiser:
         def cached(x: torch.Tensor, t: float, step_index: int) -> torch.Tensor:
-            if step_index == 0:
+            if self._last_step is None or step_index <= self._last_step:  # a new run (also one starting at step 1)
                 self.reset()
-            self.timestep = t
+            if self.kind == "mag_cache" and not self.config.calibrate and step_index >= self.config.num_inference_steps:
+                raise ValueError(
+                    f"mag_cache: step {step_index} but num_inference_steps={self.config.num_inference_steps}; "
+                    "set it to the run's number of network calls (its ratios are indexed by call)"
+                )
+            self._last_step, self.timestep = step_index, t
             with CacheMixin.cache_context(self.network, "batch", step_index=step_index, timestep=t):
                 return denoise(x, t, step_index)
 
