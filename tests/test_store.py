@@ -116,8 +116,12 @@ def test_append_only_and_durability_settings(tmp_path):
 
 def test_path_errors_name_the_path(tmp_path):
     missing_dir = tmp_path / "nowhere" / "r.db"
-    with pytest.raises(StoreError, match=re.escape(str(missing_dir.parent))):
-        ResultStore(missing_dir)
+    ResultStore(missing_dir).close()  # a fresh `--store runs/x.db` creates its directory
+    assert missing_dir.is_file()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match=re.escape(str(blocker))):
+        ResultStore(blocker / "r.db")
     with pytest.raises(StoreError, match="is a directory"):
         ResultStore(tmp_path)
     with pytest.raises(StoreError, match="no such results store"):

@@ -141,11 +141,13 @@ def export_front(
     width = max(3, len(str(len(records) - 1)))
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     tmp.chmod(0o755)  # mkdtemp makes it private; the export is meant to be shared
+    heldout = {r.to_schedule().key: r.metrics for r in store.records(f"{study}@heldout") if r.status == "ok"}
     try:
         entries = []
         for rank, record in enumerate(records):
             schedule = record.to_schedule()
             metrics = {name: record.metrics[name] for name in sorted(record.metrics)}
+            checked = heldout.get(schedule.key)
             meta = dict(schedule.meta) | {
                 "study": study,
                 "key": record.key,
@@ -154,6 +156,8 @@ def export_front(
                 "knee": rank == knee,
                 "calibration_hash": record.calibration_hash,
             }
+            if checked is not None:  # re-scored on the held-out split (run_search's validate step)
+                meta["heldout_metrics"] = {name: checked[name] for name in sorted(checked)}
             schedule = Schedule(model=schedule.model, solver=schedule.solver, cache=schedule.cache, meta=meta)
             name = f"{rank:0{width}d}_{record.key}.json"
             (tmp / name).write_text(schedule.to_json())
@@ -165,6 +169,7 @@ def export_front(
                     "model": schedule.model,
                     "knee": rank == knee,
                     "metrics": metrics,
+                    "heldout_metrics": meta.get("heldout_metrics"),
                     "summary": record.summary,
                     "diffusers": _diffusers_hint(schedule),
                 }

@@ -384,8 +384,9 @@ def _open(path: Path, *, create: bool) -> sqlite3.Connection:
     if not path.exists():
         if not create:
             raise StoreError(f"{path}: no such results store")
-        if not path.parent.is_dir():
-            raise StoreError(f"{path}: directory {path.parent} does not exist; create it first")
+        if path.parent.exists() and not path.parent.is_dir():
+            raise StoreError(f"{path}: {path.parent} is a file, not a directory")
+        path.parent.mkdir(parents=True, exist_ok=True)  # `--store runs/x.db` on a fresh checkout just works
     try:
         conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
     except sqlite3.Error as exc:
