@@ -95,7 +95,8 @@ def make_strategy(
     if name == "predictor":
         from schedsearch.search.predictor import PredictorSearch
 
-        defaults = {"initial_size": max(12, min(len(initial), 24)), "batch": 8} if quick else {}
+        defaults = {"initial_size": max(12, min(len(initial), 24)), "batch": 8, "n_estimators": 50,
+                    "evolution_generations": 60} if quick else {}
         return PredictorSearch(spec, n_objectives, seed=seed, initial=initial, forbid=forbid, **{**defaults, **opts})
     if name == "dp":
         from schedsearch.search.dynamic import DPStrategy
