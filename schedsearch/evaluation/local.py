@@ -11,6 +11,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from schedsearch.calibration.calibration_set import CalibrationSet
 from schedsearch.objectives.base import CostObjective, ImageObjective, Objective, ScoreBatch
 from schedsearch.objectives.registry import ObjectiveContext, build_objectives
@@ -61,7 +63,9 @@ class LocalEvaluator:
             self.objectives: list[Objective] = build_objectives(list(objectives), context)
         else:
             self.objectives = list(objectives)  # type: ignore[arg-type]
-        self.device = f"{platform.machine()} cpu"
+        device = next(model.network.parameters()).device
+        self.device = (f"cuda {torch.cuda.get_device_name(device)}" if device.type == "cuda"
+                       else f"{platform.machine()} cpu")
 
     @property
     def calibration_hash(self) -> str:

@@ -212,7 +212,7 @@ class PredictedLatency(CostObjective):
         if self.cache_dir is None:
             return None
         safe = self.model.info.name.replace("/", "_").replace(":", "_")
-        return Path(self.cache_dir) / f"latency_{safe}_cpu_b{self.batch}.json"
+        return Path(self.cache_dir) / f"latency_{safe}_{_device_tag(self.model)}_b{self.batch}.json"
 
     def table(self) -> CostTable:
         from schedsearch.objectives.cost import CostTable
@@ -237,13 +237,15 @@ class PredictedLatency(CostObjective):
         from schedsearch.runtime.sampler import sample
 
         model = self.model
-        table = measured_latency_table(model.network, model.info, probe_forward(model, self.batch), repeats=3)
+        device = str(next(model.network.parameters()).device)
+        table = measured_latency_table(model.network, model.info, probe_forward(model, self.batch), repeats=3,
+                                       device=device)
         plan = model.default_plan(10)
         conditions: Any = [0] * self.batch if model.info.conditioning == "class" else [""] * self.batch
         denoise = model.denoiser(conditions)
         x = initial_noise(list(range(self.batch)), model.info.sample_shape)
         timing = measure_latency(lambda: sample(denoise, x, plan, model.noise_schedule, model.info.prediction_type),
-                                 warmup=1, repeats=3)
+                                 warmup=1, repeats=3, device=device)
         return calibrate_base(table, timing.median_s, plan.nfe)
 
     def value(self, schedule: Schedule) -> float:
@@ -251,6 +253,18 @@ class PredictedLatency(CostObjective):
 
         seconds = schedule_cost(self.table(), schedule.solver, self.model.info, schedule.cache)
         return seconds / self.batch if math.isfinite(seconds) else float("nan")
+
+
+def _device_tag(model: LoadedModel) -> str:
+    """A latency table belongs to one device: the GPU's name, or the CPU architecture and thread count."""
+    import platform
+
+    import torch
+
+    device = next(model.network.parameters()).device
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "_")
+    return f"{platform.machine()}-cpu{torch.get_num_threads()}"
 
 
 register_objective("mse", lambda ctx: TeacherMSE(), "mean squared error to the teacher image of the same seed (min)")
