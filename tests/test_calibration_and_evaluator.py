@@ -122,3 +122,19 @@ def test_read_prompts(tmp_path):
     assert read_prompts(path) == ["a red cube", "a cat"]
     with pytest.raises(FileNotFoundError, match="prompts"):
         read_prompts(tmp_path / "none.txt")
+
+
+def test_predicted_latency_table_is_measured_once_and_orders_schedules(model, tmp_path, monkeypatch):
+    from schedsearch.objectives.standard import PredictedLatency
+
+    monkeypatch.setattr(PredictedLatency, "batch", 4)
+    objective = PredictedLatency(model, str(tmp_path))
+    full = objective.value(_schedule(model, 6))
+    fora = objective.value(_schedule(model, 6, fora_cache_plan(model_layout(model.info), 6, 3)))
+    short = objective.value(_schedule(model, 3))
+    assert 0 < fora < full and 0 < short < full
+    (table_file,) = tmp_path.glob("latency_*_b4.json")
+    again = PredictedLatency(model, str(tmp_path))  # a new process would read the same table, not re-measure
+    monkeypatch.setattr(PredictedLatency, "_measure", lambda self: pytest.fail("re-measured"))
+    assert again.value(_schedule(model, 6)) == pytest.approx(full)
+    assert table_file.is_file()
