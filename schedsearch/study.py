@@ -146,7 +146,8 @@ def run_search(
             "preset": preset, "samples": n, "seed": seed, "calibration": evaluator.calibration_hash,
             "space_options": _jsonable(space_options or {}),
         })
-        calibration.build(model, batch_size=batch_size, progress=progress)
+        if _needs_teacher(evaluator):
+            calibration.build(model, batch_size=batch_size, progress=progress)
         opts = dict(strategy_options or {})
         if strategy == "dp":
             opts.setdefault("distance", _dp_distance(model, search_space, spec, cache_dir))
@@ -169,6 +170,15 @@ def run_search(
             results.close()
         if hasattr(evaluator, "close"):
             evaluator.close()
+
+
+def _needs_teacher(evaluator: Any) -> bool:
+    """Teacher images cost a 100-step run per sample: build them only for objectives that compare against them
+    (FID-only studies need none). Remote evaluators' objectives are names only, so build for them."""
+    objectives = getattr(evaluator, "objectives", None) or []
+    if any(isinstance(o, str) for o in objectives) or not objectives:
+        return True
+    return any(getattr(o, "needs_teacher", False) for o in objectives)
 
 
 def heldout_study(study: str) -> str:
@@ -194,8 +204,9 @@ def validate_front(model: Any, store: ResultStore, study: str, objectives: dict[
     front = [r for r, keep in zip(records, non_dominated(points, list(objectives.values())), strict=True) if keep]
     heldout = dataclasses.replace(spec, split="heldout", seeds=tuple(HELDOUT_SEED_OFFSET + s for s in spec.seeds))
     calibration = CalibrationSet.open(heldout, cache_dir)
-    calibration.build(model, batch_size=batch_size, progress=progress)
     check = LocalEvaluator(model, calibration, evaluator.objectives, batch_size=batch_size)
+    if _needs_teacher(check):
+        calibration.build(model, batch_size=batch_size, progress=progress)
     schedules = [r.to_schedule() for r in front]
     space = _ListSpace(schedules)
     strategy = FixedStrategy(space.genome, len(objectives), genomes=[space.encode(s) for s in schedules])
