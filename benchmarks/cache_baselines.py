@@ -2,6 +2,7 @@
 per-component latency table predicts measured latency. Prints one JSON object per line (machine-readable).
 
     python benchmarks/cache_baselines.py [--steps 20] [--batch 64] [--repeats 3] [--random 10] [--calibrate-mag]
+                                         [--only NAME_PART ...]
 
 diffusers' caches (FirstBlockCache, PAB, TaylorSeer, FasterCache, MagCache) are costed by what really ran
 (`observe_units`: rows of every block and component per call), ours by their plans; both with the same tables.
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--random", type=int, default=10, help="random component plans for the latency check")
     parser.add_argument("--calibrate-mag", action="store_true", help="recalibrate the builtin MagCache ratios")
+    parser.add_argument("--only", action="append", help="run only the rows whose name contains one of these")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -83,6 +85,7 @@ def main() -> None:
             "mse": float(mse(out, reference).mean()),
             **timing.as_dict(),
             "predicted_s": predicted,
+            "uncached_median_s": base_time.median_s,  # the baseline this row's speedup is relative to
         }
         print(json.dumps(row))
 
@@ -117,7 +120,13 @@ def main() -> None:
         "unit blocks 1-4, every 3": baselines.uniform_unit_plan("transformer_blocks", 1, 5, n, 3),
         "unit blocks 0-5, every 2": baselines.uniform_unit_plan("transformer_blocks", 0, 6, n, 2),
     }
+
+    def selected(name: str) -> bool:
+        return not args.only or any(part in name for part in args.only)
+
     for name, cache in candidates.items():
+        if not selected(name):
+            continue
         out = run(cache)
         timing = measure_latency(lambda cache=cache: run(cache), warmup=1, repeats=args.repeats)
         report(name, out, timing, cache)
@@ -166,6 +175,8 @@ def main() -> None:
             {"threshold": threshold, "mag_ratios": builtin_mag_ratios(), "num_inference_steps": plan.nfe},
         )
     for name, (kind, params) in external.items():
+        if not selected(name):
+            continue
         with DiffusersCache(net, kind, **params) as ext:
             wrapped = ext.wrap(denoise)
 
@@ -200,6 +211,8 @@ def main() -> None:
                 }
             )
         )
+    if not errors:
+        return
     errors.sort()
     print(
         json.dumps(

@@ -253,10 +253,19 @@ def _unet_macs(network: torch.nn.Module, info: ModelInfo, text: int) -> CostTabl
     return CostTable("MACs", float(base), slots, overhead)
 
 
-def analytic_macs_table(network: torch.nn.Module, info: ModelInfo, encoder_tokens: int = 120) -> CostTable:
-    """Per-sample MACs of one evaluation from the model config (DiT, PixArt, SD3, Flux); `encoder_tokens` is the
-    text length L (PixArt's 120 by default; SD3 pipelines use 77 + 256 = 333, Flux 512 for dev, 256 for schnell,
-    SD / SDXL 77). Shapes (channels, heads, widths) are read from the config and the layers it built."""
+# text tokens L per family as the pipelines encode prompts: PixArt's T5 (120 for α, 300 for Σ: pass it), CLIP 77,
+# SD3 CLIP 77 + T5 256, Flux T5 512 (dev, guidance-embedded) or 256 (schnell)
+DEFAULT_TEXT_TOKENS = {"pixart": 120, "sd": 77, "sdxl": 77, "sd3": 333, "flux": 512}
+
+
+def analytic_macs_table(network: torch.nn.Module, info: ModelInfo, encoder_tokens: int | None = None) -> CostTable:
+    """Per-sample MACs of one evaluation from the model config (DiT, PixArt, SD3, Flux, SD/SDXL UNets);
+    `encoder_tokens` is the text length L (default DEFAULT_TEXT_TOKENS). Shapes (channels, heads, widths) are read
+    from the config and the layers it built."""
+    if encoder_tokens is None:
+        encoder_tokens = DEFAULT_TEXT_TOKENS.get(info.family, 0)
+        if info.family == "flux" and not network.config.guidance_embeds:
+            encoder_tokens = 256
     if info.family in ("dit", "pixart"):
         return _dit_like_macs(network, info, encoder_tokens)
     if info.family == "flux":
