@@ -83,8 +83,9 @@ def main() -> None:
     parser.add_argument("--population", type=int, default=24)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--work-dir", type=Path, help="reuse a store/cache: resumes the study for --budget more")
     args = parser.parse_args()
-    cache_dir = Path(tempfile.mkdtemp(prefix="ssecad"))
+    cache_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="ssecad"))
     store_path = cache_dir / "ecad.db"
     model = load_model("builtin:mnist-dit")
     options = {"num_steps": args.steps}
@@ -135,7 +136,7 @@ def main() -> None:
         b["our_mac_speedup_at_this_psnr"] = float(full / at_fidelity[:, 1].min()) if len(at_fidelity) else None
     out = {
         "model": model.info.name, "steps": args.steps, "samples": args.samples, "budget": args.budget,
-        "population": args.population, "search_wall_time_s": round(search_s, 1), "evaluations": len(ours),
+        "population": args.population, "search_wall_time_s_this_run": round(search_s, 1), "evaluations": len(ours),
         "objectives": OBJECTIVES, "reference_point": ref,
         "hypervolume": {"ours": hypervolume(pts, directions, ref), "baselines": hypervolume(base_pts, directions, ref)},
         "baselines_dominated": sum(b["dominated_by_ours"] for b in base_ok), "baselines_scored": len(base_ok),
