@@ -177,7 +177,8 @@ class CalibrationSet:
         if progress and missing:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(missing) * SHARD, desc=f"teacher {self.spec.split}", unit="img")
+            total = sum(min(len(self.spec), (i + 1) * SHARD) - i * SHARD for i in missing)
+            bar = tqdm(total=total, desc=f"teacher {self.spec.split}", unit="img")
         for index in missing:
             lo, hi = index * SHARD, min(len(self.spec), (index + 1) * SHARD)
             parts = []
