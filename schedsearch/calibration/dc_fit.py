@@ -432,12 +432,9 @@ class CascadeRegression:
         )
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
-        return path
+        from schedsearch.results.atomic import atomic_write_text
+
+        return atomic_write_text(path, self.to_json())
 
     @staticmethod
     def load(path: str | Path) -> CascadeRegression:
