@@ -73,6 +73,11 @@ class Budget:
         )
 
 
+def genome_key(genome: np.ndarray | Sequence[float]) -> bytes:
+    """Hashable identity of a genome (its float64 bytes): how strategies recognise one already asked or forbidden."""
+    return np.asarray(genome, dtype=float).tobytes()
+
+
 def as_value_matrix(values: np.ndarray | Sequence[Sequence[float]], n: int, m: int) -> np.ndarray:
     """Validated (n, m) float array; NaN becomes +inf (a failed metric is the worst value)."""
     arr = np.asarray(values, dtype=float).reshape(n, m) if n else np.zeros((0, m))

@@ -16,7 +16,7 @@ import numpy as np
 from deap import base, tools
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
-from schedsearch.search.base import Strategy, as_value_matrix
+from schedsearch.search.base import Strategy, as_value_matrix, genome_key
 from schedsearch.spaces.base import GenomeSpec
 
 __all__ = ["EcadGenetic", "k_point_crossover"]
@@ -28,10 +28,6 @@ class _Individual(list):
     """A genome as deap wants it: a mutable list of floats with a `fitness` attribute."""
 
     fitness: base.Fitness
-
-
-def _key(genome: np.ndarray) -> bytes:
-    return np.asarray(genome, dtype=float).tobytes()
 
 
 def k_point_crossover(ind1: list, ind2: list, k: int) -> tuple[list, list]:
@@ -75,7 +71,7 @@ class EcadGenetic(Strategy):
         self.sbx_eta = sbx_eta
         self.mutation_eta = mutation_eta
         self.max_retries = max_retries
-        self._forbidden = {_key(spec.clip(g)) for g in forbid}
+        self._forbidden = {genome_key(spec.clip(g)) for g in forbid}
         self._fitness_cls = type(f"_Fitness{n_objectives}", (base.Fitness,), {"weights": (-1.0,) * n_objectives})
         kinds = np.array(spec.kinds)
         fixed = np.array(spec.low) == np.array(spec.high)
@@ -129,7 +125,7 @@ class EcadGenetic(Strategy):
 
     def _admit(self, genome: np.ndarray) -> bool:
         """True (and remember it) if the genome is neither forbidden nor already proposed/evaluated."""
-        key = _key(genome)
+        key = genome_key(genome)
         if key in self._forbidden or key in self._seen:
             return False
         self._seen.add(key)
@@ -197,7 +193,7 @@ class EcadGenetic(Strategy):
             if self._admit(genome):
                 return genome
             genome = self.spec.clip(self._mutate(random.choice((p1, p2))))
-        if _key(genome) not in self._forbidden:
+        if genome_key(genome) not in self._forbidden:
             return genome
         fresh = self._random_genomes(1)
         return fresh[0] if fresh else None
@@ -223,7 +219,7 @@ class EcadGenetic(Strategy):
         values = as_value_matrix(values, len(genomes), self.n_objectives)
         told = [self._individual(self.spec.clip(g), v) for g, v in zip(genomes, values, strict=True)]
         for ind in told:
-            self._seen.add(_key(np.asarray(ind)))
+            self._seen.add(genome_key(np.asarray(ind)))
         self._started = True
         self.population = self._survive(self.population + told)
         self._n_told += len(told)
@@ -237,7 +233,7 @@ class EcadGenetic(Strategy):
         records: dict[bytes, _Individual] = {}
         for g, v in zip(genomes, values, strict=True):
             g = self.spec.clip(g)
-            records.setdefault(_key(g), self._individual(g, v))
+            records.setdefault(genome_key(g), self._individual(g, v))
         self._seen.update(records)
         self._started = True
         self._queue = []

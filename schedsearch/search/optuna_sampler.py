@@ -17,14 +17,10 @@ from optuna.storages import BaseStorage
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState, create_trial
 
-from schedsearch.search.base import Strategy, as_value_matrix
+from schedsearch.search.base import Strategy, as_value_matrix, genome_key
 from schedsearch.spaces.base import GenomeSpec
 
 __all__ = ["OptunaStrategy"]
-
-
-def _key(genome: np.ndarray) -> bytes:
-    return np.asarray(genome, dtype=float).tobytes()
 
 
 def open_storage(storage: str | BaseStorage | None) -> str | BaseStorage | None:
@@ -90,7 +86,7 @@ class OptunaStrategy(Strategy):
             trial = self.study.ask(self.distributions)
             genome = self._genome(trial.params)
             assert genome is not None
-            self._pending.setdefault(_key(genome), []).append(trial.number)
+            self._pending.setdefault(genome_key(genome), []).append(trial.number)
             out.append(genome)
         return out
 
@@ -110,7 +106,7 @@ class OptunaStrategy(Strategy):
     def tell(self, genomes: Sequence[np.ndarray], values: np.ndarray) -> None:
         values = as_value_matrix(values, len(genomes), self.n_objectives)
         for g, v in zip(genomes, values, strict=True):
-            numbers = self._pending.get(_key(self.spec.clip(g)))
+            numbers = self._pending.get(genome_key(self.spec.clip(g)))
             if numbers:
                 self._tell_trial(numbers.pop(0), v)
             else:
@@ -127,12 +123,12 @@ class OptunaStrategy(Strategy):
             if genome is None:
                 continue
             if trial.state.is_finished():
-                finished[_key(genome)] = finished.get(_key(genome), 0) + 1
+                finished[genome_key(genome)] = finished.get(genome_key(genome), 0) + 1
             elif trial.state == TrialState.RUNNING:
-                running.setdefault(_key(genome), []).append(trial.number)
+                running.setdefault(genome_key(genome), []).append(trial.number)
         for g, v in zip(genomes, values, strict=True):
             g = self.spec.clip(g)
-            key = _key(g)
+            key = genome_key(g)
             if finished.get(key, 0) > 0:
                 finished[key] -= 1
             elif running.get(key):

@@ -26,17 +26,13 @@ from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 from scipy.stats import spearmanr
 from sklearn.ensemble import ExtraTreesRegressor, GradientBoostingRegressor, RandomForestRegressor
 
-from schedsearch.search.base import Strategy, as_value_matrix
+from schedsearch.search.base import Strategy, as_value_matrix, genome_key
 from schedsearch.search.pymoo_nsga import GenomeRepair
 from schedsearch.spaces.base import GenomeSpec
 
 __all__ = ["PredictorSearch"]
 
 Surrogate = Literal["random_forest", "extra_trees", "gradient_boosting"]
-
-
-def _key(genome: np.ndarray) -> bytes:
-    return np.asarray(genome, dtype=float).tobytes()
 
 
 class _PredictedProblem(Problem):
@@ -80,7 +76,7 @@ class PredictorSearch(Strategy):
         self.n_estimators = n_estimators
         self.evolution_population = evolution_population
         self.evolution_generations = evolution_generations
-        self._forbidden = {_key(spec.clip(g)) for g in forbid}
+        self._forbidden = {genome_key(spec.clip(g)) for g in forbid}
         self._rng = np.random.default_rng(seed)
         self._X: list[np.ndarray] = []
         self._F: list[np.ndarray] = []
@@ -128,7 +124,7 @@ class PredictorSearch(Strategy):
         return self._from_predictor(n)
 
     def _claim(self, genome: np.ndarray) -> bool:
-        key = _key(genome)
+        key = genome_key(genome)
         if key in self._known or key in self._forbidden:
             return False
         self._known.add(key)
@@ -153,7 +149,7 @@ class PredictorSearch(Strategy):
         F = np.vstack(problem.seen_F)
         _, first = np.unique(X, axis=0, return_index=True)
         fresh = [int(i) for i in np.sort(first)
-                 if _key(X[i]) not in self._known and _key(X[i]) not in self._forbidden]
+                 if genome_key(X[i]) not in self._known and genome_key(X[i]) not in self._forbidden]
         out: list[np.ndarray] = []
         if fresh:
             pop = Population.new(X=X[fresh], F=F[fresh])
@@ -162,11 +158,11 @@ class PredictorSearch(Strategy):
             for x, f in zip(best.get("X"), best.get("F"), strict=True):
                 if self._claim(x):
                     out.append(np.array(x, dtype=float))
-                    self._predicted[_key(x)] = np.asarray(f, dtype=float)
+                    self._predicted[genome_key(x)] = np.asarray(f, dtype=float)
         rest = self._random(n - len(out))  # the predictor ran out of new ideas: explore
         if rest:
             for g, f in zip(rest, self.predict(rest), strict=True):
-                self._predicted[_key(g)] = f
+                self._predicted[genome_key(g)] = f
         return out + rest
 
     def _evolution(self, problem: _PredictedProblem) -> NSGA2:
@@ -195,14 +191,14 @@ class PredictorSearch(Strategy):
         for g, v in zip(genomes, values, strict=True):
             self._X.append(g)
             self._F.append(v)
-            self._known.add(_key(g))
+            self._known.add(genome_key(g))
         self._fit()
         self._stage += 1
 
     def _record_quality(self, genomes: list[np.ndarray], values: np.ndarray) -> None:
         """Spearman ρ per objective between the predictions made when the batch was asked and its measured values."""
-        rows = [(self._predicted.pop(_key(g)), v) for g, v in zip(genomes, values, strict=True)
-                if _key(g) in self._predicted and np.isfinite(v).all()]
+        rows = [(self._predicted.pop(genome_key(g)), v) for g, v in zip(genomes, values, strict=True)
+                if genome_key(g) in self._predicted and np.isfinite(v).all()]
         if not rows:
             return
         pred = np.array([p for p, _ in rows])

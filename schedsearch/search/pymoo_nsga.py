@@ -29,16 +29,12 @@ from pymoo.problems.static import StaticProblem
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 from pymoo.util.ref_dirs import get_reference_directions
 
-from schedsearch.search.base import Strategy, as_value_matrix
+from schedsearch.search.base import Strategy, as_value_matrix, genome_key
 from schedsearch.spaces.base import GenomeSpec
 
 __all__ = ["GenomeRepair", "PymooNSGA"]
 
 FAILED_VALUE = 1e300  # objective stand-in for failed (infeasible) candidates; survival never compares it
-
-
-def _key(genome: np.ndarray) -> bytes:
-    return np.asarray(genome, dtype=float).tobytes()
 
 
 class GenomeRepair(Repair):
@@ -52,7 +48,7 @@ class GenomeRepair(Repair):
     def _do(self, problem: Problem, X: np.ndarray, **kwargs: Any) -> np.ndarray:
         out = np.array([self.spec.clip(x) for x in X]).reshape(len(X), self.spec.size)
         for i, x in enumerate(out):
-            while _key(x) in self.forbidden:
+            while genome_key(x) in self.forbidden:
                 x = self.spec.random(self.rng)
             out[i] = x
         return out.astype(bool) if self.spec.is_binary else out  # pymoo's bit operators want booleans
@@ -79,7 +75,7 @@ class PymooNSGA(Strategy):
         self.bit_flip_prob = bit_flip_prob
         self.sbx_eta = sbx_eta
         self.mutation_eta = mutation_eta
-        self._forbidden = {_key(spec.clip(g)) for g in forbid}
+        self._forbidden = {genome_key(spec.clip(g)) for g in forbid}
         self._dtype = bool if spec.is_binary else float  # pymoo's bit operators want booleans
         self.problem = Problem(n_var=spec.size, n_obj=n_objectives, n_ieq_constr=1, vtype=self._dtype,
                                xl=np.array(spec.low, dtype=float), xu=np.array(spec.high, dtype=float))
@@ -96,8 +92,8 @@ class PymooNSGA(Strategy):
     def _initial_population(self) -> np.ndarray:
         seeds: dict[bytes, np.ndarray] = {}
         for g in self.initial:
-            if _key(g) not in self._forbidden:
-                seeds.setdefault(_key(g), g)
+            if genome_key(g) not in self._forbidden:
+                seeds.setdefault(genome_key(g), g)
         missing = self.population_size - len(seeds)
         sampling = BinaryRandomSampling() if self.spec.is_binary else FloatRandomSampling()
         rows = [*seeds.values()]
@@ -155,9 +151,9 @@ class PymooNSGA(Strategy):
         if self._generation is not None:
             for i, x in enumerate(self._generation.get("X").astype(float)):
                 if self._values[i] is None:
-                    open_rows.setdefault(_key(x), []).append(i)
+                    open_rows.setdefault(genome_key(x), []).append(i)
         for g, v in zip(genomes, values, strict=True):
-            rows = open_rows.get(_key(self.spec.clip(g)))
+            rows = open_rows.get(genome_key(self.spec.clip(g)))
             if rows:
                 self._values[rows.pop(0)] = v
             else:
@@ -185,7 +181,7 @@ class PymooNSGA(Strategy):
         values = as_value_matrix(values, len(genomes), self.n_objectives)
         records: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
         for g, v in zip(genomes, values, strict=True):
-            records.setdefault(_key(self.spec.clip(g)), (self.spec.clip(g), v))
+            records.setdefault(genome_key(self.spec.clip(g)), (self.spec.clip(g), v))
         X = np.array([g for g, _ in records.values()])
         F = np.array([v for _, v in records.values()])
         keep = self._best_fronts(F, 2 * self.population_size)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from schedsearch.search.base import Strategy, as_value_matrix
+from schedsearch.search.base import Strategy, as_value_matrix, genome_key
 from schedsearch.spaces.base import SearchSpace
 
 STRATEGIES = ("ecad", "nsga2", "tpe", "optuna-nsga2", "dp", "predictor", "dc-fit")
@@ -40,8 +40,8 @@ class FixedStrategy(Strategy):
         self.values = np.concatenate([self.values, as_value_matrix(values, len(genomes), self.n_objectives)])
 
     def warm_start(self, genomes: Sequence[np.ndarray], values: np.ndarray) -> None:
-        done = {np.asarray(g, dtype=float).tobytes() for g in genomes}
-        self._pending = [g for g in self._pending if g.tobytes() not in done]
+        done = {genome_key(g) for g in genomes}
+        self._pending = [g for g in self._pending if genome_key(g) not in done]
 
 
 def check_combination(strategy: str, space: str) -> None:
