@@ -65,7 +65,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         store=args.store, budget=budget, preset=args.preset, samples=args.samples, seed=args.seed,
         guidance=args.guidance, cache_dir=args.cache_dir, batch_size=args.batch_size, prompts=prompts,
         progress=not args.quiet, low_fidelity_samples=args.low_fidelity_samples, validate=not args.no_validate,
-        **_distribution(args),
+        fid_reference=args.fid_reference, **_distribution(args),
     )
     print(f"study {args.study}: {result.evaluations} new evaluations, {result.reused} reused from the store, "
           f"{result.wall_time_s:.0f} s")
@@ -184,7 +184,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     check_schedule_for(model, schedule)
     prompts = read_prompts(args.prompts) if args.prompts is not None else None
-    spec = default_spec(model.info, samples=args.samples, split=args.split, guidance=args.guidance, prompts=prompts)
+    spec = default_spec(model.info, samples=args.samples, split=args.split, guidance=args.guidance, prompts=prompts,
+                        fid_reference=args.fid_reference)
     cache_dir = args.cache_dir or default_cache_dir()
     calibration = CalibrationSet.open(spec, cache_dir)
     evaluator = LocalEvaluator(model, calibration, names, batch_size=args.batch_size, cost_cache_dir=str(cache_dir))
@@ -237,6 +238,8 @@ def add_study_commands(sub: Any) -> None:
     s.add_argument("--ray-address", help="connect to an existing Ray cluster ('auto' or host:port)")
     s.add_argument("--low-fidelity-samples", type=int,
                    help="score candidates on this many samples first; promote the better half (successive halving)")
+    s.add_argument("--fid-reference", choices=("real", "teacher"),
+                   help="FID against real images (builtin default) or the teacher's images (default otherwise)")
     s.add_argument("--no-validate", action="store_true", help="skip re-scoring the front on the held-out split")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(run=_cmd_search)
@@ -266,6 +269,8 @@ def add_study_commands(sub: Any) -> None:
     v.add_argument("--prompts", type=Path)
     v.add_argument("--batch-size", type=int, default=64)
     v.add_argument("--cache-dir", type=Path)
+    v.add_argument("--fid-reference", choices=("real", "teacher"),
+                   help="FID against real images (builtin default) or the teacher's images (default otherwise)")
     v.add_argument("--json", action="store_true", help="print one JSON object")
     v.set_defaults(run=_cmd_evaluate)
 

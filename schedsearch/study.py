@@ -101,12 +101,13 @@ def run_search(
     validate: bool = True,
     workers: int | None = None,
     ray_address: str | None = None,
+    fid_reference: str | None = None,
 ) -> StudyResult:
     """Run or resume a study; every evaluation is appended to `store` as it finishes. Bad combinations and
     unavailable objectives fail here, before any sampling.
 
     low_fidelity_samples: score each batch on this many samples first and promote the better half to the full
-        count (successive halving). validate: re-score the final front on the held-out split (disjoint seeds)
+        count (successive halving). fid_reference: "real" or "teacher" (see `default_spec`). validate: re-score the final front on the held-out split (disjoint seeds)
         into the study `<study>@heldout`, which `export` reports beside the search metrics.
     workers / ray_address: evaluate on Ray (`workers` actors on a local Ray, or join the cluster at `ray_address`,
         e.g. "auto"); the driver still writes the store alone.
@@ -123,7 +124,7 @@ def run_search(
     search_space = build_space(space, model.info, preset, space_options)
     n = p.samples if samples is None else samples
     spec = default_spec(model.info, samples=n, split="search", guidance=guidance, prompts=prompts,
-                        teacher_steps=p.teacher_steps)
+                        teacher_steps=p.teacher_steps, fid_reference=fid_reference)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     calibration = CalibrationSet.open(spec, cache_dir)
     evaluator: Any
@@ -146,7 +147,7 @@ def run_search(
             "preset": preset, "samples": n, "seed": seed, "calibration": evaluator.calibration_hash,
             "space_options": _jsonable(space_options or {}),
         })
-        if _needs_teacher(evaluator):
+        if _needs_teacher(evaluator, spec):
             calibration.build(model, batch_size=batch_size, progress=progress)
         opts = dict(strategy_options or {})
         if strategy == "dp":
@@ -172,13 +173,14 @@ def run_search(
             evaluator.close()
 
 
-def _needs_teacher(evaluator: Any) -> bool:
+def _needs_teacher(evaluator: Any, spec: Any) -> bool:
     """Teacher images cost a 100-step run per sample: build them only for objectives that compare against them
-    (FID-only studies need none). Remote evaluators' objectives are names only, so build for them."""
+    (FID against real images needs none). Remote evaluators' objectives are names only, so build for them."""
     objectives = getattr(evaluator, "objectives", None) or []
     if any(isinstance(o, str) for o in objectives) or not objectives:
         return True
-    return any(getattr(o, "needs_teacher", False) for o in objectives)
+    teacher_fid = spec.fid_reference == "teacher" and any(o.name.startswith("fid") for o in objectives)
+    return teacher_fid or any(getattr(o, "needs_teacher", False) for o in objectives)
 
 
 def heldout_study(study: str) -> str:
@@ -205,7 +207,7 @@ def validate_front(model: Any, store: ResultStore, study: str, objectives: dict[
     heldout = dataclasses.replace(spec, split="heldout", seeds=tuple(HELDOUT_SEED_OFFSET + s for s in spec.seeds))
     calibration = CalibrationSet.open(heldout, cache_dir)
     check = LocalEvaluator(model, calibration, evaluator.objectives, batch_size=batch_size)
-    if _needs_teacher(check):
+    if _needs_teacher(check, heldout):
         calibration.build(model, batch_size=batch_size, progress=progress)
     schedules = [r.to_schedule() for r in front]
     space = _ListSpace(schedules)

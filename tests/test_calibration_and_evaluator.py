@@ -79,6 +79,21 @@ def test_reference_stats_cached(model, built):
     assert np.array_equal(built.reference_stats(extractor).mean, stats.mean)
 
 
+def test_fid_against_the_teacher_distribution(model, tmp_path):
+    spec = default_spec(model.info, samples=24, teacher_steps=12, fid_reference="teacher")
+    assert spec.hash != default_spec(model.info, samples=24, teacher_steps=12).hash  # another reference, another set
+    assert default_spec(model.info, samples=4).fid_reference == "real"
+    with pytest.raises(ValueError, match="fid_reference"):
+        default_spec(model.info, samples=4, fid_reference="imagenet")
+    cal = CalibrationSet.open(spec, tmp_path).build(model, batch_size=12, progress=False)
+    ev = LocalEvaluator(model, cal, ["fid"], batch_size=12)
+    teacher = ev.evaluate_one(spec.teacher).metrics["fid"]
+    coarse = ev.evaluate_one(_schedule(model, 2)).metrics["fid"]
+    assert abs(teacher) < 1e-2  # the same images as the reference, up to float16 storage
+    assert coarse > 10 * max(teacher, 1e-3)
+    assert (cal.root / "fid_ref_teacher_classifier.npz").is_file()
+
+
 def test_evaluator_metrics(model, built):
     ev = LocalEvaluator(model, built, ["psnr", "mse", "class_alignment", "nfe", "macs"], batch_size=4)
     teacher = ev.evaluate_one(built.spec.teacher)

@@ -15,6 +15,7 @@ from schedsearch.spaces.baselines import (
     first_evaluated_step,
     fora_cache_plan,
     linspace_timesteps,
+    windowed_every_n_cache_plan,
     trailing_timesteps,
     unipc_plan,
 )
@@ -193,6 +194,33 @@ def test_cache_mask_baselines_mirror_ecad_seeds() -> None:
     builtin = dict(CacheMaskSpace(BUILTIN).baselines())
     assert not any(n.startswith("tgate-") for n in builtin)  # no cross-attention
     assert all(s.solver == dpmpp_2m_plan(T, 20) for s in builtin.values())
+
+
+def test_windowed_fora_reuses_only_inside_its_window() -> None:
+    plan = windowed_every_n_cache_plan(BUILTIN.layout, 20, 2, (1, 7))
+    reused = [i for i, row in enumerate(plan.recompute) if row == "0" * 12]
+    assert reused == [2, 4, 6]
+    assert all(row == "1" * 12 for i, row in enumerate(plan.recompute) if i not in reused)
+    assert [i for i, r in enumerate(windowed_every_n_cache_plan(BUILTIN.layout, 20, 3, (14, 20)).recompute)
+            if r[0] == "0"] == [15, 16, 18, 19]
+    with pytest.raises(ValueError, match="window"):
+        windowed_every_n_cache_plan(BUILTIN.layout, 20, 2, (5, 21))
+    with pytest.raises(ValueError, match="interval"):
+        windowed_every_n_cache_plan(BUILTIN.layout, 20, 1, (1, 7))
+
+
+def test_cache_mask_corner_seeds_cover_both_ends_of_the_front() -> None:
+    space = CacheMaskSpace(BUILTIN)
+    named = dict(space.baselines())
+    windows = {n for n in named if n.endswith(("-early", "-middle", "-late"))}
+    assert windows == {f"fora-every{k}-{w}" for k in (2, 3) for w in ("early", "middle", "late")}
+    fractions = {n: s.cache.recompute_fraction() for n, s in named.items()}
+    assert max(fractions.values()) == fractions["fora-every2-early"] == 17 / 20  # reuses steps 2, 4, 6 only
+    assert min(fractions.values()) == fractions["fora-every7"] == 3 / 20  # steps 0, 7, 14
+    for name in windows | {"fora-every7"}:  # every seed is a genome of the space (the GA starts from them)
+        assert space.decode(space.encode(named[name])).cache == named[name].cache
+    early = named["fora-every2-early"].cache.recompute
+    assert [i for i, r in enumerate(early) if r == "0" * 12] == [2, 4, 6]
 
 
 def test_cache_mask_under_afs_forces_first_two_rows() -> None:

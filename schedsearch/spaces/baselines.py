@@ -234,3 +234,17 @@ def with_recompute_rows(plan: ComponentCachePlan, rows: Iterable[int]) -> Compon
     full = "1" * plan.num_slots
     force = set(rows)
     return ComponentCachePlan(plan.layout, tuple(full if i in force else r for i, r in enumerate(plan.recompute)))
+
+
+def windowed_every_n_cache_plan(layout: str, num_steps: int, interval: int, window: tuple[int, int]) -> ComponentCachePlan:
+    """FORA restricted to the steps of `window` = [start, stop): inside it every slot is recomputed at `start`,
+    `start + interval`, ... and reused in between; outside it every step is recomputed. Ours, not ECAD's: it seeds
+    the mild-caching corner (a few reused steps), which FORA every N and the evenly spaced seeds do not reach."""
+    start, stop = window
+    if interval < 2:
+        raise ValueError(f"interval: {interval} must be at least 2 (1 reuses nothing)")
+    if not 0 <= start < stop <= num_steps:
+        raise ValueError(f"window: [{start}, {stop}) must be a non-empty range within [0, {num_steps})")
+    n = len(slot_names(layout))
+    reuse = {i for i in range(start, stop) if (i - start) % interval}
+    return ComponentCachePlan(layout, tuple(("0" if i in reuse else "1") * n for i in range(num_steps)))
