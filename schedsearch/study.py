@@ -107,8 +107,9 @@ def run_search(
     unavailable objectives fail here, before any sampling.
 
     low_fidelity_samples: score each batch on this many samples first and promote the better half to the full
-        count (successive halving). fid_reference: "real" or "teacher" (see `default_spec`). validate: re-score the final front on the held-out split (disjoint seeds)
-        into the study `<study>@heldout`, which `export` reports beside the search metrics.
+        count (successive halving). fid_reference: "real" or "teacher" (see `default_spec`).
+    validate: re-score the final front on the held-out split (disjoint seeds) into the study `<study>@heldout`,
+        which `export` reports beside the search metrics.
     workers / ray_address: evaluate on Ray (`workers` actors on a local Ray, or join the cluster at `ray_address`,
         e.g. "auto"); the driver still writes the store alone.
     """

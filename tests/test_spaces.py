@@ -15,9 +15,9 @@ from schedsearch.spaces.baselines import (
     first_evaluated_step,
     fora_cache_plan,
     linspace_timesteps,
-    windowed_every_n_cache_plan,
     trailing_timesteps,
     unipc_plan,
+    windowed_every_n_cache_plan,
 )
 from schedsearch.spaces.cache_interval import CacheIntervalSpace
 from schedsearch.spaces.cache_mask import CacheMaskSpace

@@ -236,7 +236,9 @@ def with_recompute_rows(plan: ComponentCachePlan, rows: Iterable[int]) -> Compon
     return ComponentCachePlan(plan.layout, tuple(full if i in force else r for i, r in enumerate(plan.recompute)))
 
 
-def windowed_every_n_cache_plan(layout: str, num_steps: int, interval: int, window: tuple[int, int]) -> ComponentCachePlan:
+def windowed_every_n_cache_plan(
+    layout: str, num_steps: int, interval: int, window: tuple[int, int]
+) -> ComponentCachePlan:
     """FORA restricted to the steps of `window` = [start, stop): inside it every slot is recomputed at `start`,
     `start + interval`, ... and reused in between; outside it every step is recomputed. Ours, not ECAD's: it seeds
     the mild-caching corner (a few reused steps), which FORA every N and the evenly spaced seeds do not reach."""
