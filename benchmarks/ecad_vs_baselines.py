@@ -84,16 +84,18 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--work-dir", type=Path, help="reuse a store/cache: resumes the study for --budget more")
+    parser.add_argument("--no-search", action="store_true", help="only re-score baselines and re-analyse --work-dir")
     args = parser.parse_args()
     cache_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="ssecad"))
     store_path = cache_dir / "ecad.db"
     model = load_model("builtin:mnist-dit")
     options = {"num_steps": args.steps}
     start = time.perf_counter()
-    run_search(model=model, space="cache", strategy="ecad", objectives=list(OBJECTIVES), study="ecad",
-               store=store_path, budget=Budget(evaluations=args.budget), samples=args.samples, cache_dir=cache_dir,
-               space_options=options, strategy_options={"population": args.population}, progress=True,
-               validate=False)
+    if not args.no_search:
+        run_search(model=model, space="cache", strategy="ecad", objectives=list(OBJECTIVES), study="ecad",
+                   store=store_path, budget=Budget(evaluations=args.budget), samples=args.samples,
+                   cache_dir=cache_dir, space_options=options, strategy_options={"population": args.population},
+                   progress=True, validate=False)
     search_s = time.perf_counter() - start
     spec = default_spec(model.info, samples=args.samples)
     calibration = CalibrationSet.open(spec, cache_dir)
@@ -131,6 +133,7 @@ def main() -> None:
         better = front[(front[:, 0] >= b["psnr"]) & (front[:, 1] <= b["macs"])
                        & ((front[:, 0] > b["psnr"]) | (front[:, 1] < b["macs"]))]
         b["dominated_by_ours"] = bool(len(better))
+        b["weakly_dominated_by_ours"] = bool(np.any((front[:, 0] >= b["psnr"]) & (front[:, 1] <= b["macs"])))
         at_fidelity = front[front[:, 0] >= b["psnr"]]
         b["mac_speedup"] = full / b["macs"]
         b["our_mac_speedup_at_this_psnr"] = float(full / at_fidelity[:, 1].min()) if len(at_fidelity) else None
@@ -140,6 +143,8 @@ def main() -> None:
         "objectives": OBJECTIVES, "reference_point": ref,
         "hypervolume": {"ours": hypervolume(pts, directions, ref), "baselines": hypervolume(base_pts, directions, ref)},
         "baselines_dominated": sum(b["dominated_by_ours"] for b in base_ok), "baselines_scored": len(base_ok),
+        "baselines_weakly_dominated": sum(b["weakly_dominated_by_ours"] for b in base_ok),
+        "not_dominated": [b["name"] for b in base_ok if not b["dominated_by_ours"]],
         "baselines": baselines,
         "front": [{"psnr": float(p), "mac_speedup": float(full / m)} for p, m in sorted(front.tolist())],
     }

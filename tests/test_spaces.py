@@ -283,6 +283,13 @@ def test_joint_space_parts() -> None:
     assert space.decode(x).cache is None
     names = {n for n, _ in space.baselines()}
     assert {"dpmpp2m-nfe6+fora2", "unipc-bh2-nfe6+fora3", "ddim-nfe4"} <= names
+    # the cache space's seeds at its default plan are joint seeds as they are: both searches start alike
+    cache_seeds = CacheMaskSpace(BUILTIN, num_steps=10).baselines()
+    joint = [s for _, s in JointSpace(BUILTIN, nfe_range=(4, 10)).baselines()]
+    for _, seed in cache_seeds:
+        twins = [s for s in joint if s.cache == seed.cache]
+        assert len(twins) == 1
+        assert twins[0].solver.timesteps == seed.solver.timesteps and twins[0].solver.steps == seed.solver.steps
     off = JointSpace(BUILTIN, nfe_range=(4, 6), cache=False, compensation=False)
     assert off.genome.size == SolverSpace(BUILTIN, nfe_range=(4, 6)).genome.size
 

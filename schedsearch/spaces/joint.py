@@ -23,7 +23,7 @@ import numpy as np
 
 from schedsearch.spaces.base import GenomeSpec, ModelStructure, SearchSpace
 from schedsearch.spaces.baselines import first_evaluated_step, fora_cache_plan, unique_named, with_dc_ratios
-from schedsearch.spaces.cache_mask import cache_summary, mask_rows
+from schedsearch.spaces.cache_mask import CacheMaskSpace, cache_summary, mask_rows
 from schedsearch.spaces.cache_plan import ComponentCachePlan, slot_names
 from schedsearch.spaces.compensation import ratio_summary, round_ratios
 from schedsearch.spaces.schedule import Schedule, SolverPlan
@@ -125,8 +125,10 @@ class JointSpace(SearchSpace):
         return x
 
     def baselines(self) -> list[tuple[str, Schedule]]:
-        """The solver space's baselines uncached, plus FORA every 2 / 3 steps on DPM-Solver++ 2M and UniPC bh2 at the
-        largest and the middle NFE of the range."""
+        """The solver space's baselines uncached; FORA every 2 / 3 steps on DPM-Solver++ 2M and UniPC bh2 at the
+        largest and the middle NFE of the range; and every seed of the cache space (ECAD's heuristics, ours) on
+        DPM-Solver++ 2M at the largest NFE, so the joint search starts from everything both separate searches start
+        from (at the cache space's default plan they are the same schedules)."""
         out = []
         plans = self.solver_space.baseline_plans()
         for name, plan in plans:
@@ -148,6 +150,13 @@ class JointSpace(SearchSpace):
                         label = f"{name}+fora{k}"
                         out.append((label, Schedule(self.structure.name, plan, cache,
                                                     meta={"space": self.name, "baseline": label})))
+            top = dict(plans).get(f"dpmpp2m-nfe{hi}")
+            if top is not None:
+                top = dataclasses.replace(top, dc_order=self.dc_order)
+                for name, seed in CacheMaskSpace(self.structure, solver=top).baselines():
+                    label = f"dpmpp2m-nfe{hi}+{name}"
+                    out.append((label, Schedule(self.structure.name, top, seed.cache,
+                                                meta={"space": self.name, "baseline": label})))
         return unique_named(out)
 
     def summary(self, schedule: Schedule) -> dict[str, Any]:
