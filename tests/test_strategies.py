@@ -292,3 +292,28 @@ def test_genes_of_every_kind_stay_valid(name: str) -> None:
     assert all(np.array_equal(spec.clip(x), x) for x in X)
     assert set(X[:, 0]) <= {0.0, 1.0} and set(X[:, 1]) <= set(range(-2, 4)) and set(X[:, 3]) == {4.0}
     assert len(set(X[:, 1])) > 1 and len(set(X[:, 2])) > 1
+
+
+def test_ecad_mutation_is_pymoo_bitflip_as_ecad_configures_it() -> None:
+    """ECAD's code: `BitflipMutation(prob=0.05)` in pymoo 0.6 = 5% of children mutated, each bit flipped with 1/n.
+    Our deap operator must match pymoo's own on the share of changed children and the bits flipped in them."""
+    from pymoo.core.population import Population
+    from pymoo.core.problem import Problem
+    from pymoo.operators.mutation.bitflip import BitflipMutation
+
+    n, trials = 228, 6000
+    spec = GenomeSpec.bits(n)
+    ga = EcadGenetic(spec, 2, seed=3)
+    parent = [float(b) for b in np.random.default_rng(0).integers(0, 2, n)]
+    with ga._deap_random():
+        ours = np.array([ga._mutate(parent) for _ in range(trials)]) != np.array(parent)
+    X = np.tile(np.array(parent, dtype=bool), (trials, 1))
+    pop = BitflipMutation(prob=0.05).do(Problem(n_var=n, xl=0, xu=1, vtype=bool), Population.new("X", X),
+                                        random_state=np.random.default_rng(4))
+    theirs = pop.get("X") != X
+    for flips in (ours, theirs):
+        changed = flips.any(axis=1)
+        assert 0.022 < changed.mean() < 0.043  # 0.05 × (1 − (1 − 1/n)^n) ≈ 0.032
+        assert 1.2 < flips[changed].sum(axis=1).mean() < 2.0  # Poisson(1) given ≥ 1 flip: 1.58
+    with pytest.raises(ValueError, match="mutation_prob"):
+        EcadGenetic(spec, 2, mutation_prob=1.5)

@@ -1,9 +1,13 @@
 """ECAD's genetic algorithm (Aggarwal et al. 2025, arXiv 2506, the search section and repo AniAggarwal/ecad), with deap.
 
 NSGA-II (μ+λ) survival (`tools.selNSGA2`), binary tournament on dominance and crowding distance for parents
-(`tools.selTournamentDCD`), 4-point crossover with p=0.9, bit-flip mutation with p=0.05 per bit, population 72,
-seed 0. Genes that are not bits (other spaces) get SBX crossover (`tools.cxSimulatedBinaryBounded`) and polynomial
-bounded mutation (`tools.mutPolynomialBounded`), then `GenomeSpec.clip` rounds the integers.
+(`tools.selTournamentDCD`), 4-point crossover with p=0.9, population 72, seed 0. Mutation is ECAD's released
+`BitflipMutation(prob=0.05)` with pymoo ≥ 0.6 semantics (ecad/genetic/train_nsga2_base.py): a child is mutated with
+probability 0.05, and a mutated child flips each bit with probability 1/n (pymoo's default `prob_var`), so about one
+bit. (Reading "p=0.05" per bit instead flips ~11 of the builtin model's 228 bits in every child, and the search
+then never refines a schedule it has found.) Genes that are not bits (other spaces) get SBX crossover
+(`tools.cxSimulatedBinaryBounded`) and polynomial bounded mutation on every child (`tools.mutPolynomialBounded`,
+1/n per gene, pymoo's PM defaults), then `GenomeSpec.clip` rounds the integers.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ def k_point_crossover(ind1: list, ind2: list, k: int) -> tuple[list, list]:
 
 
 class EcadGenetic(Strategy):
-    """ECAD's NSGA-II over genomes (defaults as in ECAD: population 72, 4-point crossover p=0.9, bit flip 0.05).
+    """ECAD's NSGA-II over genomes (ECAD's defaults: population 72, 4-point crossover p=0.9, a child mutated with
+    p=0.05 by flipping each bit with p=1/n; `bit_flip_prob` overrides the 1/n).
 
     `ask()` returns one generation: first the initial population (`initial` topped up with random genomes), then
     offspring of the current population. `tell()` merges the evaluated candidates into the population and keeps the
@@ -59,15 +64,19 @@ class EcadGenetic(Strategy):
 
     def __init__(self, spec: GenomeSpec, n_objectives: int, *, seed: int = 0, initial: Sequence[np.ndarray] = (),
                  population: int = 72, crossover_points: int = 4, crossover_prob: float = 0.9,
-                 bit_flip_prob: float = 0.05, sbx_eta: float = 15.0, mutation_eta: float = 20.0,
-                 forbid: Sequence[np.ndarray] = (), max_retries: int = 50) -> None:
+                 mutation_prob: float = 0.05, bit_flip_prob: float | None = None, sbx_eta: float = 15.0,
+                 mutation_eta: float = 20.0, forbid: Sequence[np.ndarray] = (), max_retries: int = 50) -> None:
         super().__init__(spec, n_objectives, seed=seed, initial=initial)
         if population < 2:
             raise ValueError(f"EcadGenetic: population must be ≥ 2, got {population}")
         self.population_size = population
         self.crossover_points = crossover_points
         self.crossover_prob = crossover_prob
-        self.bit_flip_prob = bit_flip_prob
+        for field, value in (("mutation_prob", mutation_prob), ("bit_flip_prob", bit_flip_prob)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"EcadGenetic: {field} must lie in [0, 1], got {value}")
+        self.mutation_prob = mutation_prob
+        self.bit_flip_prob = min(0.5, 1.0 / spec.size) if bit_flip_prob is None else bit_flip_prob
         self.sbx_eta = sbx_eta
         self.mutation_eta = mutation_eta
         self.max_retries = max_retries
@@ -171,9 +180,11 @@ class EcadGenetic(Strategy):
                     c1[i], c2[i] = n1[j], n2[j]
         return self._mutate(c1), self._mutate(c2)
 
-    def _mutate(self, genes: list) -> list:
+    def _mutate(self, genes: list, force: bool = False) -> list:
+        """Bits: with probability `mutation_prob` (always when `force`), flip each with `bit_flip_prob`.
+        Numeric genes: polynomial mutation on every child."""
         genes = list(genes)
-        if self._bits:
+        if self._bits and (force or random.random() < self.mutation_prob):
             bits = [genes[i] for i in self._bits]
             tools.mutFlipBit(bits, indpb=self.bit_flip_prob)
             for j, i in enumerate(self._bits):
@@ -192,7 +203,7 @@ class EcadGenetic(Strategy):
         for _ in range(self.max_retries):
             if self._admit(genome):
                 return genome
-            genome = self.spec.clip(self._mutate(random.choice((p1, p2))))
+            genome = self.spec.clip(self._mutate(random.choice((p1, p2)), force=True))
         if genome_key(genome) not in self._forbidden:
             return genome
         fresh = self._random_genomes(1)

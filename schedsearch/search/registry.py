@@ -78,7 +78,8 @@ def make_strategy(
         from schedsearch.search.genetic import EcadGenetic
 
         population = opts.pop("population", 16 if quick else 72)
-        return EcadGenetic(spec, n_objectives, seed=seed, initial=initial[:population], population=population,
+        # generation 0 is every seed, however many (ECAD's gen_000 is its whole heuristic population)
+        return EcadGenetic(spec, n_objectives, seed=seed, initial=initial, population=population,
                            forbid=forbid, **opts)
     if name == "nsga2":
         from schedsearch.search.pymoo_nsga import PymooNSGA
