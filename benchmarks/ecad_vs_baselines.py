@@ -149,7 +149,9 @@ def main() -> None:
         "front": [{"psnr": float(p), "mac_speedup": float(full / m)} for p, m in sorted(front.tolist())],
     }
     out["hypervolume"]["ours_over_baselines"] = out["hypervolume"]["ours"] / out["hypervolume"]["baselines"]
-    top = max(base_ok, key=lambda b: b["psnr"])  # the most faithful baseline: what speedup do we get at its PSNR?
+    # the most faithful published baseline (not one of the seeds we added): what speedup do we get at its PSNR?
+    published = [b for b in base_ok if not b["name"].endswith(("-early", "-middle", "-late", "every7"))]
+    top = max(published, key=lambda b: b["psnr"])
     out["at_best_baseline_fidelity"] = {"baseline": top["name"], "psnr": top["psnr"],
                                         "its_mac_speedup": top["mac_speedup"],
                                         "our_mac_speedup": top["our_mac_speedup_at_this_psnr"]}
