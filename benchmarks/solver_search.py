@@ -28,15 +28,23 @@ from schedsearch.study import build_space, run_search
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", default="predictor")
-    parser.add_argument("--budget", type=int, default=30)
+    parser.add_argument("--budget", default="30",
+                        help="evaluations per NFE in all (one number, or one per --nfe); a rerun with --work-dir "
+                             "resumes each study up to it")
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--heldout", type=int, default=1000)
     parser.add_argument("--nfe", default="4,5,6")
     parser.add_argument("--objective", default="fid", choices=("fid", "psnr", "mse"))
     parser.add_argument("--fid-reference", default="teacher", choices=("real", "teacher"),
                         help="teacher: FID to the 100-step teacher's images (the model's own distribution)")
+    parser.add_argument("--work-dir", type=Path, help="keep the store and calibration sets here (reruns resume)")
     args = parser.parse_args()
-    cache_dir = Path(tempfile.mkdtemp(prefix="sssolver"))
+    nfes = [int(v) for v in args.nfe.split(",")]
+    budgets = [int(v) for v in args.budget.split(",")]
+    budgets = budgets * len(nfes) if len(budgets) == 1 else budgets
+    if len(budgets) != len(nfes):
+        parser.error(f"--budget: give one number or one per NFE ({len(nfes)})")
+    cache_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="sssolver"))
     store_path = cache_dir / "solver.db"
     model = load_model("builtin:mnist-dit")
     spec = default_spec(model.info, samples=args.heldout, split="heldout", fid_reference=args.fid_reference)
@@ -47,21 +55,25 @@ def main() -> None:
         heldout.build(model, batch_size=100, progress=False)
     metric = args.objective
     better = max if metric == "psnr" else min
-    out = {"model": model.info.name, "strategy": args.strategy, "budget_per_nfe": args.budget,
+    out = {"model": model.info.name, "strategy": args.strategy,
+           "budget_per_nfe": dict(zip(nfes, budgets, strict=True)),
            "search_samples": args.samples, "heldout_samples": args.heldout,
            "metric": args.objective, "rows": [],
            "fid_reference": args.fid_reference,
            "note": "fid: builtin classifier (64-d) features against the 100-step DPM-Solver++ teacher's images of "
                    "the same split (fid_reference teacher) or 1,000 held-out real digits (real); psnr/mse: to the "
                    "teacher image of the same seed"}
-    for nfe in (int(v) for v in args.nfe.split(",")):
+    for nfe, budget in zip(nfes, budgets, strict=True):
         start = time.perf_counter()
         study = f"solver-nfe{nfe}"
         options = {"nfe_range": (nfe, nfe)}
-        run_search(model=model, space="solver", strategy=args.strategy, objectives=[metric, "nfe"], study=study,
-                   store=store_path, budget=Budget(evaluations=args.budget), samples=args.samples,
-                   cache_dir=cache_dir, batch_size=100, space_options=options, progress=False, validate=False,
-                   fid_reference=args.fid_reference)
+        with ResultStore(store_path) as store:
+            done = len(store.records(study)) if study in store.studies() else 0
+        if done < budget:
+            run_search(model=model, space="solver", strategy=args.strategy, objectives=[metric, "nfe"],
+                       study=study, store=store_path, budget=Budget(evaluations=budget - done),
+                       samples=args.samples, cache_dir=cache_dir, batch_size=100, space_options=options,
+                       progress=False, validate=False, fid_reference=args.fid_reference)
         space = build_space("solver", model.info, "quick", options)
         names = {s.key: name for name, s in space.baselines()}
         with ResultStore(store_path) as store:
