@@ -52,7 +52,7 @@ def main() -> None:
         strategy = strategies[space]
         store_path = cache_dir / f"{space}.db"
         with ResultStore(store_path) as store:
-            done = sum(1 for r in store.records(space)) if space in store.studies() else 0
+            done = len(store.records(space)) if space in store.studies() else 0
         opts = {} if strategy in ("predictor",) else {"population": args.population}
         if done < args.budget:
             run_search(model=model, space=space, strategy=strategy, objectives=list(OBJECTIVES), study=space,

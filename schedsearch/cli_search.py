@@ -176,6 +176,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from schedsearch.runtime.execute import check_schedule_for
     from schedsearch.runtime.models import load_model
     from schedsearch.spaces.schedule import load_schedule
+    from schedsearch.study import needs_teacher
 
     names = parse_objective_list(args.objectives)
     schedule = load_schedule(args.schedule)
@@ -189,7 +190,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     cache_dir = args.cache_dir or default_cache_dir()
     calibration = CalibrationSet.open(spec, cache_dir)
     evaluator = LocalEvaluator(model, calibration, names, batch_size=args.batch_size, cost_cache_dir=str(cache_dir))
-    if any(o.needs_teacher for o in evaluator.objectives) or any(n.startswith("fid") for n in names):
+    if needs_teacher(evaluator, spec):  # the same rule as a search's: FID against real images needs no teacher
         calibration.build(model, batch_size=args.batch_size, progress=not args.json)
     result = evaluator.evaluate_one(schedule)
     out = {

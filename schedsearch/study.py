@@ -148,7 +148,7 @@ def run_search(
             "preset": preset, "samples": n, "seed": seed, "calibration": evaluator.calibration_hash,
             "space_options": _jsonable(space_options or {}),
         })
-        if _needs_teacher(evaluator, spec):
+        if needs_teacher(evaluator, spec):
             calibration.build(model, batch_size=batch_size, progress=progress)
         opts = dict(strategy_options or {})
         if strategy == "dp":
@@ -174,7 +174,7 @@ def run_search(
             evaluator.close()
 
 
-def _needs_teacher(evaluator: Any, spec: Any) -> bool:
+def needs_teacher(evaluator: Any, spec: Any) -> bool:
     """Teacher images cost a 100-step run per sample: build them only for objectives that compare against them
     (FID against real images needs none). Remote evaluators' objectives are names only, so build for them."""
     objectives = getattr(evaluator, "objectives", None) or []
@@ -208,7 +208,7 @@ def validate_front(model: Any, store: ResultStore, study: str, objectives: dict[
     heldout = dataclasses.replace(spec, split="heldout", seeds=tuple(HELDOUT_SEED_OFFSET + s for s in spec.seeds))
     calibration = CalibrationSet.open(heldout, cache_dir)
     check = LocalEvaluator(model, calibration, evaluator.objectives, batch_size=batch_size)
-    if _needs_teacher(check, heldout):
+    if needs_teacher(check, heldout):
         calibration.build(model, batch_size=batch_size, progress=progress)
     schedules = [r.to_schedule() for r in front]
     space = _ListSpace(schedules)

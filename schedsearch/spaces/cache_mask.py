@@ -157,11 +157,11 @@ class CacheMaskSpace(SearchSpace):
         n, layout = self.num_steps - self.first, self.layout
         out = []
         if n >= 6:
-            thirds = [round(k * (n - 1) / 3) + 1 for k in range(4)]  # windows after the forced first step
+            thirds = [round(k * (n - 1) / 3) + 1 for k in range(4)]  # [1, ..., n]: after the forced first step
             for name, (start, stop) in zip(("early", "middle", "late"), itertools.pairwise(thirds), strict=True):
                 for k in (2, 3):
                     if stop - start > 1:
-                        plan = windowed_every_n_cache_plan(layout, n, k, (start, min(stop, n)))
+                        plan = windowed_every_n_cache_plan(layout, n, k, (start, stop))
                         out.append(self._schedule(f"fora-every{k}-{name}", plan))
         if n > 7:
             out.append(self._schedule("fora-every7", every_n_cache_plan(layout, n, 7, self.components)))
