@@ -39,6 +39,7 @@ from schedsearch.spaces.schedule import Schedule
 from schedsearch.study import build_space, run_search
 
 OBJECTIVES = {"psnr": "max", "macs": "min"}
+RESULT = Path(__file__).parent / "results" / "ecad_vs_baselines.json"
 DIFFUSERS = {
     "FirstBlockCache 0.05": ("first_block_cache", {"threshold": 0.05}),
     "FirstBlockCache 0.1": ("first_block_cache", {"threshold": 0.1}),
@@ -86,8 +87,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--work-dir", type=Path, help="reuse a store/cache: resumes the study for --budget more")
     parser.add_argument("--no-search", action="store_true",
-                        help="no new evaluations: re-score the baselines and redraw the figure from --work-dir "
-                             "(the JSON of the last search run is kept)")
+                        help="no new evaluations: re-score the baselines, rewrite the JSON and redraw the figure "
+                             "from --work-dir's store (budget and search time are the last search run's)")
     args = parser.parse_args()
     cache_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="ssecad"))
     store_path = cache_dir / "ecad.db"
@@ -148,22 +149,46 @@ def main() -> None:
         "baselines_dominated": sum(b["dominated_by_ours"] for b in base_ok), "baselines_scored": len(base_ok),
         "baselines_weakly_dominated": sum(b["weakly_dominated_by_ours"] for b in base_ok),
         "not_dominated": [b["name"] for b in base_ok if not b["dominated_by_ours"]],
+        "by_origin": _by_origin(base_ok),
         "baselines": baselines,
         "front": [{"psnr": float(p), "mac_speedup": float(full / m)} for p, m in sorted(front.tolist())],
     }
     out["hypervolume"]["ours_over_baselines"] = out["hypervolume"]["ours"] / out["hypervolume"]["baselines"]
     # the most faithful published baseline (not one of the seeds we added): what speedup do we get at its PSNR?
-    published = [b for b in base_ok if not b["name"].endswith(("-early", "-middle", "-late", "every7"))]
+    published = [b for b in base_ok if origin(b["name"]) != "ours"]
     top = max(published, key=lambda b: b["psnr"])
     out["at_best_baseline_fidelity"] = {"baseline": top["name"], "psnr": top["psnr"],
                                         "its_mac_speedup": top["mac_speedup"],
                                         "our_mac_speedup": top["our_mac_speedup_at_this_psnr"]}
+    if args.no_search:  # keep the last search run's budget and wall time, refresh everything else
+        last = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
+        out["budget"] = last.get("budget")
+        out["search_wall_time_s_this_run"] = last.get("search_wall_time_s_this_run")
     text = json.dumps(out, indent=1)
     print(text)
-    if not args.no_search:
-        (Path(__file__).parent / "results" / "ecad_vs_baselines.json").write_text(text + "\n")
+    RESULT.write_text(text + "\n")
     _figure(ours, base_ok, Path(__file__).parents[1] / "docs" / "pareto_cache_ecad.png", args.steps)
     print(f"wrote docs/pareto_cache_ecad.png; store kept at {store_path}", file=sys.stderr)
+
+
+def origin(name: str) -> str:
+    """'published' (FORA every N, DeepCache-style units, diffusers' caches), 'ours' (our extra seeds: windowed
+    FORA, FORA every 7, "+skip" twins), or 'ecad' (ECAD's other heuristic seeds)."""
+    if name.startswith(("unit ", "diffusers ")) or re.fullmatch(r"fora-every[2-5]", name):
+        return "published"
+    if name.endswith(("-early", "-middle", "-late", "every7")) or "+skip" in name:
+        return "ours"
+    return "ecad"
+
+
+def _by_origin(baselines: list[dict]) -> dict[str, dict]:
+    out = {}
+    for kind in ("published", "ecad", "ours"):
+        group = [b for b in baselines if origin(b["name"]) == kind]
+        out[kind] = {"scored": len(group), "strictly_dominated": sum(b["dominated_by_ours"] for b in group),
+                     "weakly_dominated": sum(b["weakly_dominated_by_ours"] for b in group),
+                     "not_dominated": [b["name"] for b in group if not b["dominated_by_ours"]]}
+    return out
 
 
 def _figure(ours, baselines, path: Path, steps: int) -> None:
@@ -180,7 +205,7 @@ def _figure(ours, baselines, path: Path, steps: int) -> None:
     # label the published methods (FORA, DeepCache-style units, diffusers' caches); ECAD's and our other seeds
     # are drawn unlabelled so the labels stay readable
     def published(name: str) -> bool:
-        return name.startswith(("unit ", "diffusers ")) or re.fullmatch(r"fora-every\d", name) is not None
+        return origin(name) == "published"
 
     base = pd.DataFrame([{"label": b["name"] if published(b["name"]) else "", "metric.psnr": b["psnr"],
                           "metric.macs": b["macs"]} for b in baselines])

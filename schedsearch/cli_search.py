@@ -65,7 +65,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         store=args.store, budget=budget, preset=args.preset, samples=args.samples, seed=args.seed,
         guidance=args.guidance, cache_dir=args.cache_dir, batch_size=args.batch_size, prompts=prompts,
         progress=not args.quiet, low_fidelity_samples=args.low_fidelity_samples, validate=not args.no_validate,
-        fid_reference=args.fid_reference, **_distribution(args),
+        fid_reference=args.fid_reference, space_options=_space_options(args), **_distribution(args),
     )
     print(f"study {args.study}: {result.evaluations} new evaluations, {result.reused} reused from the store, "
           f"{result.wall_time_s:.0f} s")
@@ -73,6 +73,14 @@ def _cmd_search(args: argparse.Namespace) -> int:
         _print_front(store, args.study, None, all_records=False, fmt="table")
     print(f"export the front: schedsearch export --store {args.store} --study {args.study} --out DIR")
     return 0
+
+
+def _space_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    if not args.no_block_skip:
+        return None
+    if args.space not in ("cache", "joint"):
+        raise StudyCliError(f"--no-block-skip: applies to --space cache or joint, not {args.space}; drop it")
+    return {"block_skip": False}
 
 
 def _quiet_libraries() -> None:
@@ -241,6 +249,8 @@ def add_study_commands(sub: Any) -> None:
                    help="score candidates on this many samples first; promote the better half (successive halving)")
     s.add_argument("--fid-reference", choices=("real", "teacher"),
                    help="FID against real images (builtin default) or the teacher's images (default otherwise)")
+    s.add_argument("--no-block-skip", action="store_true",
+                   help="cache/joint: ECAD's space exactly, without the bit that skips fully reused blocks whole")
     s.add_argument("--no-validate", action="store_true", help="skip re-scoring the front on the held-out split")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(run=_cmd_search)

@@ -29,6 +29,7 @@ class Preset:
     teacher_steps: int
 
 
+BLOCK_SKIP_FAMILIES = ("dit", "pixart", "sd3", "flux")  # their blocks are in diffusers' TransformerBlockRegistry
 PRESETS = {
     "quick": Preset(samples=32, num_steps=10, nfe_range=(4, 6), dc_nfe=5, teacher_steps=100),
     "paper": Preset(samples=1000, num_steps=20, nfe_range=(4, 10), dc_nfe=5, teacher_steps=100),
@@ -52,6 +53,7 @@ def model_structure(info: Any) -> ModelStructure:
         unit_group=unit_group,
         unit_blocks=unit_blocks,
         has_cross_attention=any("attn2" in g.components for g in info.block_groups),
+        block_skip=info.family in BLOCK_SKIP_FAMILIES,
     )
 
 

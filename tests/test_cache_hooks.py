@@ -1,8 +1,11 @@
 """Cache plans run through diffusers hooks: exact when recomputing everything, no trace when removed, real savings."""
 
+import dataclasses
+
 import pytest
 import torch
 
+from schedsearch.objectives.cost import analytic_macs_table, observe_units, schedule_cost
 from schedsearch.runtime.cache_hooks import CachePlanMismatchError, CacheRuntime, model_layout
 from schedsearch.runtime.models import initial_noise
 from schedsearch.runtime.sampler import sample
@@ -135,3 +138,52 @@ def test_mismatched_plans_name_expected_and_given(env):
         CacheRuntime(model.network, model.info, UnitCachePlan("single_transformer_blocks", 0, 2, (0,), N))
     for module in model.network.modules():  # a refused plan leaves nothing attached
         assert not hasattr(module, "_diffusers_hook")
+
+
+def skipping(plan):
+    return dataclasses.replace(plan, skip_reused_blocks=True)
+
+
+def test_skipping_fully_reused_blocks_is_whole_stack_unit_refresh(env):
+    """FORA every 2 with skip_reused_blocks reuses each block's residual, adaLN modulation included: the same
+    computation as refreshing a unit of all blocks every 2 steps (DeepCache / FORA residual reuse), and not the
+    same as ECAD's plain reuse, which recomputes the modulation around reused outputs."""
+    model, denoise, x, _ = env
+    fora = baselines.fora_cache_plan(model_layout(model.info), N, 2)
+    modulation = ComputeCounter(model.network.transformer_blocks[2].norm1.linear)
+    try:
+        skipped, _ = run(model, denoise, x, skipping(fora))
+        assert modulation.count == 3
+        plain, _ = run(model, denoise, x, fora)
+        assert modulation.count == 3 + N
+    finally:
+        modulation.handle.remove()
+    unit, _ = run(model, denoise, x, UnitCachePlan("transformer_blocks", 0, 6, (0, 2, 4), N))
+    assert torch.allclose(skipped, unit, atol=1e-5)
+    assert (skipped - plain).abs().max() > 1e-4
+
+
+def test_skipping_keeps_partial_reuse_and_costs_what_runs(env):
+    """Only blocks with every component reused are skipped; a block with a component recomputed runs (and reuses
+    the rest); the analytic cost equals what the run really computed."""
+    model, denoise, x, _ = env
+    info = model.info
+    layout = model_layout(info)
+    rows = ["11" * 6] * N
+    rows[1] = "00" + "01" + "11" * 4  # step 1: block 0 skipped, block 1 reuses attn1 and recomputes ff
+    rows[3] = "00" * 6  # step 3: every block skipped
+    plan = skipping(ComponentCachePlan(layout, tuple(rows)))
+    assert plan.skipped_blocks()[1] == [True] + [False] * 5 and all(plan.skipped_blocks()[3])
+    table = analytic_macs_table(model.network, info)
+    with CacheRuntime(model.network, info, plan) as runtime:
+        wrapped = runtime.wrap(denoise)
+        observed = observe_units(model.network, info, lambda: sample(wrapped, x, PLAN, model.noise_schedule))
+        out = sample(wrapped, x, PLAN, model.noise_schedule)
+    assert [c["transformer_blocks.0"] > 0 for c in observed.calls] == [True, False, True, False, True, True]
+    assert [c["transformer_blocks.1"] > 0 for c in observed.calls] == [True, True, True, False, True, True]
+    assert observed.cost(table, full_batch=2 * len(x), multiplier=2) == pytest.approx(
+        schedule_cost(table, PLAN, info, plan, multiplier=2))
+    plain_plan = dataclasses.replace(plan, skip_reused_blocks=False)
+    plain, _ = run(model, denoise, x, plain_plan)
+    assert torch.isfinite(out).all() and not torch.equal(out, plain)
+    assert schedule_cost(table, PLAN, info, plan) < schedule_cost(table, PLAN, info, plain_plan)

@@ -1,10 +1,12 @@
 """Cache plans on tiny random diffusers models of every transformer family (PixArt, SD3, Flux, DiT)."""
 
+import dataclasses
+
 import pytest
 import torch
 from test_diffusers_models import build_pipeline, conditions
 
-from schedsearch.runtime.cache_hooks import CacheRuntime, model_layout
+from schedsearch.runtime.cache_hooks import CachePlanMismatchError, CacheRuntime, model_layout
 from schedsearch.runtime.models import initial_noise, load_model
 from schedsearch.runtime.sampler import sample
 from schedsearch.spaces import baselines
@@ -93,3 +95,42 @@ def test_deepcache_on_a_unet(tmp_path, builtin_model):
     assert torch.isfinite(cached).all() and not torch.equal(cached, reference)
     with pytest.raises(ValueError, match="not a UNet"):
         CacheRuntime(builtin_model.network, builtin_model.info, every)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_skipping_fully_reused_blocks_on_every_transformer_family(tiny, family):
+    """Skipping whole blocks works on single-stream (DiT, PixArt) and dual-stream blocks (SD3, Flux: hidden and
+    encoder states both get their residual): exact when nothing is reused, different from plain reuse otherwise."""
+    model = tiny[family]
+    reference = run(model, family)
+    layout = model_layout(model.info)
+    full = dataclasses.replace(ComponentCachePlan.full(layout, 4), skip_reused_blocks=True)
+    assert torch.equal(run(model, family, full), reference)
+    fora = baselines.fora_cache_plan(layout, 4, 2)
+    skipped = run(model, family, dataclasses.replace(fora, skip_reused_blocks=True))
+    assert torch.isfinite(skipped).all()
+    assert not torch.equal(skipped, reference) and not torch.equal(skipped, run(model, family, fora))
+    assert torch.equal(run(model, family), reference)  # hooks gone
+
+
+def test_component_plans_on_a_unet_and_no_block_skipping(tmp_path):
+    """A UNet block's components are ModuleLists (resnets, attentions): each member reuses its own output. Its
+    blocks return (hidden, res_samples), which diffusers cannot skip: skip_reused_blocks is refused."""
+    build_pipeline("sd", tmp_path).save_pretrained(tmp_path / "sd")
+    model = load_model(f"diffusers:{tmp_path / 'sd'}")
+    reference = run(model, "sd")
+    layout = model_layout(model.info)
+    assert torch.equal(run(model, "sd", ComponentCachePlan.full(layout, 4)), reference)
+    resnet = model.network.down_blocks[0].resnets[0].conv1
+    calls = []
+    handle = resnet.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        cached = run(model, "sd", baselines.fora_cache_plan(layout, 4, 2))
+    finally:
+        handle.remove()
+    assert len(calls) == 2 and torch.isfinite(cached).all() and not torch.equal(cached, reference)
+    plan = dataclasses.replace(baselines.fora_cache_plan(layout, 4, 2), skip_reused_blocks=True)
+    with pytest.raises(CachePlanMismatchError, match=r"skip_reused_blocks.*set skip_reused_blocks to false"):
+        CacheRuntime(model.network, model.info, plan)
+    for module in model.network.modules():
+        assert not hasattr(module, "_diffusers_hook")

@@ -1,9 +1,18 @@
 """Cache plans as data: validation names the field, baselines have the documented shape, JSON round-trips."""
 
+import dataclasses
+
 import pytest
 
 from schedsearch.spaces import baselines
-from schedsearch.spaces.cache_plan import ComponentCachePlan, UnitCachePlan, layout_of, parse_layout, slot_names
+from schedsearch.spaces.cache_plan import (
+    ComponentCachePlan,
+    UnitCachePlan,
+    cache_plan_from_dict,
+    layout_of,
+    parse_layout,
+    slot_names,
+)
 from schedsearch.spaces.schedule import Schedule, ScheduleError
 
 DIT = layout_of([("transformer_blocks", 2, ("attn1", "ff"))])
@@ -78,3 +87,15 @@ def test_analytical_first_step_shifts_the_first_evaluated_step():
     assert Schedule("builtin:mnist-dit", afs, cache).validate() is not None
     with pytest.raises(ScheduleError, match=r"cache.recompute\[0\]"):
         Schedule("builtin:mnist-dit", solver, cache).validate()
+
+
+def test_block_skip_flag_round_trips_and_keeps_old_keys():
+    layout = "transformer_blocks[2](attn1,ff)"
+    plain = ComponentCachePlan(layout, ("1111", "0011", "0000"))
+    assert "skip_reused_blocks" not in plain.to_dict()  # plans written before the flag keep their content hash
+    skip = dataclasses.replace(plain, skip_reused_blocks=True)
+    assert cache_plan_from_dict(skip.to_dict()) == skip and cache_plan_from_dict(plain.to_dict()) == plain
+    assert skip.skipped_blocks() == [[False, False], [True, False], [True, True]]
+    assert plain.skipped_blocks() == [[False, False]] * 3
+    with pytest.raises(ScheduleError, match=r"cache\.skip_reused_blocks"):
+        cache_plan_from_dict({**skip.to_dict(), "skip_reused_blocks": "yes"})

@@ -31,7 +31,7 @@ from schedsearch.spaces.solver import SolverSpace
 T = 1000
 BUILTIN = ModelStructure(
     name="builtin:mnist-dit", num_train_timesteps=T, layout="transformer_blocks[6](attn1,ff)", num_blocks=6,
-    unit_group="transformer_blocks", unit_blocks=6,
+    unit_group="transformer_blocks", unit_blocks=6, block_skip=True,
 )
 PIXART = ModelStructure(
     name="pixart-like", num_train_timesteps=T, layout="transformer_blocks[4](attn1,attn2,ff)", num_blocks=4,
@@ -173,15 +173,43 @@ def test_solver_encode_rejects_what_it_cannot_express() -> None:
 def test_cache_mask_genome_and_ecad_constraint() -> None:
     space = CacheMaskSpace(PIXART, num_steps=20)
     assert space.genome.size == 19 * 4 * 3 and space.genome.is_binary
-    full = space.decode(space.all_recompute_genome())
+    full = space.decode(space.all_recompute_genomes()[0])
     assert full.cache == ComponentCachePlan.full(PIXART.layout, 20)
-    assert space.is_all_recompute(space.all_recompute_genome())
+    assert all(space.is_all_recompute(g) for g in space.all_recompute_genomes())
     assert not space.is_all_recompute(np.zeros(space.genome.size))
     # no baseline is the all-recompute schedule (ECAD's constraint)
     for _, schedule in space.baselines():
         assert not space.is_all_recompute(space.encode(schedule))
     zeros = space.decode(np.zeros(space.genome.size)).cache
     assert zeros.recompute[0] == "1" * 12 and set("".join(zeros.recompute[1:])) == {"0"}
+
+
+def test_cache_mask_block_skip_gene() -> None:
+    """Where blocks can be skipped whole, one last bit chooses it; it is set only where it changes the run (some
+    block fully reused), both all-recompute genomes are forbidden, and FORA-like seeds come with "+skip" twins."""
+    space = CacheMaskSpace(BUILTIN, num_steps=10)
+    assert space.genome.size == 9 * 12 + 1 and space.genome.names[-1] == "skip_reused_blocks"
+    seeds = dict(space.baselines())
+    fora, twin = seeds["fora-every2"].cache, seeds["fora-every2+skip"].cache
+    assert twin == dataclasses.replace(fora, skip_reused_blocks=True) and not fora.skip_reused_blocks
+    x = space.encode(seeds["fora-every2+skip"])
+    assert x[-1] == 1.0 and space.decode(x) == seeds["fora-every2+skip"]
+    assert not any(n.startswith(("attn-every", "ff-every")) and n.endswith("+skip") for n in seeds)  # nothing to skip
+    only_ff = space.encode(seeds["ff-every2"])  # ff reused, attn1 recomputed: no block is fully reused
+    only_ff[-1] = 1.0
+    assert space.decode(only_ff).cache == seeds["ff-every2"].cache
+    assert len(space.all_recompute_genomes()) == 2
+    assert all(space.is_all_recompute(g) and space.decode(g).cache.recompute_fraction() == 1.0
+               for g in space.all_recompute_genomes())
+    plain = CacheMaskSpace(BUILTIN, num_steps=10, block_skip=False)
+    assert plain.genome.size == 9 * 12 and not any(n.endswith("+skip") for n, _ in plain.baselines())
+    with pytest.raises(ValueError, match="skip_reused_blocks"):
+        plain.encode(seeds["fora-every2+skip"])
+    with pytest.raises(ValueError, match="block_skip"):
+        CacheMaskSpace(PIXART, block_skip=True)  # PIXART's test structure says its blocks cannot be skipped
+    joint = JointSpace(BUILTIN, nfe_range=(4, 10))
+    seed = dict(joint.baselines())["dpmpp2m-nfe10+fora-every2+skip"]
+    assert seed.cache.skip_reused_blocks and joint.decode(joint.encode(seed)) == seed
 
 
 def test_cache_mask_baselines_mirror_ecad_seeds() -> None:
@@ -225,7 +253,7 @@ def test_cache_mask_corner_seeds_cover_both_ends_of_the_front() -> None:
 
 def test_cache_mask_under_afs_forces_first_two_rows() -> None:
     space = CacheMaskSpace(BUILTIN, solver=AFS_SOLVER)
-    assert space.genome.size == (8 - 2) * 12
+    assert space.genome.size == (8 - 2) * 12 + 1  # + the block-skip bit
     schedule = space.decode(np.zeros(space.genome.size))
     assert schedule.cache.recompute[:2] == ("1" * 12,) * 2
     fora = dict(space.baselines())["fora-every2"].cache.recompute

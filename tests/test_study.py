@@ -120,6 +120,8 @@ def test_cli_search_front_export_evaluate(tmp_path, cache_dir, capsys):
          "--objectives"),
         (["search", "--space", "cache", "--strategy", "ecad", "--objectives", "psnr,macs", "--budget", "0"],
          "--budget"),
+        (["search", "--space", "solver", "--strategy", "nsga2", "--objectives", "psnr,nfe", "--budget", "2",
+          "--no-block-skip"], "--no-block-skip"),
     ],
 )
 def test_cli_search_bad_input_writes_nothing(tmp_path, capsys, argv, field):

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from schedsearch.runtime.models import ModelInfo, model_layout
-from schedsearch.spaces.cache_plan import CachePlan, ComponentCachePlan, UnitCachePlan, slot_names
+from schedsearch.runtime.models import ModelInfo, block_module_name, model_layout
+from schedsearch.spaces.cache_plan import CachePlan, ComponentCachePlan, UnitCachePlan, block_names, slot_names
 from schedsearch.spaces.schedule import SolverPlan
 
 
@@ -301,19 +301,12 @@ def measured_macs_table(network: torch.nn.Module, info: ModelInfo, forward: Call
     slots, overhead = {}, {}
     for g in info.block_groups:
         for b in range(g.count):
-            key, module = f"{g.path}.{b}", _block_module_name(network, g.path, g.count, b)
+            key, module = f"{g.path}.{b}", block_module_name(network, g.path, g.count, b)
             for c in g.components:
                 slots[f"{key}.{c}"] = macs(f"{module}.{c}")
             overhead[key] = macs(module) - sum(slots[f"{key}.{c}"] for c in g.components)
     base = macs("") - sum(slots.values()) - sum(overhead.values())
     return CostTable("MACs", base, slots, overhead)
-
-
-def _block_module_name(network: torch.nn.Module, path: str, count: int, index: int) -> str:
-    """Module name of block `index` of a group: `path.index` in a ModuleList; `path` itself for a single-unit
-    group (a UNet block such as `down_blocks.0`, whose slot names still carry the index 0)."""
-    single = count == 1 and not isinstance(network.get_submodule(path), torch.nn.ModuleList)
-    return path if single else f"{path}.{index}"
 
 
 def slot_names_of(info: ModelInfo) -> list[str]:
@@ -343,12 +336,17 @@ def _in_unit(cache: UnitCachePlan, block: str) -> bool:
 
 
 def block_run_matrix(plan: SolverPlan, cache: CachePlan | None, blocks: list[str]) -> np.ndarray:
-    """bool (steps, blocks): False where a cached unit skips the whole block (its norms and modulation too);
-    component reuse still runs the rest of the block."""
+    """bool (steps, blocks): False where a cached unit, or a component plan with `skip_reused_blocks`, skips the
+    whole block (its norms and modulation too); plain component reuse still runs the rest of the block."""
     runs = np.ones((plan.num_steps, len(blocks)), dtype=bool)
     if isinstance(cache, UnitCachePlan):
         in_unit = np.array([_in_unit(cache, b) for b in blocks])
         runs &= ~in_unit[None, :] | np.array(cache.refresh_mask())[:, None]
+    elif isinstance(cache, ComponentCachePlan) and cache.skip_reused_blocks:
+        skipped = dict(zip(block_names(cache.layout), np.array(cache.skipped_blocks(), dtype=bool).T, strict=True))
+        for j, block in enumerate(blocks):
+            if block in skipped:
+                runs[:, j] &= ~skipped[block]
     return runs
 
 

@@ -15,14 +15,16 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 
-from schedsearch.runtime.models import ModelInfo, model_layout
-from schedsearch.spaces.cache_plan import CachePlan, ComponentCachePlan, UnitCachePlan, slot_names
+from schedsearch.runtime.models import ModelInfo, block_module_name, model_layout
+from schedsearch.spaces.cache_plan import CachePlan, ComponentCachePlan, UnitCachePlan, block_names, slot_names
 
 __all__ = ["CachePlanMismatchError", "CacheRuntime", "model_layout"]
 
 COMPONENT_HOOK = "schedsearch_component_reuse"
 UNIT_HOOK = "schedsearch_unit_reuse"
+BLOCK_HOOK = "schedsearch_block_skip"
 DEEPCACHE_GROUP = "deepcache"  # UnitCachePlan.group naming a UNet's DeepCache branch (start 0, end 1)
 
 Denoiser = Callable[[torch.Tensor, float, int], torch.Tensor]
@@ -70,6 +72,63 @@ class ComponentReuseHook(ModelHook):
         if ctx.branch not in self.cache.values:
             raise RuntimeError(f"{self.name}: step {ctx.step_index} reuses an output that was never computed")
         return self.cache.values[ctx.branch]
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.cache = _BranchCache()
+        return module
+
+
+class BlockSkipHook(ModelHook):
+    """`skip_reused_blocks`: at a step that reuses every component of this block, return its input plus the residual
+    from the last step it ran (hidden states, and encoder hidden states of MM-DiT blocks, located with diffusers'
+    `TransformerBlockRegistry` as its FirstBlockCache does), so the block's adaLN modulation is skipped too."""
+
+    _is_stateful = True
+
+    def __init__(self, context: StepContext, skip: np.ndarray, metadata: TransformerBlockMetadata) -> None:
+        super().__init__()
+        self.context, self.skip, self.meta = context, skip, metadata
+        self.keep = np.append(skip[1:], False)  # store a residual only if the next step skips the block
+        self.cache = _BranchCache()
+
+    def _inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        meta = self.meta
+        hidden = meta._get_parameter_from_args_kwargs(meta.hidden_states_argument_name, args, kwargs)
+        if meta.return_encoder_hidden_states_index is None:
+            return hidden, None
+        return hidden, meta._get_parameter_from_args_kwargs(meta.encoder_hidden_states_argument_name, args, kwargs)
+
+    def _outputs(self, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(output, torch.Tensor):
+            return output, None
+        meta = self.meta
+        encoder = None if meta.return_encoder_hidden_states_index is None else output[
+            meta.return_encoder_hidden_states_index]
+        return output[meta.return_hidden_states_index], encoder
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        ctx = self.context
+        hidden, encoder = self._inputs(args, kwargs)
+        if not self.skip[ctx.step_index]:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            if self.keep[ctx.step_index]:
+                out_hidden, out_encoder = self._outputs(output)
+                encoder_residual = None if out_encoder is None or encoder is None else out_encoder - encoder
+                self.cache.values[ctx.branch] = (out_hidden - hidden, encoder_residual)
+            else:
+                self.cache.values.pop(ctx.branch, None)
+            return output
+        if ctx.branch not in self.cache.values:
+            raise RuntimeError(f"block skip: step {ctx.step_index} skips a block that never ran")
+        hidden_residual, encoder_residual = self.cache.values[ctx.branch]
+        if self.meta.return_encoder_hidden_states_index is None:
+            return hidden + hidden_residual
+        out: list[Any] = [None, None]
+        out[self.meta.return_hidden_states_index] = hidden + hidden_residual
+        out[self.meta.return_encoder_hidden_states_index] = (
+            encoder if encoder_residual is None else encoder + encoder_residual
+        )
+        return tuple(out)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.cache = _BranchCache()
@@ -135,13 +194,50 @@ class CacheRuntime:
                 f"cache.layout: plan is for {plan.layout!r} but {self.info.name} has {expected!r}"
             )
         plan.validate()
+        skips = self._block_skips(plan)  # checked before anything is attached
         bits = np.array([[c == "1" for c in row] for row in plan.recompute], dtype=bool)  # (steps, slots)
-        for slot, name in enumerate(slot_names(plan.layout)):
-            block, component = name.rsplit(".", 1)
-            module = getattr(self.network.get_submodule(block), component)
+        for slot, (name, module) in enumerate(zip(slot_names(plan.layout), self._slot_modules(plan), strict=True)):
             if module is None:  # absent in this block (SD3's last block has no ff_context): nothing to cache
                 continue
-            self._register(module, ComponentReuseHook(self.context, bits[:, slot], name), COMPONENT_HOOK)
+            # a UNet block's `resnets` / `attentions` are ModuleLists its forward walks: each member reuses its own
+            parts = list(module) if isinstance(module, torch.nn.ModuleList) else [module]
+            for i, part in enumerate(parts):
+                label = f"{name}.{i}" if len(parts) > 1 else name
+                self._register(part, ComponentReuseHook(self.context, bits[:, slot], label), COMPONENT_HOOK)
+        for block, (skip, metadata) in skips.items():
+            self._register(self._blocks()[block], BlockSkipHook(self.context, skip, metadata), BLOCK_HOOK)
+
+    def _blocks(self) -> dict[str, torch.nn.Module]:
+        """'path.block' -> the block module (a UNet group of one block is its path itself)."""
+        return {
+            f"{g.path}.{b}": self.network.get_submodule(block_module_name(self.network, g.path, g.count, b))
+            for g in self.info.block_groups
+            for b in range(g.count)
+        }
+
+    def _slot_modules(self, plan: ComponentCachePlan) -> list[torch.nn.Module | None]:
+        blocks = self._blocks()
+        return [getattr(blocks[name.rsplit(".", 1)[0]], name.rsplit(".", 1)[1]) for name in slot_names(plan.layout)]
+
+    def _block_skips(self, plan: ComponentCachePlan) -> dict[str, tuple[np.ndarray, TransformerBlockMetadata]]:
+        """Per block that the plan ever skips: its skip mask and diffusers' metadata of where its states are."""
+        if not plan.skip_reused_blocks:
+            return {}
+        skipped = np.array(plan.skipped_blocks(), dtype=bool)  # (steps, blocks)
+        out = {}
+        for j, block in enumerate(block_names(plan.layout)):
+            if not skipped[:, j].any():
+                continue
+            cls = type(self._blocks()[block])
+            try:
+                metadata = TransformerBlockRegistry.get(cls)
+            except ValueError as exc:
+                raise CachePlanMismatchError(
+                    f"cache.skip_reused_blocks: {block} is a {cls.__name__}, which diffusers cannot skip as a "
+                    "block; set skip_reused_blocks to false (plain component reuse)"
+                ) from exc
+            out[block] = (skipped[:, j], metadata)
+        return out
 
     def _attach_unit(self, plan: UnitCachePlan) -> None:
         if plan.group == DEEPCACHE_GROUP:

@@ -69,6 +69,13 @@ def model_layout(info: ModelInfo) -> str:
     return layout_of([(g.path, g.count, g.components) for g in info.block_groups])
 
 
+def block_module_name(network: torch.nn.Module, path: str, count: int, index: int) -> str:
+    """Module name of block `index` of a group: `path.index` in a ModuleList; `path` itself for a single-unit
+    group (a UNet block such as `down_blocks.0`, whose slot names still carry the index 0)."""
+    single = count == 1 and not isinstance(network.get_submodule(path), torch.nn.ModuleList)
+    return path if single else f"{path}.{index}"
+
+
 class ModelNotAvailableError(RuntimeError):
     """The weights are not on this machine; the message says how to make them available."""
 

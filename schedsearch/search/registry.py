@@ -72,7 +72,7 @@ def make_strategy(
     opts = dict(options or {})
     quick = preset == "quick"
     initial = [space.encode(s) for _, s in space.baselines()]
-    forbid = [space.all_recompute_genome()] if hasattr(space, "all_recompute_genome") else []
+    forbid = space.all_recompute_genomes() if hasattr(space, "all_recompute_genomes") else []
     spec = space.genome
     if name == "ecad":
         from schedsearch.search.genetic import EcadGenetic

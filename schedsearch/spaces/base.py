@@ -91,6 +91,7 @@ class ModelStructure:
     unit_group: str = ""  # block group path a unit cache addresses ("deepcache" for a UNet's deep branch)
     unit_blocks: int = 0  # blocks in that group (1 for the deepcache branch)
     has_cross_attention: bool = False
+    block_skip: bool = False  # blocks can be skipped whole (diffusers knows where their states are): transformers
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 

@@ -8,6 +8,7 @@ gives diffusers' result (tests/test_sampler_equivalence.py) and a search can sta
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -233,7 +234,7 @@ def with_recompute_rows(plan: ComponentCachePlan, rows: Iterable[int]) -> Compon
     """The same plan with `rows` set to recompute everything (e.g. the first evaluated step)."""
     full = "1" * plan.num_slots
     force = set(rows)
-    return ComponentCachePlan(plan.layout, tuple(full if i in force else r for i, r in enumerate(plan.recompute)))
+    return replace(plan, recompute=tuple(full if i in force else r for i, r in enumerate(plan.recompute)))
 
 
 def windowed_every_n_cache_plan(

@@ -2,7 +2,9 @@
 
 Two kinds, after the seed methods:
 - `ComponentCachePlan` (ECAD, Aggarwal et al. 2025, §3.1): a recompute bit per (step, block, component); a 0 reuses
-  that component's last computed output unchanged ("plain reuse").
+  that component's last computed output unchanged ("plain reuse"). With `skip_reused_blocks`, a block whose every
+  component is reused at a step is skipped as a whole (input + its residual from the last step it ran), which also
+  reuses its adaLN modulation: what a FORA / DeepCache unit does, and what a DiT's per-block timestep MLP costs.
 - `UnitCachePlan` (DeepCache / FORA / CacheQuant §3.2): a contiguous range of blocks is a cached unit, recomputed only
   on `refresh_steps`; on the other steps its residual (output - input) from the last refresh is added instead.
 
@@ -41,12 +43,32 @@ def slot_names(layout: str) -> list[str]:
     return [f"{path}.{b}.{c}" for path, count, comps in parse_layout(layout) for b in range(count) for c in comps]
 
 
+def block_names(layout: str) -> list[str]:
+    """'path.block' for every block, in slot order."""
+    return [f"{path}.{b}" for path, count, _ in parse_layout(layout) for b in range(count)]
+
+
+def block_slot_spans(layout: str) -> list[tuple[int, int]]:
+    """[start, stop) of each block's slots in a recompute row, in `block_names` order."""
+    spans, start = [], 0
+    for _, count, comps in parse_layout(layout):
+        for _ in range(count):
+            spans.append((start, start + len(comps)))
+            start += len(comps)
+    return spans
+
+
 @dataclass(frozen=True)
 class ComponentCachePlan:
-    """recompute[step] is a string of '1' (recompute) / '0' (reuse), one character per slot of `layout`."""
+    """recompute[step] is a string of '1' (recompute) / '0' (reuse), one character per slot of `layout`.
+
+    `skip_reused_blocks`: at a step where every component of a block is '0', skip the block (its modulation too)
+    and add its cached residual instead; False (ECAD's plain reuse) recomputes the modulation around reused outputs.
+    """
 
     layout: str
     recompute: tuple[str, ...]
+    skip_reused_blocks: bool = False
 
     kind = "components"
 
@@ -61,6 +83,13 @@ class ComponentCachePlan:
     def recompute_fraction(self) -> float:
         bits = "".join(self.recompute)
         return bits.count("1") / max(1, len(bits))
+
+    def skipped_blocks(self) -> list[list[bool]]:
+        """(steps, blocks) in `block_names(layout)` order: True where the block is skipped as a whole."""
+        spans = block_slot_spans(self.layout)
+        return [
+            [self.skip_reused_blocks and "1" not in row[a:b] for a, b in spans] for row in self.recompute
+        ]
 
     @staticmethod
     def full(layout: str, num_steps: int) -> ComponentCachePlan:
@@ -90,7 +119,10 @@ class ComponentCachePlan:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "layout": self.layout, "recompute": list(self.recompute)}
+        out: dict[str, Any] = {"kind": self.kind, "layout": self.layout, "recompute": list(self.recompute)}
+        if self.skip_reused_blocks:  # omitted when False: plain-reuse plans keep the keys they always had
+            out["skip_reused_blocks"] = True
+        return out
 
 
 @dataclass(frozen=True)
@@ -150,7 +182,10 @@ def cache_plan_from_dict(data: Any) -> CachePlan:
     fields = {k: v for k, v in data.items() if k != "kind"}
     try:
         if kind == ComponentCachePlan.kind:
-            return ComponentCachePlan(layout=fields["layout"], recompute=tuple(fields["recompute"]))
+            skip = fields.get("skip_reused_blocks", False)
+            if not isinstance(skip, bool):
+                raise ScheduleError("cache.skip_reused_blocks", f"expected true or false, got {skip!r}")
+            return ComponentCachePlan(fields["layout"], tuple(fields["recompute"]), skip_reused_blocks=skip)
         if kind == UnitCachePlan.kind:
             fields["refresh_steps"] = tuple(fields["refresh_steps"])
             return UnitCachePlan(**fields)

@@ -23,7 +23,7 @@ import numpy as np
 
 from schedsearch.spaces.base import GenomeSpec, ModelStructure, SearchSpace
 from schedsearch.spaces.baselines import first_evaluated_step, fora_cache_plan, unique_named, with_dc_ratios
-from schedsearch.spaces.cache_mask import CacheMaskSpace, cache_summary, mask_rows
+from schedsearch.spaces.cache_mask import CacheMaskSpace, cache_summary, canonical_plan, mask_rows
 from schedsearch.spaces.cache_plan import ComponentCachePlan, slot_names
 from schedsearch.spaces.compensation import ratio_summary, round_ratios
 from schedsearch.spaces.schedule import Schedule, SolverPlan
@@ -70,15 +70,19 @@ class JointSpace(SearchSpace):
         n_slots = len(self.slots)
         n_ratios = max(0, m - dc_order) if compensation else 0
         parts = [self.solver_space.genome]
+        self.block_skip = bool(cache and structure.block_skip)
         if cache:
             parts.append(GenomeSpec.bits(m * n_slots, [f"m{i}.{s}" for i in range(m) for s in self.slots]))
+        if self.block_skip:  # cache_mask: skip blocks whose components are all reused (modulation too)
+            parts.append(GenomeSpec.bits(1, ["skip_reused_blocks"]))
         if n_ratios:
             parts.append(GenomeSpec(("real",) * n_ratios, (lo,) * n_ratios, (hi,) * n_ratios,
                                     tuple(f"ratio{i}" for i in range(dc_order, m))))
         self.genome = GenomeSpec.concat(*parts)
         ns = self.solver_space.genome.size
         self._mask = slice(ns, ns + m * n_slots)
-        self._ratios = slice(self._mask.stop, self._mask.stop + n_ratios)
+        self._skip = self._mask.stop if self.block_skip else None
+        self._ratios = slice(self._mask.stop + self.block_skip, self._mask.stop + self.block_skip + n_ratios)
 
     def decode(self, genome: np.ndarray) -> Schedule:
         x = self.genome.clip(genome)
@@ -93,7 +97,8 @@ class JointSpace(SearchSpace):
         if self.cache:
             rows = mask_rows(x[self._mask][: n * len(self.slots)], n, len(self.slots), first)
             if any("0" in row for row in rows):
-                cache = ComponentCachePlan(self.layout, rows)
+                skip = self._skip is not None and bool(x[self._skip] > 0.5)
+                cache = canonical_plan(self.layout, rows, skip)
         return Schedule(self.structure.name, plan, cache, meta={"space": self.name})
 
     def encode(self, schedule: Schedule) -> np.ndarray:
@@ -104,6 +109,8 @@ class JointSpace(SearchSpace):
         ratios = [s.dc_ratio for s in plan.steps]
         base = dataclasses.replace(with_dc_ratios(plan, [1.0] * n), dc_order=_DEFAULT_DC_ORDER)
         x = np.ones(self.genome.size)
+        if self._skip is not None:
+            x[self._skip] = 0.0
         x[: self.solver_space.genome.size] = self.solver_space.encode_plan(base)
         if cache is not None:
             if not self.cache or not isinstance(cache, ComponentCachePlan) or cache.layout != self.layout:
@@ -115,6 +122,10 @@ class JointSpace(SearchSpace):
             grid = np.ones((self.max_steps, len(self.slots)))
             grid[:n] = [[c == "1" for c in row] for row in cache.recompute]
             x[self._mask] = grid.reshape(-1)
+            if cache.skip_reused_blocks and self._skip is None:
+                raise ValueError("schedule.cache.skip_reused_blocks: this joint space has no block-skip gene")
+            if self._skip is not None:
+                x[self._skip] = float(cache.skip_reused_blocks)
         lo, hi = self.ratio_range
         bad = [r for r in ratios if not lo <= r <= hi] + [r for r in ratios[: self.dc_order] if r != 1.0]
         if bad or round_ratios(ratios) != ratios or (not self.compensation and any(r != 1.0 for r in ratios)):
