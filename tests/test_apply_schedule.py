@@ -5,6 +5,7 @@ the cache path is checked against our sampler + CacheRuntime on the same network
 the pipeline producing bit-identical output.
 """
 
+import dataclasses
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -91,10 +92,12 @@ def test_dpmpp_2m_plan_matches_diffusers_dpm_solver_in_the_pipeline(saved):
     torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-4)
 
 
-def test_cached_plan_in_the_pipeline_equals_our_sampler_and_remove_restores(saved, pixart):
+@pytest.mark.parametrize("skip_reused_blocks", [False, True])
+def test_cached_plan_in_the_pipeline_equals_our_sampler_and_remove_restores(saved, pixart, skip_reused_blocks):
     name = f"diffusers:{saved['pixart']}"
     model = load_model(name)
-    fora = _dpmpp_2m(pixart, name, baselines.fora_cache_plan(model_layout(model.info), N, 2))
+    plan = baselines.fora_cache_plan(model_layout(model.info), N, 2)
+    fora = _dpmpp_2m(pixart, name, dataclasses.replace(plan, skip_reused_blocks=skip_reused_blocks))
     before = _run(pixart)
     scheduler, config = pixart.scheduler, dict(pixart.config)
     with apply_schedule(pixart, fora) as applied:
