@@ -157,6 +157,8 @@ def run_search(
             opts.setdefault("distance", _dp_distance(model, search_space, spec, cache_dir))
         if strategy == "dc-fit":
             opts.setdefault("genomes", _dc_fit_genomes(model, search_space, spec, progress))
+        if space == "cache" and strategy in ("ecad", "nsga2", "predictor") and search_space.block_skip:
+            opts.setdefault("seeds", cachequant_seeds(model, search_space, spec, cache_dir))
         strat = make_strategy(strategy, search_space, len(directions), preset=preset, seed=seed, options=opts)
         low = None
         if low_fidelity_samples is not None:
@@ -247,6 +249,20 @@ class _ListSpace(SearchSpace):
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+
+
+def cachequant_seeds(model: Any, space: Any, spec: Any, cache_dir: Path) -> list[Any]:
+    """Ours: CacheQuant's DP refresh steps (§3.2, every interval of its sweep) for the whole block stack, as cache-space
+    genomes with and without block skipping. Uniform FORA / DeepCache refresh is one point of each such sweep; the
+    DP places the same number of refreshes where the features change most, so the GA starts past those baselines."""
+    from schedsearch.search.dynamic import dp_sweep
+    from schedsearch.spaces.cache_interval import CacheIntervalSpace
+
+    unit_space = CacheIntervalSpace(space.structure, solver=space.solver)
+    offset = space.solver.num_steps - space.solver.nfe
+    plans = dp_sweep(_dp_distance(model, unit_space, spec, cache_dir), step_offset=offset)
+    return [space.encode(space.refresh_schedule(p.refresh_steps, skip))
+            for p in plans.values() for skip in (False, True)]
 
 
 def _dp_distance(model: Any, space: Any, spec: Any, cache_dir: Path) -> Any:

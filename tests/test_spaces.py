@@ -212,6 +212,18 @@ def test_cache_mask_block_skip_gene() -> None:
     assert seed.cache.skip_reused_blocks and joint.decode(joint.encode(seed)) == seed
 
 
+def test_cache_mask_refresh_schedule_is_a_whole_stack_unit() -> None:
+    space = CacheMaskSpace(BUILTIN, num_steps=10)
+    plain = space.refresh_schedule((0, 4, 7))
+    assert [i for i, row in enumerate(plain.cache.recompute) if row == "1" * 12] == [0, 4, 7]
+    assert all(row in ("1" * 12, "0" * 12) for row in plain.cache.recompute) and not plain.cache.skip_reused_blocks
+    skipped = space.refresh_schedule((0, 4, 7), skip_reused_blocks=True)
+    assert skipped.cache == dataclasses.replace(plain.cache, skip_reused_blocks=True)
+    assert space.decode(space.encode(skipped)) == skipped
+    with pytest.raises(ValueError, match="refresh_steps"):
+        space.refresh_schedule((2, 5))  # the first evaluated step must be computed
+
+
 def test_cache_mask_baselines_mirror_ecad_seeds() -> None:
     pixart = dict(CacheMaskSpace(PIXART).baselines())
     assert {"fora-every2", "fora-every3", "fora-every4", "fora-every5"} <= set(pixart)

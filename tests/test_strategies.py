@@ -228,6 +228,23 @@ def test_ecad_resumed_after_a_generation_asks_what_the_uninterrupted_run_asks() 
     assert np.array_equal(np.array(whole.ask()), np.array(resumed.ask()))
 
 
+def test_ecad_resumed_with_new_seeds_evaluates_them_first() -> None:
+    """A study resumed with seeds it has not evaluated (a newer schedsearch, or seeds given on resume) asks for
+    exactly those first, then goes on breeding from the stored population."""
+    old_seeds = [np.eye(BITS)[i] for i in range(3)]
+    first = EcadGenetic(BIT_SPEC, 2, population=8, seed=3, initial=old_seeds)
+    g1 = first.ask()
+    f1 = np.array([bit_problem(g) for g in g1])
+    new_seed = np.eye(BITS)[5] + np.eye(BITS)[6]
+    resumed = EcadGenetic(BIT_SPEC, 2, population=8, seed=3, initial=[*old_seeds, new_seed])
+    resumed.warm_start(g1, f1)
+    asked = resumed.ask()
+    assert len(asked) == 1 and np.array_equal(asked[0], new_seed)
+    resumed.tell(asked, np.array([bit_problem(asked[0])]))
+    offspring = resumed.ask()
+    assert len(offspring) == 8 and not any(np.array_equal(o, g) for o in offspring for g in g1)
+
+
 @pytest.mark.parametrize(("name", "before", "after"), [("ecad", 6, 8), ("pymoo", 6, 8), ("predictor", 4, 5)])
 def test_warm_start_continues_the_search(name: str, before: int, after: int) -> None:
     first = MAKERS[name](BIT_SPEC, seed=1)

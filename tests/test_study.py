@@ -165,3 +165,22 @@ def test_promote_picks_the_first_fronts():
     values = np.array([[3.0, 3.0], [1.0, 2.0], [2.0, 1.0], [np.inf, np.inf], [2.5, 2.5]])
     assert _promote(values, 0.4) == [1, 2]
     assert _promote(values, 0.6) == [1, 2, 4]
+
+
+def test_cachequant_dp_seeds_the_cache_space(builtin_model, cache_dir):
+    """CacheQuant's DP refresh steps for the whole block stack seed ECAD's cache space, with and without block
+    skipping: the seeds are exactly the DP's plans on the same feature table."""
+    from schedsearch.calibration.calibration_set import default_spec
+    from schedsearch.search.dynamic import dp_sweep
+    from schedsearch.spaces.cache_interval import CacheIntervalSpace
+    from schedsearch.study import _dp_distance, build_space, cachequant_seeds
+
+    space = build_space("cache", builtin_model.info, "quick", {"num_steps": 8})
+    spec = default_spec(builtin_model.info, samples=4)
+    seeds = [space.decode(g).cache for g in cachequant_seeds(builtin_model, space, spec, cache_dir)]
+    table = _dp_distance(builtin_model, CacheIntervalSpace(space.structure, solver=space.solver), spec, cache_dir)
+    expected = [p.refresh_steps for p in dp_sweep(table).values()]
+    assert len(seeds) == 2 * len(expected) and [s.skip_reused_blocks for s in seeds[:2]] == [False, True]
+    full = "1" * space.genome.size
+    refreshed = [tuple(i for i, row in enumerate(s.recompute) if row == full[: len(row)]) for s in seeds[::2]]
+    assert refreshed == expected

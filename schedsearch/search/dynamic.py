@@ -24,6 +24,7 @@ __all__ = [
     "DPResult",
     "DPStrategy",
     "cachequant_dp",
+    "dp_sweep",
     "feasible_interval",
     "group_costs",
     "group_length_bounds",
@@ -165,6 +166,25 @@ def feasible_interval(num_steps: int, interval: int) -> bool:
     return math.ceil(num_steps / interval) * lo <= num_steps
 
 
+def dp_sweep(
+    distance: np.ndarray | Sequence[Sequence[float]], intervals: Sequence[int] | None = None, step_offset: int = 0
+) -> dict[int, DPResult]:
+    """CacheQuant's DP for every interval N of the sweep (default: every feasible N in 2..T/2), refresh steps shifted
+    by `step_offset` when the table covers only the evaluated steps."""
+    table = _as_table(distance)
+    T = len(table)
+    if intervals is None:
+        intervals = [n for n in range(2, max(2, T // 2) + 1) if feasible_interval(T, n)]
+    bad = [n for n in intervals if not feasible_interval(T, n)]
+    if bad:
+        raise ValueError(f"DPStrategy: intervals {bad} are infeasible for {T} steps (need ⌈T/N⌉·⌈N/2⌉ ≤ T)")
+    out = {}
+    for n in intervals:
+        result = cachequant_dp(table, n)
+        out[n] = DPResult(tuple(s + step_offset for s in result.refresh_steps), result.cost, T + step_offset)
+    return out
+
+
 def refresh_bits(refresh_steps: Sequence[int], num_steps: int) -> np.ndarray:
     """The cache-interval space's genome: one bit per step, 1 = refresh the unit."""
     bits = np.zeros(num_steps)
@@ -208,19 +228,11 @@ class DPStrategy(Strategy):
             def encode(steps: tuple[int, ...]) -> np.ndarray:
                 return refresh_bits(steps, num_steps)
 
-        if intervals is None:
-            intervals = [n for n in range(2, max(2, T // 2) + 1) if feasible_interval(T, n)]
-        bad = [n for n in intervals if not feasible_interval(T, n)]
-        if bad:
-            raise ValueError(f"DPStrategy: intervals {bad} are infeasible for {T} steps (need ⌈T/N⌉·⌈N/2⌉ ≤ T)")
-        self.plans: dict[int, DPResult] = {}
+        self.plans: dict[int, DPResult] = dp_sweep(table, intervals, step_offset)
         self._pending: list[np.ndarray] = []
         seen: set[bytes] = set()
-        for n in intervals:
-            result = cachequant_dp(table, n)
-            steps = tuple(s + step_offset for s in result.refresh_steps)
-            self.plans[n] = DPResult(steps, result.cost, num_steps)
-            genome = self.spec.clip(encode(steps))
+        for result in self.plans.values():
+            genome = self.spec.clip(encode(result.refresh_steps))
             if genome.tobytes() not in seen:
                 seen.add(genome.tobytes())
                 self._pending.append(genome)

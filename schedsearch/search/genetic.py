@@ -247,7 +247,8 @@ class EcadGenetic(Strategy):
             records.setdefault(genome_key(g), self._individual(g, v))
         self._seen.update(records)
         self._started = True
-        self._queue = []
+        # seeds not in the store yet (a study resumed by a newer schedsearch, or given new seeds) go first
+        self._queue = [g for g in (self.spec.clip(x) for x in self.initial) if self._admit(g)]
         self.population = self._survive(list(records.values()))
         self._n_told = len(genomes)
         self._reseed(self._n_told)

@@ -71,7 +71,7 @@ def make_strategy(
         raise ValueError(f"--preset: unknown {preset!r}; choose from {', '.join(PRESETS)}")
     opts = dict(options or {})
     quick = preset == "quick"
-    initial = [space.encode(s) for _, s in space.baselines()]
+    initial = [space.encode(s) for _, s in space.baselines()] + list(opts.pop("seeds", []))
     forbid = space.all_recompute_genomes() if hasattr(space, "all_recompute_genomes") else []
     spec = space.genome
     if name == "ecad":

@@ -182,6 +182,18 @@ class CacheMaskSpace(SearchSpace):
         full = ComponentCachePlan.full(layout, self.num_steps)
         return [(name, s) for name, s in unique_named(out) if s.cache != full]
 
+    def refresh_schedule(self, refresh_steps: Sequence[int], skip_reused_blocks: bool = False) -> Schedule:
+        """Every slot recomputed on `refresh_steps`, every slot reused elsewhere: a whole-stack unit refreshed on
+        those steps (exactly so with `skip_reused_blocks`). How CacheQuant's DP refresh steps seed this space."""
+        steps = set(refresh_steps)
+        if self.first not in steps or not steps <= set(range(self.num_steps)):
+            raise ValueError(f"refresh_steps: {sorted(steps)} must include step {self.first} and lie in "
+                             f"[0, {self.num_steps})")
+        width = len(self.slots)
+        rows = tuple("1" * width if i in steps or i < self.first else "0" * width for i in range(self.num_steps))
+        plan = canonical_plan(self.layout, rows, skip_reused_blocks and self.block_skip)
+        return Schedule(self.structure.name, self.solver, plan, meta={"space": self.name})
+
     def _block_skip_seeds(self, seeds: list[tuple[str, Schedule]]) -> list[tuple[str, Schedule]]:
         """Ours: each seed that reuses whole blocks again with `skip_reused_blocks` ("+skip"). FORA every N + skip is
         DeepCache-style refresh of the whole block stack every N steps."""
