@@ -194,9 +194,12 @@ class CacheRuntime:
                 f"cache.layout: plan is for {plan.layout!r} but {self.info.name} has {expected!r}"
             )
         plan.validate()
-        skips = self._block_skips(plan)  # checked before anything is attached
+        blocks = self._blocks()
+        skips = self._block_skips(plan, blocks)  # checked before anything is attached
         bits = np.array([[c == "1" for c in row] for row in plan.recompute], dtype=bool)  # (steps, slots)
-        for slot, (name, module) in enumerate(zip(slot_names(plan.layout), self._slot_modules(plan), strict=True)):
+        for slot, name in enumerate(slot_names(plan.layout)):
+            block, component = name.rsplit(".", 1)
+            module = getattr(blocks[block], component)
             if module is None:  # absent in this block (SD3's last block has no ff_context): nothing to cache
                 continue
             # a UNet block's `resnets` / `attentions` are ModuleLists its forward walks: each member reuses its own
@@ -205,7 +208,7 @@ class CacheRuntime:
                 label = f"{name}.{i}" if len(parts) > 1 else name
                 self._register(part, ComponentReuseHook(self.context, bits[:, slot], label), COMPONENT_HOOK)
         for block, (skip, metadata) in skips.items():
-            self._register(self._blocks()[block], BlockSkipHook(self.context, skip, metadata), BLOCK_HOOK)
+            self._register(blocks[block], BlockSkipHook(self.context, skip, metadata), BLOCK_HOOK)
 
     def _blocks(self) -> dict[str, torch.nn.Module]:
         """'path.block' -> the block module (a UNet group of one block is its path itself)."""
@@ -215,11 +218,9 @@ class CacheRuntime:
             for b in range(g.count)
         }
 
-    def _slot_modules(self, plan: ComponentCachePlan) -> list[torch.nn.Module | None]:
-        blocks = self._blocks()
-        return [getattr(blocks[name.rsplit(".", 1)[0]], name.rsplit(".", 1)[1]) for name in slot_names(plan.layout)]
-
-    def _block_skips(self, plan: ComponentCachePlan) -> dict[str, tuple[np.ndarray, TransformerBlockMetadata]]:
+    def _block_skips(
+        self, plan: ComponentCachePlan, blocks: dict[str, torch.nn.Module]
+    ) -> dict[str, tuple[np.ndarray, TransformerBlockMetadata]]:
         """Per block that the plan ever skips: its skip mask and diffusers' metadata of where its states are."""
         if not plan.skip_reused_blocks:
             return {}
@@ -228,7 +229,7 @@ class CacheRuntime:
         for j, block in enumerate(block_names(plan.layout)):
             if not skipped[:, j].any():
                 continue
-            cls = type(self._blocks()[block])
+            cls = type(blocks[block])
             try:
                 metadata = TransformerBlockRegistry.get(cls)
             except ValueError as exc:

@@ -177,7 +177,7 @@ def dp_sweep(
         intervals = [n for n in range(2, max(2, T // 2) + 1) if feasible_interval(T, n)]
     bad = [n for n in intervals if not feasible_interval(T, n)]
     if bad:
-        raise ValueError(f"DPStrategy: intervals {bad} are infeasible for {T} steps (need ⌈T/N⌉·⌈N/2⌉ ≤ T)")
+        raise ValueError(f"intervals: {bad} are infeasible for {T} steps (need ⌈T/N⌉·⌈N/2⌉ ≤ T)")
     out = {}
     for n in intervals:
         result = cachequant_dp(table, n)
