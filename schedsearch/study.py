@@ -157,7 +157,8 @@ def run_search(
             opts.setdefault("distance", _dp_distance(model, search_space, spec, cache_dir))
         if strategy == "dc-fit":
             opts.setdefault("genomes", _dc_fit_genomes(model, search_space, spec, progress))
-        if space == "cache" and strategy in ("ecad", "nsga2", "predictor") and search_space.block_skip:
+        # the GAs' first generations take every seed; the predictor's stage 0 never gets past the space's own
+        if space == "cache" and strategy in ("ecad", "nsga2") and search_space.block_skip:
             opts.setdefault("seeds", cachequant_seeds(model, search_space, spec, cache_dir))
         strat = make_strategy(strategy, search_space, len(directions), preset=preset, seed=seed, options=opts)
         low = None
