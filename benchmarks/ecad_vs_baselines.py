@@ -101,7 +101,8 @@ def main() -> None:
     if not args.no_search:
         run_search(model=model, space="cache", strategy="ecad", objectives=list(OBJECTIVES), study="ecad",
                    store=store_path, budget=Budget(evaluations=args.budget), samples=args.samples,
-                   cache_dir=cache_dir, space_options=options, strategy_options={"population": args.population},
+                   cache_dir=cache_dir, space_options=options,
+                   strategy_options={"population": args.population, "shift_seeds": True},
                    progress=True, validate=False)
     search_s = time.perf_counter() - start
     spec = default_spec(model.info, samples=args.samples)

@@ -65,7 +65,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         store=args.store, budget=budget, preset=args.preset, samples=args.samples, seed=args.seed,
         guidance=args.guidance, cache_dir=args.cache_dir, batch_size=args.batch_size, prompts=prompts,
         progress=not args.quiet, low_fidelity_samples=args.low_fidelity_samples, validate=not args.no_validate,
-        fid_reference=args.fid_reference, space_options=_space_options(args), **_distribution(args),
+        fid_reference=args.fid_reference, space_options=_space_options(args),
+        strategy_options=_strategy_options(args), **_distribution(args),
     )
     print(f"study {args.study}: {result.evaluations} new evaluations, {result.reused} reused from the store, "
           f"{result.wall_time_s:.0f} s")
@@ -81,6 +82,15 @@ def _space_options(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.space not in ("cache", "joint"):
         raise StudyCliError(f"--no-block-skip: applies to --space cache or joint, not {args.space}; drop it")
     return {"block_skip": False}
+
+
+def _strategy_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.shift_seeds is None:
+        return None
+    if args.space != "cache" or args.strategy not in ("ecad", "nsga2"):
+        raise StudyCliError(f"--shift-seeds: applies to --space cache with --strategy ecad or nsga2, not "
+                            f"{args.strategy} on {args.space}; drop it")
+    return {"shift_seeds": args.shift_seeds}
 
 
 def _quiet_libraries() -> None:
@@ -251,6 +261,9 @@ def add_study_commands(sub: Any) -> None:
                    help="FID against real images (builtin default) or the teacher's images (default otherwise)")
     s.add_argument("--no-block-skip", action="store_true",
                    help="cache/joint: ECAD's space exactly, without the bit that skips fully reused blocks whole")
+    s.add_argument("--shift-seeds", action=argparse.BooleanOptionalAction, default=None,
+                   help="cache + ecad/nsga2: also seed each whole-stack refresh (FORA, DP) with one refresh moved a "
+                        "step (default: on, off with --preset quick)")
     s.add_argument("--no-validate", action="store_true", help="skip re-scoring the front on the held-out split")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(run=_cmd_search)

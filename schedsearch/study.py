@@ -110,6 +110,9 @@ def run_search(
 
     low_fidelity_samples: score each batch on this many samples first and promote the better half to the full
         count (successive halving). fid_reference: "real" or "teacher" (see `default_spec`).
+    strategy_options: the strategy's own options (e.g. population), plus `seeds` (extra genomes) and, for ecad/nsga2
+        on the cache space, `shift_seeds` (default: on unless preset is quick): seed every whole-stack refresh with
+        one refresh moved a step (`CacheMaskSpace.shifted_refresh_genomes`).
     validate: re-score the final front on the held-out split (disjoint seeds) into the study `<study>@heldout`,
         which `export` reports beside the search metrics.
     workers / ray_address: evaluate on Ray (`workers` actors on a local Ray, or join the cluster at `ray_address`,
@@ -120,6 +123,10 @@ def run_search(
     from schedsearch.runtime.models import LoadedModel, load_model
 
     check_combination(strategy, space)
+    seeded_ga = space == "cache" and strategy in ("ecad", "nsga2")
+    if (strategy_options or {}).get("shift_seeds") and not seeded_ga:
+        raise ValueError(f"strategy_options.shift_seeds: seeds the ecad/nsga2 strategies on --space cache only, "
+                         f"not {strategy} on {space}; drop it")
     p = _preset(preset)
     if isinstance(model, str):
         model = load_model(model)
@@ -158,8 +165,15 @@ def run_search(
         if strategy == "dc-fit":
             opts.setdefault("genomes", _dc_fit_genomes(model, search_space, spec, progress))
         # the GAs' first generations take every seed; the predictor's stage 0 never gets past the space's own
-        if space == "cache" and strategy in ("ecad", "nsga2") and search_space.block_skip:
-            opts.setdefault("seeds", cachequant_seeds(model, search_space, spec, cache_dir))
+        shift_seeds = opts.pop("shift_seeds", preset != "quick")
+        if seeded_ga:
+            seeds = list(opts.get("seeds", []))
+            if search_space.block_skip and "seeds" not in opts:
+                seeds = cachequant_seeds(model, search_space, spec, cache_dir)
+            if shift_seeds:
+                own = [search_space.encode(s) for _, s in search_space.baselines()]
+                seeds += search_space.shifted_refresh_genomes(own + seeds)
+            opts["seeds"] = seeds
         strat = make_strategy(strategy, search_space, len(directions), preset=preset, seed=seed, options=opts)
         low = None
         if low_fidelity_samples is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import subprocess
 import sys
 
@@ -222,6 +223,26 @@ def test_cache_mask_refresh_schedule_is_a_whole_stack_unit() -> None:
     assert space.decode(space.encode(skipped)) == skipped
     with pytest.raises(ValueError, match="refresh_steps"):
         space.refresh_schedule((2, 5))  # the first evaluated step must be computed
+
+
+def test_cache_mask_shifted_refresh_seeds_move_one_refresh_by_one_step() -> None:
+    space = CacheMaskSpace(BUILTIN, num_steps=20)
+    fora4 = space.refresh_schedule((0, 4, 8, 12, 16))
+    assert space.whole_stack_refresh(space.encode(fora4)) == ((0, 4, 8, 12, 16), False)
+    partial = space.encode(dict(space.baselines())["ff-every2"])  # ff reused, attention recomputed: not whole-stack
+    assert space.whole_stack_refresh(partial) is None
+    got = space.shifted_refresh_genomes([space.encode(fora4), partial])
+    moved = sorted(space.whole_stack_refresh(g)[0] for g in got)
+    # brute force: every 5-refresh set at Hamming distance 2 whose one moved refresh went exactly one step
+    expected = sorted(c for c in itertools.combinations(range(20), 5) if c[0] == 0
+                      and len(set(c) ^ {0, 4, 8, 12, 16}) == 2
+                      and abs(sum(set(c) - {0, 4, 8, 12, 16}) - sum({0, 4, 8, 12, 16} - set(c))) == 1)
+    assert moved == expected and len(moved) == 8
+    skip = space.encode(space.refresh_schedule((0, 10), skip_reused_blocks=True))
+    got = space.shifted_refresh_genomes([skip, space.encode(space.refresh_schedule((0, 9), True))])
+    assert sorted(space.whole_stack_refresh(g) for g in got) == [((0, 8), True), ((0, 11), True)]  # inputs left out
+    last = space.shifted_refresh_genomes([space.encode(space.refresh_schedule((0, 1, 19)))])
+    assert sorted(space.whole_stack_refresh(g)[0] for g in last) == [(0, 1, 18), (0, 2, 19)]  # stays in [1, 20)
 
 
 def test_cache_mask_baselines_mirror_ecad_seeds() -> None:

@@ -122,6 +122,8 @@ def test_cli_search_front_export_evaluate(tmp_path, cache_dir, capsys):
          "--budget"),
         (["search", "--space", "solver", "--strategy", "nsga2", "--objectives", "psnr,nfe", "--budget", "2",
           "--no-block-skip"], "--no-block-skip"),
+        (["search", "--space", "cache", "--strategy", "tpe", "--objectives", "psnr,macs", "--budget", "2",
+          "--shift-seeds"], "--shift-seeds"),
     ],
 )
 def test_cli_search_bad_input_writes_nothing(tmp_path, capsys, argv, field):
@@ -184,3 +186,29 @@ def test_cachequant_dp_seeds_the_cache_space(builtin_model, cache_dir):
     full = "1" * space.genome.size
     refreshed = [tuple(i for i, row in enumerate(s.recompute) if row == full[: len(row)]) for s in seeds[::2]]
     assert refreshed == expected
+
+
+def test_shift_seeds_reach_the_gas_first_generation(tmp_path, cache_dir):
+    """With shift_seeds, ECAD's generation 0 holds every whole-stack seed (FORA, evenly spaced, the DP's) with one
+    refresh moved one step; without it (the quick preset's default) none of them."""
+    from schedsearch.calibration.calibration_set import default_spec
+    from schedsearch.runtime.models import load_model
+    from schedsearch.study import build_space, cachequant_seeds
+
+    store = tmp_path / "r.db"
+    _run(store, "on", cache_dir, budget=1, strategy_options={"population": 4, "shift_seeds": True})
+    _run(store, "off", cache_dir, budget=1)
+    model = load_model("builtin:mnist-dit")
+    space = build_space("cache", model.info, "quick", {"num_steps": 6})
+    own = [space.encode(s) for _, s in space.baselines()]
+    dp = cachequant_seeds(model, space, default_spec(model.info, samples=TINY["samples"]), cache_dir)
+    shifted = {space.decode(g).key for g in space.shifted_refresh_genomes(own + dp)}
+    with ResultStore(store) as s:
+        on = {r.to_schedule().key for r in s.records("on")}
+        off = {r.to_schedule().key for r in s.records("off")}
+    assert shifted and shifted <= on and not shifted & (off - {space.decode(g).key for g in own + dp})
+    with pytest.raises(ValueError, match="shift_seeds"):
+        _run(store, "bad", cache_dir, budget=1, strategy="nsga2", space="solver", objectives=["psnr", "nfe"],
+             space_options=None, strategy_options={"shift_seeds": True})
+    with ResultStore(store) as s:
+        assert s.study_settings("bad") is None and s.count("bad") == 0  # refused before anything was written
