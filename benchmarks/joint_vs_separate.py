@@ -4,7 +4,7 @@ with one common reference point, and the best PSNR each reaches under a few MAC 
 method by default (solver: S³'s predictor; cache: ECAD's GA; joint: the same GA), each study its own store so no
 evaluation is shared, and the joint front is also set against the union of both separate fronts (twice its budget).
 
-    python benchmarks/joint_vs_separate.py [--budget 160] [--samples 32] [--strategies solver=predictor,...]
+    python benchmarks/joint_vs_separate.py [--budget 160] [--samples 32] [--seeds 0,1,2] [--strategies ...]
 
 Prints one JSON object and writes benchmarks/results/joint_vs_separate.json.
 """
@@ -35,11 +35,51 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--population", type=int, default=24)
     parser.add_argument("--strategies", default="solver=predictor,cache=ecad,joint=ecad")
+    parser.add_argument("--seeds", default="0", help="comma-separated strategy seeds: one independent run of the "
+                                                     "three searches per seed, to measure the run-to-run spread")
     parser.add_argument("--work-dir", type=Path, help="keep the stores here (re-running resumes each study)")
     args = parser.parse_args()
     strategies = dict(item.split("=") for item in args.strategies.split(","))
+    seeds = [int(s) for s in args.seeds.split(",")]
     cache_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="ssjoint"))
     model = load_model("builtin:mnist-dit")
+    runs = {seed: _run_seed(model, strategies, seed, args, cache_dir) for seed in seeds}
+    allpts = np.vstack([pts for points, _ in runs.values() for pts in points.values()])
+    # one reference point for every seed: below the worst PSNR, above the largest MACs
+    ref = [allpts[:, 0].min() - 1.0, allpts[:, 1].max() * 1.05]
+    directions = list(OBJECTIVES.values())
+    budgets = np.quantile(allpts[:, 1], [0.1, 0.25, 0.5])
+    per_seed = []
+    for seed, (points, timing) in runs.items():
+        points = {**points, "solver+cache": np.vstack([points["solver"], points["cache"]])}
+        hv = {k: hypervolume(v, directions, ref) for k, v in points.items()}
+        per_seed.append({
+            "seed": seed, "hypervolume": hv, "evaluations": {k: len(v) for k, v in points.items()},
+            "joint_over_best_separate": hv["joint"] / max(hv["solver"], hv["cache"]),
+            "joint_over_union_of_separate": hv["joint"] / hv["solver+cache"],
+            "cache_over_solver": hv["cache"] / hv["solver"],
+            "best_psnr_at_macs": {
+                k: {f"{b:.3g}": float(v[v[:, 1] <= b, 0].max()) if np.any(v[:, 1] <= b) else None for b in budgets}
+                for k, v in points.items()
+            },
+            "wall_time_s": timing,
+        })
+    spread = {key: _stats([r[key] for r in per_seed])
+              for key in ("joint_over_best_separate", "joint_over_union_of_separate", "cache_over_solver")}
+    out = {
+        "model": model.info.name, "strategies": strategies, "budget": args.budget, "samples": args.samples,
+        "population": args.population, "objectives": OBJECTIVES, "reference_point": ref, "seeds": seeds,
+        "over_seeds": spread, **{k: v for k, v in per_seed[0].items() if k != "seed"}, "per_seed": per_seed,
+    }
+    text = json.dumps(out, indent=1)
+    print(text)
+    (Path(__file__).parent / "results" / "joint_vs_separate.json").write_text(text + "\n")
+    first_points, _ = runs[seeds[0]]
+    _figure(first_points, strategies, args.budget, Path(__file__).parents[1] / "docs" / "joint_vs_separate.png")
+
+
+def _run_seed(model, strategies: dict[str, str], seed: int, args: argparse.Namespace, cache_dir: Path):
+    """The three searches with strategy seed `seed`, each in its own store (seed 0 keeps the old store names)."""
     # Same NFE range for the solver and joint spaces; the cache space uses 10 DPM-Solver++ steps (quick preset).
     runs = {
         "solver": {"nfe_range": (4, 10)},
@@ -50,7 +90,7 @@ def main() -> None:
     for space, options in runs.items():
         start = time.perf_counter()
         strategy = strategies[space]
-        store_path = cache_dir / f"{space}.db"
+        store_path = cache_dir / (f"{space}.db" if seed == 0 else f"{space}-seed{seed}.db")
         with ResultStore(store_path) as store:
             done = len(store.records(space)) if space in store.studies() else 0
         opts = {} if strategy in ("predictor",) else {"population": args.population}
@@ -58,34 +98,19 @@ def main() -> None:
             run_search(model=model, space=space, strategy=strategy, objectives=list(OBJECTIVES), study=space,
                        store=store_path, budget=Budget(evaluations=args.budget - done), samples=args.samples,
                        cache_dir=cache_dir, space_options=options, progress=False, validate=False,
-                       strategy_options=opts)
+                       strategy_options=opts, seed=seed)
         timing[space] = round(time.perf_counter() - start, 1)
         with ResultStore(store_path) as store:
             ok = [r for r in store.records(space) if r.status == "ok"]
         points[space] = np.array([[r.metrics[n] for n in OBJECTIVES] for r in ok])
-        print(json.dumps({"space": space, "evaluations": len(ok), "wall_time_s": timing[space]}), file=sys.stderr)
-    allpts = np.vstack(list(points.values()))
-    ref = [allpts[:, 0].min() - 1.0, allpts[:, 1].max() * 1.05]  # below the worst PSNR, above the largest MACs
-    directions = list(OBJECTIVES.values())
-    points["solver+cache"] = np.vstack([points["solver"], points["cache"]])
-    hv = {k: hypervolume(v, directions, ref) for k, v in points.items()}
-    budgets = np.quantile(allpts[:, 1], [0.1, 0.25, 0.5])
-    best_at = {
-        k: {f"{b:.3g}": float(v[v[:, 1] <= b, 0].max()) if np.any(v[:, 1] <= b) else None for b in budgets}
-        for k, v in points.items()
-    }
-    out = {
-        "model": model.info.name, "strategies": strategies, "budget": args.budget, "samples": args.samples,
-        "population": args.population, "objectives": OBJECTIVES, "reference_point": ref, "hypervolume": hv,
-        "evaluations": {k: len(v) for k, v in points.items()},
-        "joint_over_best_separate": hv["joint"] / max(hv["solver"], hv["cache"]),
-        "joint_over_union_of_separate": hv["joint"] / hv["solver+cache"],
-        "best_psnr_at_macs": best_at, "wall_time_s": timing,
-    }
-    text = json.dumps(out, indent=1)
-    print(text)
-    (Path(__file__).parent / "results" / "joint_vs_separate.json").write_text(text + "\n")
-    _figure(points, strategies, args.budget, Path(__file__).parents[1] / "docs" / "joint_vs_separate.png")
+        print(json.dumps({"seed": seed, "space": space, "evaluations": len(ok), "wall_time_s": timing[space]}),
+              file=sys.stderr)
+    return points, timing
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values)),
+            "n": len(values)}
 
 
 def _figure(points: dict[str, np.ndarray], strategies: dict[str, str], budget: int, path: Path) -> None:
