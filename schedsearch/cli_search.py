@@ -87,8 +87,8 @@ def _space_options(args: argparse.Namespace) -> dict[str, Any] | None:
 def _strategy_options(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.shift_seeds is None:
         return None
-    if args.space != "cache" or args.strategy not in ("ecad", "nsga2"):
-        raise StudyCliError(f"--shift-seeds: applies to --space cache with --strategy ecad or nsga2, not "
+    if (args.space, args.strategy) != ("cache", "ecad"):
+        raise StudyCliError(f"--shift-seeds: applies to --space cache with --strategy ecad, not "
                             f"{args.strategy} on {args.space}; drop it")
     return {"shift_seeds": args.shift_seeds}
 
@@ -262,7 +262,7 @@ def add_study_commands(sub: Any) -> None:
     s.add_argument("--no-block-skip", action="store_true",
                    help="cache/joint: ECAD's space exactly, without the bit that skips fully reused blocks whole")
     s.add_argument("--shift-seeds", action=argparse.BooleanOptionalAction, default=None,
-                   help="cache + ecad/nsga2: also seed each whole-stack refresh (FORA, DP) with one refresh moved a "
+                   help="cache + ecad: also seed each whole-stack refresh (FORA, DP) with one refresh moved a "
                         "step (default: on, off with --preset quick)")
     s.add_argument("--no-validate", action="store_true", help="skip re-scoring the front on the held-out split")
     s.add_argument("--quiet", action="store_true", help="no progress bars")

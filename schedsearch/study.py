@@ -110,8 +110,8 @@ def run_search(
 
     low_fidelity_samples: score each batch on this many samples first and promote the better half to the full
         count (successive halving). fid_reference: "real" or "teacher" (see `default_spec`).
-    strategy_options: the strategy's own options (e.g. population), plus `seeds` (extra genomes) and, for ecad/nsga2
-        on the cache space, `shift_seeds` (default: on unless preset is quick): seed every whole-stack refresh with
+    strategy_options: the strategy's own options (e.g. population), plus `seeds` (extra genomes) and, for ecad on
+        the cache space, `shift_seeds` (default: on unless preset is quick): seed every whole-stack refresh with
         one refresh moved a step (`CacheMaskSpace.shifted_refresh_genomes`).
     validate: re-score the final front on the held-out split (disjoint seeds) into the study `<study>@heldout`,
         which `export` reports beside the search metrics.
@@ -123,9 +123,8 @@ def run_search(
     from schedsearch.runtime.models import LoadedModel, load_model
 
     check_combination(strategy, space)
-    seeded_ga = space == "cache" and strategy in ("ecad", "nsga2")
-    if (strategy_options or {}).get("shift_seeds") and not seeded_ga:
-        raise ValueError(f"strategy_options.shift_seeds: seeds the ecad/nsga2 strategies on --space cache only, "
+    if (strategy_options or {}).get("shift_seeds") and (space, strategy) != ("cache", "ecad"):
+        raise ValueError(f"strategy_options.shift_seeds: seeds the ecad strategy on --space cache only, "
                          f"not {strategy} on {space}; drop it")
     p = _preset(preset)
     if isinstance(model, str):
@@ -164,9 +163,10 @@ def run_search(
             opts.setdefault("distance", _dp_distance(model, search_space, spec, cache_dir))
         if strategy == "dc-fit":
             opts.setdefault("genomes", _dc_fit_genomes(model, search_space, spec, progress))
-        # the GAs' first generations take every seed; the predictor's stage 0 never gets past the space's own
-        shift_seeds = opts.pop("shift_seeds", preset != "quick")
-        if seeded_ga:
+        # ECAD's generation 0 takes every seed; pymoo's takes the first `population`; the predictor's stage 0 never
+        # gets past the space's own. So the shifted seeds (hundreds) go to ecad only.
+        shift_seeds = opts.pop("shift_seeds", preset != "quick") and strategy == "ecad"
+        if space == "cache" and strategy in ("ecad", "nsga2"):
             seeds = list(opts.get("seeds", []))
             if search_space.block_skip and "seeds" not in opts:
                 seeds = cachequant_seeds(model, search_space, spec, cache_dir)
