@@ -4,7 +4,7 @@ with one common reference point, and the best PSNR each reaches under a few MAC 
 method by default (solver: S³'s predictor; cache: ECAD's GA; joint: the same GA), each study its own store so no
 evaluation is shared, and the joint front is also set against the union of both separate fronts (twice its budget).
 
-    python benchmarks/joint_vs_separate.py [--budget 160] [--samples 32] [--seeds 0,1,2] [--strategies ...]
+    python benchmarks/joint_vs_separate.py [--budget 160] [--seeds 0,1,2] [--suffix _480] [--strategies ...]
 
 Prints one JSON object and writes benchmarks/results/joint_vs_separate.json.
 """
@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated strategy seeds: one independent run of the "
                                                      "three searches per seed, to measure the run-to-run spread")
     parser.add_argument("--work-dir", type=Path, help="keep the stores here (re-running resumes each study)")
+    parser.add_argument("--suffix", default="", help="write results/joint_vs_separate{SUFFIX}.json and the figure "
+                                                    "so, e.g. '_480' for a larger budget beside the default run")
     args = parser.parse_args()
     strategies = dict(item.split("=") for item in args.strategies.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -73,9 +75,10 @@ def main() -> None:
     }
     text = json.dumps(out, indent=1)
     print(text)
-    (Path(__file__).parent / "results" / "joint_vs_separate.json").write_text(text + "\n")
+    (Path(__file__).parent / "results" / f"joint_vs_separate{args.suffix}.json").write_text(text + "\n")
     first_points, _ = runs[seeds[0]]
-    _figure(first_points, strategies, args.budget, Path(__file__).parents[1] / "docs" / "joint_vs_separate.png")
+    figure = Path(__file__).parents[1] / "docs" / f"joint_vs_separate{args.suffix}.png"
+    _figure(first_points, strategies, args.budget, figure)
 
 
 def _run_seed(model, strategies: dict[str, str], seed: int, args: argparse.Namespace, cache_dir: Path):
