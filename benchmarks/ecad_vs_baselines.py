@@ -33,8 +33,8 @@ from schedsearch.runtime.diffusers_caches import DiffusersCache
 from schedsearch.runtime.models import initial_noise, load_model
 from schedsearch.runtime.sampler import sample
 from schedsearch.search.base import Budget
+from schedsearch.search.fixed import FixedStrategy
 from schedsearch.search.loop import run_study
-from schedsearch.search.registry import FixedStrategy
 from schedsearch.spaces.schedule import Schedule
 from schedsearch.study import build_space, run_search
 

@@ -20,8 +20,8 @@ from schedsearch.results.pareto import hypervolume, non_dominated
 from schedsearch.results.store import ResultStore
 from schedsearch.runtime.models import load_model
 from schedsearch.search.base import Budget
+from schedsearch.search.fixed import FixedStrategy
 from schedsearch.search.loop import run_study
-from schedsearch.search.registry import FixedStrategy
 from schedsearch.study import PRESETS, build_space, run_search
 
 RUNS = [  # (space, strategy, objectives)

@@ -1,27 +1,45 @@
-"""The `schedsearch` command. Every subcommand exits non-zero with a message naming the bad field, and writes
-nothing, when its input is wrong."""
+"""The `schedsearch` command.
+
+Errors: a `UserInputError` (bad option, a schedule for another model, a missing weight file) prints
+`error: <field>: <problem>; <fix>` and exits 2, having written nothing. Anything else is a bug: one line saying so
+and exit 1; `--debug` shows the traceback. Heavy modules (torch, diffusers, pandas) are imported only when a command
+runs, so every `--help` answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from schedsearch.errors import UserInputError
+
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
 SOLVER_BASELINES = ("ddim", "dpmsolver++", "unipc")
+DEFAULT_MODEL = "builtin:mnist-dit"
+MODEL_HELP = "'builtin:mnist-dit' (shipped) or 'diffusers:<local pipeline dir or cached hub id>'"
 
 
-class CliError(Exception):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default where there is one; a flag or an option whose default the help text explains shows none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class CliError(UserInputError):
     """Bad input at the command line: printed as `error: ...`, exit code 2."""
 
 
-def _parse_int_list(text: str, field: str) -> list[int]:
+def parse_int_list(text: str, field: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError as exc:
-        raise CliError(f"{field}: {text!r} is not a comma-separated list of integers (e.g. 0,1,2)") from exc
+        raise CliError(field, f"{text!r} is not a comma-separated list of integers", "e.g. 0,1,2") from exc
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -39,78 +57,67 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_schedule(args: argparse.Namespace, model) -> tuple[object, object]:
-    """(solver plan, cache plan or None) for this model; a schedule made for another model is refused."""
-    from schedsearch.spaces.schedule import load_schedule
+def _schedule_for(args: argparse.Namespace, model: object) -> object:
+    """The schedule to run: the file given (only on the model it was found for) or the model's default plan."""
+    from schedsearch.runtime.execute import check_schedule_for
+    from schedsearch.spaces.schedule import Schedule, load_schedule
 
     if args.schedule is None:
-        return model.default_plan(args.steps), None
+        return Schedule(model=model.info.name, solver=model.default_plan(args.steps))
     schedule = load_schedule(args.schedule)
     if schedule.model != model.info.name:
-        raise CliError(
-            f"{args.schedule}: field 'model' is {schedule.model!r} but --model is {model.info.name!r}; "
-            "a schedule runs only on the model it was found for"
-        )
-    return schedule.validate(model.info.num_train_timesteps).solver, schedule.cache
+        raise CliError(f"{args.schedule}: field 'model'", f"is {schedule.model!r} but --model is {model.info.name!r}",
+                       "a schedule runs only on the model it was found for")
+    return check_schedule_for(model, schedule)
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from schedsearch.objectives.images import save_grid
-    from schedsearch.runtime.cache_hooks import CacheRuntime
-    from schedsearch.runtime.models import initial_noise, load_model
-    from schedsearch.runtime.sampler import sample
+    from schedsearch.runtime.execute import run_batches
+    from schedsearch.runtime.models import load_model
 
     if args.n_per_class < 1:
-        raise CliError("--n-per-class: must be at least 1")
+        raise CliError("--n-per-class", f"{args.n_per_class} must be at least 1", "e.g. --n-per-class 8")
+    if args.batch_size < 1:
+        raise CliError("--batch-size", f"{args.batch_size} must be at least 1", "e.g. --batch-size 64")
     if args.out.suffix.lower() != ".png":
-        raise CliError(f"--out: {args.out} must end in .png")
+        raise CliError("--out", f"{args.out} is not a .png path", "give a file name ending in .png")
     model = load_model(args.model)
-    plan, cache = _load_schedule(args, model)
-    runtime = CacheRuntime(model.network, model.info, cache) if cache is not None else None
+    schedule = _schedule_for(args, model)
     if model.info.conditioning == "class":
-        classes = _parse_int_list(args.classes, "--classes")
+        classes = parse_int_list(args.classes, "--classes")
         bad = [c for c in classes if not 0 <= c < (model.info.num_classes or 0)]
         if not classes or bad:
-            raise CliError(f"--classes: {bad or 'none given'}; this model has classes 0..{model.info.num_classes - 1}")
-        conditions: object = torch.tensor(classes).repeat_interleave(args.n_per_class)
+            raise CliError("--classes", f"{bad or 'none given'}",
+                           f"this model has classes 0..{model.info.num_classes - 1}")
+        conditions: list[object] = [c for c in classes for _ in range(args.n_per_class)]
     else:
-        if not args.prompts:
-            raise CliError("--prompts: this model is prompt-conditioned; give one or more prompts separated by '|'")
-        prompts = [p.strip() for p in args.prompts.split("|") if p.strip()]
+        prompts = [p.strip() for p in (args.prompts or "").split("|") if p.strip()]
+        if not prompts:
+            raise CliError("--prompts", "this model is prompt-conditioned", "give prompts separated by '|'")
         conditions = [p for p in prompts for _ in range(args.n_per_class)]
-    n = len(conditions)
-    seeds = [args.seed + i for i in range(n)]
-    images = []
-    try:
-        for start in range(0, n, args.batch_size):
-            part = slice(start, min(n, start + args.batch_size))
-            denoise = model.denoiser(conditions[part], args.guidance)
-            if runtime is not None:
-                denoise = runtime.wrap(denoise)
-            x = initial_noise(seeds[part], model.info.sample_shape)
-            out = sample(denoise, x, plan, model.noise_schedule, model.info.prediction_type, progress=True)
-            images.append(model.decode(out))
-    finally:
-        if runtime is not None:
-            runtime.remove()
+    seeds = [args.seed + i for i in range(len(conditions))]
+    images = [img for _, img in run_batches(model, schedule, conditions, seeds, args.guidance, args.batch_size,
+                                            progress=True)]
     path = save_grid(torch.cat(images), args.out, nrow=args.n_per_class)
-    cached = f", cache {cache.kind}" if cache is not None else ""
-    print(
-        f"wrote {path} ({n} samples, NFE {plan.nfe}{cached}, guidance {args.guidance or model.info.guidance_default})"
-    )
+    cached = f", cache {schedule.cache.kind}" if schedule.cache is not None else ""
+    guidance = args.guidance if args.guidance is not None else model.info.guidance_default
+    print(f"wrote {path} ({len(seeds)} samples, NFE {schedule.solver.nfe}{cached}, guidance {guidance})")
     return 0
 
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
     """Write a hand-made baseline as a schedule file: a starting point to edit, compare with, or seed a search."""
-    from schedsearch.runtime.models import load_model
+    from schedsearch.runtime.models import load_model, model_layout
     from schedsearch.spaces import baselines
     from schedsearch.spaces.schedule import Schedule, save_schedule
 
     if args.steps < 1:
-        raise CliError("--steps: must be at least 1")
+        raise CliError("--steps", f"{args.steps} must be at least 1", "e.g. --steps 20")
+    if args.fora < 0:
+        raise CliError("--fora", f"{args.fora} must be ≥ 0", "0 for no cache, N to recompute every N steps")
     info = load_model(args.model).info
     ts = baselines.linspace_timesteps(info.num_train_timesteps, args.steps)
     if args.solver == "ddim":
@@ -119,11 +126,7 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
         plan = baselines.dpm_solver_plan(ts, args.order)
     else:
         plan = baselines.unipc_plan(ts, args.order)
-    cache = None
-    if args.fora:
-        from schedsearch.runtime.models import model_layout
-
-        cache = baselines.fora_cache_plan(model_layout(info), plan.num_steps, args.fora)
+    cache = baselines.fora_cache_plan(model_layout(info), plan.num_steps, args.fora) if args.fora else None
     meta = {"baseline": args.solver, **({"cache": f"FORA N={args.fora}"} if cache else {})}
     schedule = Schedule(model=info.name, solver=plan, cache=cache, meta=meta).validate(info.num_train_timesteps)
     print(f"wrote {save_schedule(schedule, args.out)} (NFE {plan.nfe}, key {schedule.key})")
@@ -131,6 +134,8 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    import json
+
     from schedsearch.runtime.models import load_model
 
     print(json.dumps(load_model(args.model).info.as_dict(), indent=2))
@@ -140,67 +145,81 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_train_builtin(args: argparse.Namespace) -> int:
     from schedsearch.calibration import train_builtin
 
-    train_builtin.main(args.rest)
+    argv = [args.what, *(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                         if k not in ("what", "run", "command", "debug"))]
+    train_builtin.main(argv)
     return 0
 
 
+def _parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from schedsearch.cli_search import add_study_commands
+    from schedsearch.cli_train import build_train_parser
+
     parser = argparse.ArgumentParser(
-        prog="schedsearch", description="Find the best inference schedules of a diffusion model."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+        prog="schedsearch", description="Find the best inference schedules (solver steps, cache reuse) of a "
+        "diffusion model, offline.", formatter_class=HelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("models", help="list the models that can be loaded here").set_defaults(run=_cmd_models)
+    _parser(sub, "models", "list the models that can be loaded here").set_defaults(run=_cmd_models)
 
-    info = sub.add_parser("info", help="what the search spaces see of a model (steps, blocks, components)")
-    info.add_argument("--model", default="builtin:mnist-dit")
+    info = _parser(sub, "info", "what the search spaces see of a model (steps, blocks, components)")
+    info.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     info.set_defaults(run=_cmd_info)
 
-    smp = sub.add_parser("sample", help="run a schedule and write a PNG grid (one row per class or prompt)")
-    smp.add_argument("--model", default="builtin:mnist-dit")
+    smp = _parser(sub, "sample", "run a schedule and write a PNG grid (one row per class or prompt)")
+    smp.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     smp.add_argument("--schedule", type=Path, help="schedule JSON (default: the model's DPM-Solver++ 2M plan)")
     smp.add_argument("--steps", type=int, default=20, help="steps of the default plan (ignored with --schedule)")
     smp.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9", help="class ids for class-conditional models")
     smp.add_argument("--prompts", help="prompts separated by '|' for text-conditional models")
-    smp.add_argument("--n-per-class", type=int, default=8)
+    smp.add_argument("--n-per-class", type=int, default=8, help="samples per class or prompt (one grid row each)")
     smp.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
     smp.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
-    smp.add_argument("--batch-size", type=int, default=64)
-    smp.add_argument("--out", type=Path, default=Path("grid.png"))
+    smp.add_argument("--batch-size", type=int, default=64, help="images per model call (memory, not results)")
+    smp.add_argument("--out", type=Path, default=Path("grid.png"), help="PNG file to write")
     smp.set_defaults(run=_cmd_sample)
 
-    sch = sub.add_parser("schedule", help="write a baseline solver schedule (DDIM, DPM-Solver++, UniPC) as JSON")
-    sch.add_argument("solver", choices=SOLVER_BASELINES)
-    sch.add_argument("--model", default="builtin:mnist-dit")
-    sch.add_argument("--steps", type=int, default=20)
-    sch.add_argument("--order", type=int, default=2, choices=(1, 2, 3))
-    sch.add_argument("--fora", type=int, default=0, metavar="N", help="add a FORA cache plan: recompute every N steps")
-    sch.add_argument("--out", type=Path, required=True)
+    sch = _parser(sub, "schedule", "write a baseline solver schedule (DDIM, DPM-Solver++, UniPC) as JSON")
+    sch.add_argument("solver", choices=SOLVER_BASELINES, help="the hand-made solver")
+    sch.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    sch.add_argument("--steps", type=int, default=20, help="number of solver steps")
+    sch.add_argument("--order", type=int, default=2, choices=(1, 2, 3), help="multistep order (DPM-Solver++, UniPC)")
+    sch.add_argument("--fora", type=int, default=0, metavar="N", help="add a FORA cache plan: recompute every N "
+                     "steps (0: no cache)")
+    sch.add_argument("--out", type=Path, required=True, help="schedule JSON to write")
     sch.set_defaults(run=_cmd_schedule)
 
-    trn = sub.add_parser("train-builtin", help="train the builtin model / classifier (see --help of the module)")
-    trn.add_argument("rest", nargs=argparse.REMAINDER)
+    trn = _parser(sub, "train-builtin", "train the builtin model or its classifier, or export them into the package")
+    build_train_parser(parser=trn)
     trn.set_defaults(run=_cmd_train_builtin)
 
-    from schedsearch.cli_search import add_study_commands
-
-    add_study_commands(sub)
+    add_study_commands(sub, _parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from schedsearch.objectives.base import ObjectiveUnavailableError
-    from schedsearch.results.store import StoreError
-    from schedsearch.runtime.models import ModelNotAvailableError
-
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    # ScheduleError, CachePlanMismatchError and the registry's errors are ValueErrors naming the field
-    except (CliError, ModelNotAvailableError, ValueError, ObjectiveUnavailableError, StoreError,
-            FileNotFoundError) as exc:
+    except UserInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted; a study resumes with --resume", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        from schedsearch import __version__
+
+        print(f"internal error (a bug in schedsearch {__version__}, not in your input): {type(exc).__name__}: "
+              f"{exc}. Please report it with the output of `schedsearch --debug {args.command} ...`.", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -48,10 +48,10 @@ def fake_pool(local_ray, solver_space):
 def test_same_records_as_local_evaluator(local_ray, builtin_model, solver_space, tmp_path):
     from schedsearch.calibration.calibration_set import CalibrationSet, default_spec
     from schedsearch.evaluation.local import LocalEvaluator
+    from schedsearch.methods import make_strategy
     from schedsearch.results.store import ResultStore
     from schedsearch.search.base import Budget
     from schedsearch.search.loop import run_study
-    from schedsearch.search.registry import make_strategy
 
     spec = default_spec(builtin_model.info, samples=4, teacher_steps=20)
     calibration = CalibrationSet.open(spec, tmp_path).build(builtin_model, batch_size=4, progress=False)

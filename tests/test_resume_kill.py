@@ -24,7 +24,7 @@ from schedsearch.evaluation.ray_evaluator import SleepEvaluator
 from schedsearch.results.store import ResultStore
 from schedsearch.search.base import Budget
 from schedsearch.search.loop import run_study
-from schedsearch.search.registry import make_strategy
+from schedsearch.methods import make_strategy
 from schedsearch.spaces.base import ModelStructure
 from schedsearch.spaces.registry import make_space
 
@@ -56,7 +56,7 @@ def _driver(structure: str, store: Path, n: int) -> subprocess.Popen:
 
 
 def test_sigkilled_driver_resumes_without_losing_evaluations(tmp_path, builtin_model):
-    from schedsearch.study import model_structure
+    from schedsearch.runtime.models import model_structure
 
     fields = dataclasses.asdict(model_structure(builtin_model.info))
     fields.pop("extra")

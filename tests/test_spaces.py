@@ -10,6 +10,9 @@ import sys
 import numpy as np
 import pytest
 
+from schedsearch.errors import UserInputError
+from schedsearch.methods import SPACE_NAMES
+from schedsearch.methods.ecad import shifted_refresh_genomes
 from schedsearch.spaces.base import ModelStructure, SearchSpace
 from schedsearch.spaces.baselines import (
     dpmpp_2m_plan,
@@ -231,7 +234,7 @@ def test_cache_mask_shifted_refresh_seeds_move_one_refresh_by_one_step() -> None
     assert space.whole_stack_refresh(space.encode(fora4)) == ((0, 4, 8, 12, 16), False)
     partial = space.encode(dict(space.baselines())["ff-every2"])  # ff reused, attention recomputed: not whole-stack
     assert space.whole_stack_refresh(partial) is None
-    got = space.shifted_refresh_genomes([space.encode(fora4), partial])
+    got = shifted_refresh_genomes(space, [space.encode(fora4), partial])
     moved = sorted(space.whole_stack_refresh(g)[0] for g in got)
     # brute force: every 5-refresh set at Hamming distance 2 whose one moved refresh went exactly one step
     expected = sorted(c for c in itertools.combinations(range(20), 5) if c[0] == 0
@@ -239,9 +242,9 @@ def test_cache_mask_shifted_refresh_seeds_move_one_refresh_by_one_step() -> None
                       and abs(sum(set(c) - {0, 4, 8, 12, 16}) - sum({0, 4, 8, 12, 16} - set(c))) == 1)
     assert moved == expected and len(moved) == 8
     skip = space.encode(space.refresh_schedule((0, 10), skip_reused_blocks=True))
-    got = space.shifted_refresh_genomes([skip, space.encode(space.refresh_schedule((0, 9), True))])
+    got = shifted_refresh_genomes(space, [skip, space.encode(space.refresh_schedule((0, 9), True))])
     assert sorted(space.whole_stack_refresh(g) for g in got) == [((0, 8), True), ((0, 11), True)]  # inputs left out
-    last = space.shifted_refresh_genomes([space.encode(space.refresh_schedule((0, 1, 19)))])
+    last = shifted_refresh_genomes(space, [space.encode(space.refresh_schedule((0, 1, 19)))])
     assert sorted(space.whole_stack_refresh(g)[0] for g in last) == [(0, 1, 18), (0, 2, 19)]  # stays in [1, 20)
 
 
@@ -357,10 +360,13 @@ def test_joint_space_parts() -> None:
 def test_registry() -> None:
     assert set(SPACES) == {"solver", "cache", "cachequant", "dc", "joint"}
     assert isinstance(make_space("dc", BUILTIN, nfe=7), CompensationSpace)
-    with pytest.raises(ValueError, match=r"space: unknown 'nope'.*cachequant"):
+    with pytest.raises(UserInputError, match=r"--space: unknown 'nope'.*cachequant"):
         make_space("nope", BUILTIN)
-    with pytest.raises(ValueError, match="space 'solver'"):
+    with pytest.raises(UserInputError, match=r"space_options \(solver\)"):
         make_space("solver", BUILTIN, bogus=1)
+    with pytest.raises(UserInputError, match=r"space 'cache'.*num_steps"):
+        make_space("cache", BUILTIN, num_steps=1)
+    assert tuple(sorted(SPACES)) == SPACE_NAMES  # the CLI's light copy of the names
 
 
 def test_spaces_import_without_torch() -> None:

@@ -334,3 +334,23 @@ def test_ecad_mutation_is_pymoo_bitflip_as_ecad_configures_it() -> None:
         assert 1.2 < flips[changed].sum(axis=1).mean() < 2.0  # Poisson(1) given ≥ 1 flip: 1.58
     with pytest.raises(ValueError, match="mutation_prob"):
         EcadGenetic(spec, 2, mutation_prob=1.5)
+
+
+def test_nsga2_mutation_flips_every_childs_bits_at_bit_flip_prob() -> None:
+    """`nsga2` (pymoo) is named for what it runs: every child mutated, each bit flipped with `bit_flip_prob` (0.05),
+    not ECAD's 5% of children. Its own operator, applied to copies of one parent, shows both halves of that."""
+    from pymoo.core.population import Population
+
+    n, trials = 228, 3000
+    strategy = PymooNSGA(GenomeSpec.bits(n), 2, seed=0, population=8)
+    mutation = strategy.algorithm.mating.mutation
+    parent = np.random.default_rng(0).integers(0, 2, n).astype(bool)
+    X = np.tile(parent, (trials, 1))
+    pop = mutation.do(strategy.problem, Population.new("X", X), random_state=np.random.default_rng(1))
+    flips = pop.get("X") != X
+    assert flips.any(axis=1).mean() > 0.99  # ECAD's: ≈ 0.03 of children (test above)
+    assert abs(flips.mean() - 0.05) < 0.003  # 5% of the bits, so ≈ 11 of 228 per child
+    custom = PymooNSGA(GenomeSpec.bits(n), 2, seed=0, population=8, bit_flip_prob=0.01)
+    pop = custom.algorithm.mating.mutation.do(custom.problem, Population.new("X", X),
+                                              random_state=np.random.default_rng(1))
+    assert abs((pop.get("X") != X).mean() - 0.01) < 0.002

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from schedsearch.search.registry import STRATEGIES, FixedStrategy, check_combination, make_strategy
+from schedsearch.methods import METHODS as STRATEGIES
+from schedsearch.methods import check_combination, make_strategy
+from schedsearch.search.fixed import FixedStrategy
 from schedsearch.spaces.base import ModelStructure
 from schedsearch.spaces.registry import make_space
 

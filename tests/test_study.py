@@ -55,12 +55,22 @@ def test_study_resumes_and_dedupes_across_studies(tmp_path, cache_dir):
 
 
 def test_study_settings_must_match_on_resume(tmp_path, cache_dir):
-    from schedsearch.results.store import StoreError
+    """--resume compares the stored config field by field and names the first that differs; nothing is added."""
+    from schedsearch.errors import UserInputError
 
     store = tmp_path / "r.db"
     _run(store, "a", cache_dir, budget=2)
-    with pytest.raises(StoreError, match="objectives"):
+    with ResultStore(store) as s:
+        count, settings = s.count("a"), s.study_settings("a")
+    assert settings["strategy_options"] == {"population": 4} and settings["guidance"] is None
+    with pytest.raises(UserInputError, match=r"^--objectives: study 'a' was run with"):
         _run(store, "a", cache_dir, budget=2, objectives=["mse", "macs"])
+    with pytest.raises(UserInputError, match=r"^--samples: study 'a' was run with 4, now 8"):
+        _run(store, "a", cache_dir, budget=2, samples=8)
+    with pytest.raises(UserInputError, match=r"^--seed: .* 0, now 1"):
+        _run(store, "a", cache_dir, budget=2, seed=1)
+    with ResultStore(store) as s:
+        assert s.count("a") == count and s.study_settings("a") == settings
 
 
 def test_dp_sweeps_cachequant_plans(tmp_path, cache_dir):
@@ -124,6 +134,12 @@ def test_cli_search_front_export_evaluate(tmp_path, cache_dir, capsys):
           "--no-block-skip"], "--no-block-skip"),
         (["search", "--space", "cache", "--strategy", "tpe", "--objectives", "psnr,macs", "--budget", "2",
           "--shift-seeds"], "--shift-seeds"),
+        (["search", "--space", "cache", "--strategy", "ecad", "--objectives", "psnr,macs", "--budget", "2",
+          "--batch-size", "0"], "--batch-size"),
+        (["search", "--space", "cache", "--strategy", "ecad", "--objectives", "psnr,macs", "--budget", "2",
+          "--samples", "8", "--low-fidelity-samples", "8"], "--low-fidelity-samples"),
+        (["search", "--space", "cache", "--strategy", "ecad", "--objectives", "psnr,macs", "--budget", "2",
+          "--guidance", "nan"], "--guidance"),
     ],
 )
 def test_cli_search_bad_input_writes_nothing(tmp_path, capsys, argv, field):
@@ -172,15 +188,16 @@ def test_promote_picks_the_first_fronts():
 def test_cachequant_dp_seeds_the_cache_space(builtin_model, cache_dir):
     """CacheQuant's DP refresh steps for the whole block stack seed ECAD's cache space, with and without block
     skipping: the seeds are exactly the DP's plans on the same feature table."""
-    from schedsearch.calibration.calibration_set import default_spec
+    from schedsearch.calibration.calibration_set import CalibrationSet, default_spec
+    from schedsearch.methods.cachequant import dp_distance, dp_seed_genomes
     from schedsearch.search.dynamic import dp_sweep
     from schedsearch.spaces.cache_interval import CacheIntervalSpace
-    from schedsearch.study import _dp_distance, build_space, cachequant_seeds
+    from schedsearch.study import build_space
 
     space = build_space("cache", builtin_model.info, "quick", {"num_steps": 8})
-    spec = default_spec(builtin_model.info, samples=4)
-    seeds = [space.decode(g).cache for g in cachequant_seeds(builtin_model, space, spec, cache_dir)]
-    table = _dp_distance(builtin_model, CacheIntervalSpace(space.structure, solver=space.solver), spec, cache_dir)
+    calibration = CalibrationSet.open(default_spec(builtin_model.info, samples=4), cache_dir)
+    seeds = [space.decode(g).cache for g in dp_seed_genomes(builtin_model, calibration, space)]
+    table = dp_distance(builtin_model, calibration, CacheIntervalSpace(space.structure, solver=space.solver))
     expected = [p.refresh_steps for p in dp_sweep(table).values()]
     assert len(seeds) == 2 * len(expected) and [s.skip_reused_blocks for s in seeds[:2]] == [False, True]
     full = "1" * space.genome.size
@@ -191,9 +208,11 @@ def test_cachequant_dp_seeds_the_cache_space(builtin_model, cache_dir):
 def test_shift_seeds_reach_the_gas_first_generation(tmp_path, cache_dir):
     """With shift_seeds, ECAD's generation 0 holds every whole-stack seed (FORA, evenly spaced, the DP's) with one
     refresh moved one step; without it (the quick preset's default) none of them."""
-    from schedsearch.calibration.calibration_set import default_spec
+    from schedsearch.calibration.calibration_set import CalibrationSet, default_spec
+    from schedsearch.methods.cachequant import dp_seed_genomes
+    from schedsearch.methods.ecad import shifted_refresh_genomes
     from schedsearch.runtime.models import load_model
-    from schedsearch.study import build_space, cachequant_seeds
+    from schedsearch.study import build_space
 
     store = tmp_path / "r.db"
     _run(store, "on", cache_dir, budget=1, strategy_options={"population": 4, "shift_seeds": True})
@@ -201,8 +220,9 @@ def test_shift_seeds_reach_the_gas_first_generation(tmp_path, cache_dir):
     model = load_model("builtin:mnist-dit")
     space = build_space("cache", model.info, "quick", {"num_steps": 6})
     own = [space.encode(s) for _, s in space.baselines()]
-    dp = cachequant_seeds(model, space, default_spec(model.info, samples=TINY["samples"]), cache_dir)
-    shifted = {space.decode(g).key for g in space.shifted_refresh_genomes(own + dp)}
+    calibration = CalibrationSet.open(default_spec(model.info, samples=TINY["samples"]), cache_dir)
+    dp = dp_seed_genomes(model, calibration, space)
+    shifted = {space.decode(g).key for g in shifted_refresh_genomes(space, own + dp)}
     with ResultStore(store) as s:
         on = {r.to_schedule().key for r in s.records("on")}
         off = {r.to_schedule().key for r in s.records("off")}

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 
+from schedsearch.errors import UserInputError
 from schedsearch.results.atomic import atomic_write_bytes, atomic_write_text
 from schedsearch.spaces.baselines import dpm_solver_plan, linspace_timesteps
 from schedsearch.spaces.schedule import Schedule
@@ -98,10 +99,10 @@ def read_prompts(path: str | Path) -> list[str]:
     """One prompt per non-empty line (PartiPrompts / DrawBench-style text files); '#' starts a comment line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompts: no file {path}; give a text file with one prompt per line")
+        raise UserInputError("--prompts", f"no file {path}", "give a text file with one prompt per line")
     prompts = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
-        raise ValueError(f"prompts: {path} has no prompts")
+        raise UserInputError("--prompts", f"{path} has no prompts", "write one prompt per line ('#' starts a comment)")
     return prompts
 
 
@@ -122,13 +123,14 @@ def default_spec(
     from the model's own converged one, which is what a sampler can change (the builtin model's gap to real digits
     is larger than any sampler's effect, see README)."""
     if fid_reference not in (None, "real", "teacher"):
-        raise ValueError(f"fid_reference: {fid_reference!r} is not 'real' or 'teacher'")
+        raise UserInputError("--fid-reference", f"{fid_reference!r} is not 'real' or 'teacher'", "use one of them")
     offset = HELDOUT_SEED_OFFSET if split == "heldout" else 0
     if info.conditioning == "class":
         conditions: list[Any] = [i % info.num_classes for i in range(samples)]
     elif info.conditioning == "prompt":
         if not prompts:
-            raise ValueError(f"prompts: {info.name} is prompt-conditioned; give a prompt file (--prompts FILE)")
+            raise UserInputError("--prompts", f"{info.name} is prompt-conditioned",
+                                 "give a prompt file (--prompts FILE)")
         conditions = [p for p in prompts for _ in range(images_per_prompt)][:samples]
     else:
         conditions = [None] * samples
@@ -242,4 +244,14 @@ def _real_images(model_name: str) -> Any:
         from schedsearch.calibration.mnist_data import load_split
 
         return load_split().heldout_images  # 1,000 held-out real digits, never trained on
-    raise ValueError(f"fid reference 'real': no real image set is known for {model_name}; use 'teacher'")
+    raise UserInputError("--fid-reference", f"'real': no real image set is known for {model_name}",
+                         "use --fid-reference teacher")
+
+
+def needs_teacher(objectives: Sequence[Any], spec: CalibrationSpec) -> bool:
+    """Teacher images cost a 100-step run per sample: build them only for objectives that compare against them
+    (FID against real images needs none). Remote evaluators' objectives are names only, so build for them."""
+    if not objectives or any(isinstance(o, str) for o in objectives):
+        return True
+    teacher_fid = spec.fid_reference == "teacher" and any(o.name.startswith("fid") for o in objectives)
+    return teacher_fid or any(getattr(o, "needs_teacher", False) for o in objectives)

@@ -4,7 +4,7 @@
     python -m schedsearch.calibration.train_builtin classifier --work-dir runs/builtin
     python -m schedsearch.calibration.train_builtin export --work-dir runs/builtin   # -> schedsearch/assets/
 
-Design choices (see shared/BUILTIN-MODEL-NOTES.md for the measured baseline):
+Design choices:
 - ε-prediction on the 1000-step DDPM linear schedule, label dropout 0.1 (done by diffusers' label embedding in
   training mode) so classifier-free guidance works, AdamW lr 1e-3 with warm-up, grad-clip 1, EMA 0.999.
 - Min-SNR-γ loss weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy", eq. 5
@@ -237,20 +237,9 @@ def export(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["dit", "classifier", "export"])
-    parser.add_argument("--assets-dir", default=str(Path(__file__).resolve().parent.parent / "assets"))
-    parser.add_argument("--work-dir", default="runs/builtin")
-    parser.add_argument("--steps", type=int, default=8000)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--ema-decay", type=float, default=0.999)
-    parser.add_argument("--ckpt-every", type=int, default=200)
-    parser.add_argument("--grid-every", type=int, default=1000)
-    parser.add_argument("--classifier-steps", type=int, default=1500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    from schedsearch.cli_train import build_train_parser
+
+    parser = build_train_parser(prog="python -m schedsearch.calibration.train_builtin", description=__doc__)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from schedsearch.calibration.calibration_set import CalibrationSet
+from schedsearch.errors import SchedsearchError
 from schedsearch.objectives.base import CostObjective, ImageObjective, Objective, ScoreBatch
 from schedsearch.objectives.registry import ObjectiveContext, build_objectives
 from schedsearch.runtime.models import LoadedModel
@@ -33,8 +34,8 @@ class Evaluation:
     samples: int = 0
 
 
-class NonFiniteOutputError(RuntimeError):
-    pass
+class NonFiniteOutputError(SchedsearchError, RuntimeError):
+    """The model produced NaN/inf for a candidate: the candidate fails, the study goes on."""
 
 
 class LocalEvaluator:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from schedsearch.errors import SchedsearchError
 from schedsearch.spaces.schedule import Schedule
 
 __all__ = ["RayEvaluator", "SleepEvaluator", "WorkerDied", "evaluation_to_dict", "start_local_ray"]
@@ -37,7 +38,7 @@ def start_local_ray(num_cpus: int, num_gpus: int | None = None, include_dashboar
              _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=log_to_driver)
 
 
-class WorkerDied(RuntimeError):
+class WorkerDied(SchedsearchError, RuntimeError):
     """A candidate whose worker died on every attempt."""
 
 

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from schedsearch.errors import UnavailableError
+
 if TYPE_CHECKING:
     import torch
 
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 Direction = Literal["min", "max"]
 
 
-class ObjectiveUnavailableError(RuntimeError):
+class ObjectiveUnavailableError(UnavailableError):
     """An asked-for objective cannot run here (missing weights or package); the message says how to fix it."""
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from schedsearch.errors import UserInputError
 from schedsearch.objectives.base import Objective, ObjectiveUnavailableError
 
 if TYPE_CHECKING:
@@ -58,12 +59,13 @@ def parse_objective_list(text: str | Sequence[str], field_name: str = "--objecti
     names = [n.strip() for n in text.split(",")] if isinstance(text, str) else [str(n).strip() for n in text]
     names = [n for n in names if n]
     if not names:
-        raise ValueError(f"{field_name}: no objective given; choose from {', '.join(objective_names())}")
+        raise UserInputError(field_name, "no objective given", f"choose from {', '.join(objective_names())}")
     unknown = [n for n in names if n not in _REGISTRY]
     if unknown:
-        raise ValueError(f"{field_name}: unknown objective(s) {unknown}; choose from {', '.join(objective_names())}")
+        raise UserInputError(field_name, f"unknown objective(s) {unknown}",
+                             f"choose from {', '.join(objective_names())}")
     if len(set(names)) != len(names):
-        raise ValueError(f"{field_name}: {names} names an objective twice")
+        raise UserInputError(field_name, f"{names} names an objective twice", "name each once")
     return names
 
 

@@ -9,17 +9,15 @@ a reader (or a killed export) sees the old front or the new one, never a mix, an
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from schedsearch.results.pareto import knee_point, non_dominated
-from schedsearch.results.store import Record, ResultStore, settings_objectives
+from schedsearch.errors import UserInputError
+from schedsearch.results.query import Front, study_front
+from schedsearch.results.store import Record, ResultStore
 from schedsearch.spaces.schedule import Schedule
 
 __all__ = ["INDEX_FORMAT", "ExportError", "export_front", "front_records"]
@@ -28,55 +26,23 @@ INDEX_FORMAT = "schedsearch.front/v1"
 INDEX_NAME = "index.json"
 
 
-class ExportError(ValueError):
+class ExportError(UserInputError):
     """Nothing (valid) to export; the message names the study and what is missing."""
 
 
-def _objectives_of(store: ResultStore, study: str, objectives: Mapping[str, str] | None) -> dict[str, str]:
-    if objectives is None:
-        objectives = settings_objectives(store.study_settings(study))
-        if not objectives:
-            raise ExportError(
-                f"study {study!r} has no objectives in its settings; pass objectives={{name: 'min' | 'max'}}"
-            )
-    objectives = dict(objectives)
-    if not objectives:
-        raise ExportError("objectives: give at least one {name: 'min' | 'max'}")
-    for name, direction in objectives.items():
-        if direction not in ("min", "max"):
-            raise ExportError(f"objectives[{name!r}]: direction {direction!r}; use 'min' or 'max'")
-    return objectives
+def _front(store: ResultStore, study: str, objectives: Mapping[str, str] | str | None) -> Front:
+    try:
+        return study_front(store, study, objectives)
+    except UserInputError as exc:
+        raise ExportError(exc.field, exc.problem, exc.fix) from exc
 
 
 def front_records(
-    store: ResultStore, study: str, objectives: Mapping[str, str] | None = None
+    store: ResultStore, study: str, objectives: Mapping[str, str] | str | None = None
 ) -> tuple[list[Record], dict[str, str], int]:
-    """The study's Pareto-optimal ok records (best in the first objective first), the objectives used, and the
-    knee's position in that list. Records lacking an objective (or with NaN) cannot be ranked and are left out; so
-    are records scored against another calibration set than the study's, whose metrics are not comparable."""
-    if study not in store.studies():
-        known = ", ".join(repr(s) for s in store.studies()) or "none"
-        raise ExportError(f"study {study!r} is not in {store.path} (studies: {known})")
-    objectives = _objectives_of(store, study, objectives)
-    calibration = (store.study_settings(study) or {}).get("calibration")
-    usable = [
-        r
-        for r in store.records(study)
-        if r.status == "ok"
-        and (calibration is None or r.calibration_hash == calibration)
-        and all(math.isfinite(r.metrics.get(name, math.nan)) for name in objectives)
-    ]
-    if not usable:
-        raise ExportError(f"study {study!r} has no ok record with finite metrics {list(objectives)}: nothing to export")
-    directions = list(objectives.values())
-    points = np.array([[r.metrics[n] for n in objectives] for r in usable], dtype=float)
-    front = np.flatnonzero(non_dominated(points, directions))
-    # Order along the front: best first objective first, ties by the next objectives, then by key (deterministic).
-    signs = np.array([1.0 if d == "min" else -1.0 for d in directions])
-    order = sorted(front, key=lambda i: (*(points[i] * signs), usable[i].key))
-    records = [usable[i] for i in order]
-    knee = knee_point(points[order], directions)
-    return records, objectives, knee
+    """The study's front (`results.query.study_front`): its records best-first, the objectives, the knee's index."""
+    front = _front(store, study, objectives)
+    return list(front.records), front.objectives, front.knee
 
 
 def _diffusers_hint(schedule: Schedule) -> dict[str, Any]:
@@ -126,7 +92,7 @@ def export_front(
     store: ResultStore,
     study: str,
     out_dir: str | Path,
-    objectives: Mapping[str, str] | None = None,
+    objectives: Mapping[str, str] | str | None = None,
 ) -> Path:
     """Write every Pareto-optimal schedule of `study` as `<out>/<rank>_<key>.json` and `<out>/index.json`.
 
@@ -135,19 +101,19 @@ def export_front(
     key is unchanged (meta is not hashed). Returns the output directory.
     """
     out = Path(out_dir)
-    records, objectives, knee = front_records(store, study, objectives)
+    front = _front(store, study, objectives)
+    records, objectives, knee = list(front.records), front.objectives, front.knee
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     width = max(3, len(str(len(records) - 1)))
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     tmp.chmod(0o755)  # mkdtemp makes it private; the export is meant to be shared
-    heldout = {r.to_schedule().key: r.metrics for r in store.records(f"{study}@heldout") if r.status == "ok"}
     try:
         entries = []
         for rank, record in enumerate(records):
             schedule = record.to_schedule()
             metrics = {name: record.metrics[name] for name in sorted(record.metrics)}
-            checked = heldout.get(schedule.key)
+            checked = front.heldout.get(schedule.key)
             meta = dict(schedule.meta) | {
                 "study": study,
                 "key": record.key,

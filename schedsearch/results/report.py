@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from schedsearch.errors import UserInputError
 from schedsearch.results.atomic import atomic_write_text
-from schedsearch.results.pareto import knee_point, pareto_frame
+from schedsearch.results.query import study_front
 from schedsearch.results.store import ResultStore, StoreError, settings_objectives
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ __all__ = ["ReportError", "report_main", "report_path", "write_report"]
 _MAX_FAILURES_LISTED = 20
 
 
-class ReportError(ValueError):
+class ReportError(UserInputError):
     """The report cannot be made (e.g. unknown study); the message says what exists instead."""
 
 
@@ -204,21 +205,20 @@ def _render(
     sections: list[tuple[str, str]] = []
     knee_key = None
     if columns:
-        ranked = pareto_frame(frame, columns)
-        front = ranked[ranked["front_rank"] == 0].reset_index(drop=True)
-        if len(front):
-            knee_key = str(front["key"].iloc[knee_point(front[list(columns)].to_numpy(float), list(columns.values()))])
+        found = study_front(store, study, dict(objectives), required=False)
+        order = {r.key: i for i, r in enumerate(found.records)}
+        front = frame[frame["key"].isin(order)].sort_values("key", key=lambda k: k.map(order)).reset_index(drop=True)
+        if found.records:
+            knee_key = found.records[found.knee].key
         metric_cols = list(columns) + sorted(c for c in frame.columns if c.startswith("metric.") and c not in columns)
         # A summary entry that repeats a metric (e.g. nfe) would show the same number under the same header twice.
         summary_cols = [c for c in frame.columns if c.startswith("summary.") and f"metric.{c[8:]}" not in metric_cols]
         table_cols = ["key", *metric_cols, *summary_cols, "wall_time_s"]
         headers = ["key", *(f"{c[7:]} ({columns[c]})" if c in columns else c[7:] for c in metric_cols),
                    *(c[8:] for c in summary_cols), "wall time (s)"]
-        first = next(iter(columns))
-        front = front.sort_values(first, ascending=columns[first] == "min", kind="stable")
         classes = ["knee" if k == knee_key else "" for k in front["key"]]
         sections.append((
-            f"Pareto front ({len(front)} of {int((ranked['front_rank'].notna()).sum())} scored evaluations)",
+            f"Pareto front ({len(front)} of {found.scored} scored evaluations at the study's calibration)",
             "<p>Click a column header to sort. The knee is highlighted.</p>"
             + _table(front, table_cols, headers, classes),
         ))

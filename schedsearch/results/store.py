@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from schedsearch.errors import UserInputError
 from schedsearch.spaces.schedule import Schedule
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ _INSERT = (
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM records"
 
 
-class StoreError(RuntimeError):
+class StoreError(UserInputError):
     """The store file cannot be used; the message names the path and what to do."""
 
 

@@ -23,9 +23,9 @@ from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from schedsearch.runtime.cache_hooks import CacheRuntime
-from schedsearch.runtime.models import LoadedModel, initial_noise
+from schedsearch.runtime.models import LoadedModel
 from schedsearch.runtime.noise import FlowSchedule, NoiseSchedule
-from schedsearch.runtime.sampler import PlanRunner, sample
+from schedsearch.runtime.sampler import PlanRunner
 from schedsearch.spaces.errors import ScheduleError
 from schedsearch.spaces.schedule import Schedule, SolverPlan
 
@@ -173,15 +173,13 @@ class AppliedSchedule:
             raise RuntimeError("this schedule was removed; apply it again")
         if self.scheduler is not None:
             raise TypeError("applied to a pipeline: call the pipeline (num_inference_steps=plan.num_steps)")
-        denoise = self.model.denoiser(conditions, guidance)
-        if self.runtime is not None:
-            self.runtime.reset()
-            denoise = self.runtime.wrap(denoise)
-        x = initial_noise(seeds, self.model.info.sample_shape)
-        info = self.model.info
-        with torch.no_grad():
-            out = sample(denoise, x, self.schedule.solver, self.model.noise_schedule, info.prediction_type)
-            return self.model.decode(out) if decode else out
+        from schedsearch.runtime.execute import run_batches
+
+        seeds = list(seeds)
+        conditions = conditions.tolist() if isinstance(conditions, torch.Tensor) else list(conditions)
+        ((_, out),) = run_batches(self.model, self.schedule, conditions, seeds, guidance, batch_size=max(1, len(seeds)),
+                                  runtime=self.runtime, decode=decode)
+        return out
 
     def remove(self) -> None:
         """Restore the original scheduler and drop every hook (idempotent)."""

@@ -17,6 +17,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 
+from schedsearch.errors import UserInputError
 from schedsearch.runtime.models import ModelInfo, block_module_name, model_layout
 from schedsearch.spaces.cache_plan import CachePlan, ComponentCachePlan, UnitCachePlan, block_names, slot_names
 
@@ -30,7 +31,7 @@ DEEPCACHE_GROUP = "deepcache"  # UnitCachePlan.group naming a UNet's DeepCache b
 Denoiser = Callable[[torch.Tensor, float, int], torch.Tensor]
 
 
-class CachePlanMismatchError(ValueError):
+class CachePlanMismatchError(UserInputError):
     """The plan's shape does not fit the model; the message gives expected and given shapes."""
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from schedsearch.errors import UserInputError
 from schedsearch.runtime.models import BlockGroup, LoadedModel, ModelInfo, ModelNotAvailableError
 from schedsearch.runtime.noise import FlowSchedule, NoiseSchedule, VPSchedule
 
@@ -176,16 +177,16 @@ def denoiser_of(pipe: Any) -> torch.nn.Module:
         network = getattr(pipe, attr, None)
         if network is not None:
             return network
-    raise ValueError(f"diffusers pipeline {type(pipe).__name__} has no `transformer` or `unet` component to search on")
+    raise UserInputError("--model", f"diffusers pipeline {type(pipe).__name__} has no `transformer` or `unet` "
+                         "component to search on", "point it at a DiT or UNet pipeline")
 
 
 def family_of(network: torch.nn.Module) -> str:
     """The adapter family from the denoiser class; unsupported classes fail here, before any work is done."""
     cls = type(network).__name__
     if cls not in FAMILY_BY_CLASS:
-        raise ValueError(
-            f"diffusers denoiser class {cls!r} is not supported; supported classes: {', '.join(FAMILY_BY_CLASS)}"
-        )
+        raise UserInputError("--model", f"diffusers denoiser class {cls!r} is not supported",
+                             f"supported classes: {', '.join(FAMILY_BY_CLASS)}")
     family = FAMILY_BY_CLASS[cls]
     if family == "sd" and network.config.get("addition_embed_type") == "text_time":
         return "sdxl"
@@ -584,7 +585,8 @@ def _vae_decoder(pipe: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     def decode(samples: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [-1, 1]: undo the pipeline's latent normalisation, then the VAE decoder."""
         if vae is None:
-            raise ValueError(f"{type(pipe).__name__} has no VAE: latents cannot be decoded to images")
+            raise UserInputError("--model", f"{type(pipe).__name__} has no VAE: latents cannot be decoded to images",
+                                 "load the pipeline with its VAE")
         scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
         latents = samples.to(device=vae.device, dtype=vae.dtype) / scale + shift
         images = [vae.decode(chunk).sample for chunk in latents.split(DECODE_BATCH)]
@@ -603,7 +605,8 @@ def loaded_model_from_pipeline(
     network = denoiser_of(pipe)
     family = family_of(network)
     if getattr(pipe, "scheduler", None) is None:
-        raise ValueError(f"{type(pipe).__name__} has no scheduler: its config defines the noise schedule")
+        raise UserInputError("--model", f"{type(pipe).__name__} has no scheduler: its config defines the noise "
+                             "schedule", "load the pipeline with its scheduler")
     layout = _latent_layout(pipe, network, family, resolution)
     schedule = noise_schedule_of(pipe.scheduler, layout["tokens_per_sample"])
     if family in ("sd", "sdxl"):

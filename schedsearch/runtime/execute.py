@@ -35,12 +35,22 @@ def run_batches(
     guidance: float | None = None,
     batch_size: int = 64,
     progress: bool = False,
+    *,
+    runtime: CacheRuntime | None = None,
+    decode: bool = True,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Yield (slice of the inputs, decoded images in [-1, 1]) per batch; sample i depends on seeds[i] only."""
+    """Yield (slice of the inputs, images) per batch: decoded in [-1, 1], or the final latents with `decode=False`;
+    sample i depends on seeds[i] only. The one place a schedule runs on a loaded model (`schedsearch sample`,
+    `apply_schedule(model).sample`, calibration sets, the evaluators). `runtime`: cache hooks already attached for
+    this schedule (kept attached); by default they are attached here and removed at the end."""
     check_schedule_for(model, schedule)
     if len(conditions) != len(seeds):
         raise ValueError(f"conditions ({len(conditions)}) and seeds ({len(seeds)}) must have the same length")
-    runtime = CacheRuntime(model.network, model.info, schedule.cache) if schedule.cache is not None else None
+    if batch_size < 1:
+        raise ValueError(f"batch_size: {batch_size} must be at least 1")
+    owned = runtime is None and schedule.cache is not None
+    if owned:
+        runtime = CacheRuntime(model.network, model.info, schedule.cache)
     try:
         for start in range(0, len(seeds), batch_size):
             part = slice(start, min(len(seeds), start + batch_size))
@@ -52,7 +62,7 @@ def run_batches(
             with torch.no_grad():
                 out = sample(denoise, x, schedule.solver, model.noise_schedule, model.info.prediction_type,
                              progress=progress)
-                yield part, model.decode(out)
+                yield part, model.decode(out) if decode else out
     finally:
-        if runtime is not None:
+        if owned and runtime is not None:
             runtime.remove()

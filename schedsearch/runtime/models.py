@@ -13,7 +13,9 @@ from typing import Any, Literal
 
 import torch
 
+from schedsearch.errors import UnavailableError, UserInputError
 from schedsearch.runtime.noise import NoiseSchedule, VPSchedule
+from schedsearch.spaces.base import ModelStructure
 from schedsearch.spaces.baselines import dpm_solver_plan, linspace_timesteps
 from schedsearch.spaces.cache_plan import layout_of
 from schedsearch.spaces.schedule import SolverPlan
@@ -69,6 +71,28 @@ def model_layout(info: ModelInfo) -> str:
     return layout_of([(g.path, g.count, g.components) for g in info.block_groups])
 
 
+BLOCK_SKIP_FAMILIES = ("dit", "pixart", "sd3", "flux")  # their blocks are in diffusers' TransformerBlockRegistry
+
+
+def model_structure(info: ModelInfo) -> ModelStructure:
+    """The integers a space is built from (spaces never see the model): layout, blocks, the cacheable unit."""
+    unit = info.extra.get("deepcache_unit") if info.extra else None
+    if unit:
+        unit_group, unit_blocks = "deepcache", 1
+    else:
+        unit_group, unit_blocks = info.block_groups[0].path, info.block_groups[0].count
+    return ModelStructure(
+        name=info.name,
+        num_train_timesteps=info.num_train_timesteps,
+        layout=model_layout(info),
+        num_blocks=info.num_blocks,
+        unit_group=unit_group,
+        unit_blocks=unit_blocks,
+        has_cross_attention=any("attn2" in g.components for g in info.block_groups),
+        block_skip=info.family in BLOCK_SKIP_FAMILIES,
+    )
+
+
 def block_module_name(network: torch.nn.Module, path: str, count: int, index: int) -> str:
     """Module name of block `index` of a group: `path.index` in a ModuleList; `path` itself for a single-unit
     group (a UNet block such as `down_blocks.0`, whose slot names still carry the index 0)."""
@@ -76,7 +100,7 @@ def block_module_name(network: torch.nn.Module, path: str, count: int, index: in
     return path if single else f"{path}.{index}"
 
 
-class ModelNotAvailableError(RuntimeError):
+class ModelNotAvailableError(UnavailableError):
     """The weights are not on this machine; the message says how to make them available."""
 
 
@@ -159,10 +183,8 @@ def load_model(name: str, **kwargs: Any) -> LoadedModel:
         from schedsearch.runtime.diffusers_models import load_diffusers_model
 
         return load_diffusers_model(name.removeprefix("diffusers:"), **kwargs)
-    raise ValueError(
-        f"model: unknown {name!r}; use {BUILTIN_MNIST_DIT!r} or 'diffusers:<local pipeline dir or hub id>' "
-        "(see `schedsearch models`)"
-    )
+    raise UserInputError("--model", f"unknown {name!r}", f"use {BUILTIN_MNIST_DIT!r} or "
+                         "'diffusers:<local pipeline dir or hub id>' (see `schedsearch models`)")
 
 
 def available_models() -> list[dict[str, str]]:

@@ -1,8 +1,11 @@
 """pymoo's NSGA-II (Deb et al. 2002) / NSGA-III (Deb & Jain 2014, ≥ 3 objectives) driven by ask/tell.
 
-ECAD's released code (Aggarwal et al. 2025, repo AniAggarwal/ecad) runs on this engine: for bit genomes the same ops as
-`EcadGenetic` (4-point crossover p=0.9, bit flip p=0.05 per bit); for mixed genomes pymoo's defaults, SBX (η=15,
-p=0.9) and polynomial mutation (η=20), with a repair that rounds through `GenomeSpec.clip`. A failed candidate
+The `nsga2` strategy. ECAD's released code runs on pymoo too, but this engine is not ECAD's configuration: on bit
+genomes it uses 4-point crossover p=0.9 and *per-bit* mutation, every child mutated with each bit flipped at
+`bit_flip_prob` = 0.05 (pymoo `BitflipMutation(prob=1.0, prob_var=0.05)`; about 11 flips per child on the builtin
+228-bit cache genome). ECAD's `BitflipMutation(prob=0.05)` mutates 5% of children with 1/n per bit; that is the
+`ecad` strategy (`search/genetic.py`). On mixed genomes: pymoo's defaults, SBX (η=15, p=0.9) and polynomial mutation
+(η=20). A repair rounds through `GenomeSpec.clip`. A failed candidate
 (+inf) is told as infeasible (one inequality constraint violated), so feasibility-first survival drops it.
 """
 

@@ -204,30 +204,6 @@ class CacheMaskSpace(SearchSpace):
         steps = (self.first, *(s for s, full in zip(self.genome_steps, grid.all(axis=1), strict=True) if full))
         return steps, self.block_skip and bool(x[self.mask_size] > 0.5)
 
-    def shifted_refresh_genomes(self, genomes: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Ours: every whole-stack refresh among `genomes` with one refresh moved one step earlier or later, the
-        refresh count (so the MACs) unchanged. Bit-flip mutation cannot make this move (it takes two whole rows
-        flipped together), and uniform spacing is a convention, not an optimum: on the builtin DiT, FORA every 4's
-        refresh at step 8 moved to 9 gains 0.23 dB at equal MACs. Inputs, duplicates and all-recompute are left out."""
-        seen = {tuple(np.asarray(g, dtype=float)) for g in genomes}
-        seen |= {tuple(g) for g in self.all_recompute_genomes()}
-        out = []
-        for genome in genomes:
-            found = self.whole_stack_refresh(genome)
-            if found is None:
-                continue
-            steps, skip = found
-            for i, step in enumerate(steps[1:], start=1):
-                for moved in (step - 1, step + 1):
-                    if moved <= self.first or moved >= self.num_steps or moved in steps:
-                        continue
-                    new = sorted((*steps[:i], moved, *steps[i + 1 :]))
-                    g = self.encode(self.refresh_schedule(new, skip))
-                    if tuple(g) not in seen:
-                        seen.add(tuple(g))
-                        out.append(g)
-        return out
-
     def _block_skip_seeds(self, seeds: list[tuple[str, Schedule]]) -> list[tuple[str, Schedule]]:
         """Ours: each seed that reuses whole blocks again with `skip_reused_blocks` ("+skip"). FORA every N + skip is
         DeepCache-style refresh of the whole block stack every N steps."""

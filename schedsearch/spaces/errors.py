@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from schedsearch.errors import UserInputError
 
-class ScheduleError(ValueError):
+
+class ScheduleError(UserInputError):
     """A schedule that cannot run. The message names the offending field and how to fix it."""
 
     def __init__(self, field_path: str, problem: str, fix: str = "") -> None:
         self.field_path = field_path
-        message = f"{field_path}: {problem}"
-        super().__init__(f"{message}. {fix}".strip() if fix else message)
+        super().__init__(field_path, problem, fix)

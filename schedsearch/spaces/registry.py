@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from schedsearch.errors import UserInputError
 from schedsearch.spaces.base import ModelStructure, SearchSpace
 from schedsearch.spaces.cache_interval import CacheIntervalSpace
 from schedsearch.spaces.cache_mask import CacheMaskSpace
@@ -25,8 +26,12 @@ __all__ = ["SPACES", "make_space"]
 def make_space(name: str, structure: ModelStructure, **options: Any) -> SearchSpace:
     """Build the space `name` for a model's structure; `options` are that space's keyword arguments."""
     if name not in SPACES:
-        raise ValueError(f"space: unknown {name!r}; use one of {sorted(SPACES)}")
+        raise UserInputError("--space", f"unknown {name!r}", f"use one of {sorted(SPACES)}")
     try:
         return SPACES[name](structure, **options)
     except TypeError as exc:  # an unknown keyword: say which space rejected it
-        raise ValueError(f"space {name!r}: {exc}") from exc
+        raise UserInputError(f"space_options ({name})", str(exc), "drop the unknown option") from exc
+    except UserInputError:
+        raise
+    except ValueError as exc:  # a space's own checks of its options against the model's structure
+        raise UserInputError(f"space {name!r}", str(exc), "change the space's options, or use another space") from exc

@@ -1,0 +1,115 @@
+"""The one results query: a study's objectives, its front at its own calibration, and the held-out pairing.
+
+`front`, `export`, `report` and the study's held-out validation all read a study through this module, so "the
+front" means the same thing everywhere: ok records scored against the study's own calibration set (low-fidelity
+rungs and other calibrations are not comparable), with finite values in every objective, non-dominated, ordered
+best-first in the first objective (ties: next objectives, then key), with the knee marked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from schedsearch.errors import UserInputError
+from schedsearch.results.pareto import knee_point, non_dominated
+from schedsearch.results.store import Record, ResultStore, settings_objectives
+
+__all__ = ["Front", "heldout_metrics", "heldout_study", "study_front", "study_objectives"]
+
+HELDOUT_SUFFIX = "@heldout"
+
+
+def heldout_study(study: str) -> str:
+    """The study holding `study`'s front re-scored on held-out seeds (`run_search(validate=True)`)."""
+    return f"{study}{HELDOUT_SUFFIX}"
+
+
+def study_objectives(store: ResultStore, study: str, given: Mapping[str, str] | str | None = None) -> dict[str, str]:
+    """The study's objectives {name: "min" | "max"} in search order, or the subset `given` names ("psnr,macs", or a
+    mapping with directions for a study that stored none)."""
+    settings = store.study_settings(study)
+    if settings is None and store.count(study) == 0:
+        known = ", ".join(repr(s) for s in store.studies()) or "none"
+        raise UserInputError("--study", f"no study {study!r} in {store.path}", f"studies there: {known}")
+    stored = settings_objectives(settings)
+    if isinstance(given, Mapping):
+        for name, direction in given.items():
+            if direction not in ("min", "max"):
+                raise UserInputError(f"objectives[{name!r}]", f"direction {direction!r}", "use 'min' or 'max'")
+        if not given:
+            raise UserInputError("objectives", "none given", "give at least one {name: 'min' | 'max'}")
+        return dict(given)
+    if not stored:
+        raise UserInputError("--objectives", f"study {study!r} has no objectives in its settings",
+                             "name them with their directions, e.g. {'psnr': 'max', 'macs': 'min'}")
+    if given is None:
+        return stored
+    names = [n.strip() for n in given.split(",") if n.strip()]
+    missing = [n for n in names if n not in stored]
+    if missing or not names:
+        raise UserInputError("--objectives", f"{missing or 'none'} not among this study's objectives",
+                             f"choose from {', '.join(stored)}")
+    return {n: stored[n] for n in names}
+
+
+@dataclass(frozen=True)
+class Front:
+    """A study's Pareto front: `records` best-first in the first objective, `knee` an index into them."""
+
+    study: str
+    objectives: dict[str, str]
+    records: tuple[Record, ...]
+    knee: int
+    scored: int  # usable records the front was taken from
+    heldout: dict[str, dict[str, float]] = field(default_factory=dict)  # schedule key -> held-out metrics
+
+    def heldout_of(self, record: Record) -> dict[str, float] | None:
+        return self.heldout.get(record.to_schedule().key)
+
+
+def usable_records(store: ResultStore, study: str, objectives: Mapping[str, str]) -> list[Record]:
+    """ok records at the study's own calibration with a finite value of every objective."""
+    calibration = (store.study_settings(study) or {}).get("calibration")
+    return [
+        r for r in store.records(study)
+        if r.status == "ok"
+        and (calibration is None or r.calibration_hash == calibration)
+        and all(math.isfinite(_number(r.metrics.get(name))) for name in objectives)
+    ]
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def study_front(store: ResultStore, study: str, objectives: Mapping[str, str] | str | None = None,
+                *, required: bool = True) -> Front:
+    """The study's front (see the module docstring). With `required`, an empty front is a UserInputError."""
+    if study not in store.studies():
+        known = ", ".join(repr(s) for s in store.studies()) or "none"
+        raise UserInputError("--study", f"{study!r} is not in {store.path} (no records)",
+                             f"studies with records: {known}")
+    chosen = study_objectives(store, study, objectives)
+    usable = usable_records(store, study, chosen)
+    if not usable:
+        if required:
+            raise UserInputError("--study", f"{study!r} has no ok record with finite metrics {list(chosen)} yet, so "
+                                 "nothing to export or show", "wait for its first evaluations, or see every record "
+                                 "with `schedsearch front --all`")
+        return Front(study, chosen, (), -1, 0)
+    directions = list(chosen.values())
+    points = np.array([[float(r.metrics[n]) for n in chosen] for r in usable], dtype=float)
+    front = np.flatnonzero(non_dominated(points, directions))
+    signs = np.array([1.0 if d == "min" else -1.0 for d in directions])
+    order = sorted(front, key=lambda i: (*(points[i] * signs), usable[i].key))
+    knee = knee_point(points[order], directions)
+    return Front(study, chosen, tuple(usable[i] for i in order), knee, len(usable), heldout_metrics(store, study))
+
+
+def heldout_metrics(store: ResultStore, study: str) -> dict[str, dict[str, float]]:
+    """Schedule key -> metrics of the study's held-out re-scoring (ok records only)."""
+    return {r.to_schedule().key: r.metrics for r in store.records(heldout_study(study)) if r.status == "ok"}
