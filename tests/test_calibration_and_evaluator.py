@@ -8,6 +8,7 @@ import torch
 
 from schedsearch.calibration import calibration_set as cs
 from schedsearch.calibration.calibration_set import CalibrationSet, default_spec, read_prompts
+from schedsearch.errors import UserInputError
 from schedsearch.evaluation.local import LocalEvaluator
 from schedsearch.objectives.base import ObjectiveUnavailableError
 from schedsearch.objectives.registry import ObjectiveContext, build_objectives, parse_objective_list
@@ -83,7 +84,7 @@ def test_fid_against_the_teacher_distribution(model, tmp_path):
     spec = default_spec(model.info, samples=24, teacher_steps=12, fid_reference="teacher")
     assert spec.hash != default_spec(model.info, samples=24, teacher_steps=12).hash  # another reference, another set
     assert default_spec(model.info, samples=4).fid_reference == "real"
-    with pytest.raises(ValueError, match="fid_reference"):
+    with pytest.raises(ValueError, match="--fid-reference"):
         default_spec(model.info, samples=4, fid_reference="imagenet")
     cal = CalibrationSet.open(spec, tmp_path).build(model, batch_size=12, progress=False)
     ev = LocalEvaluator(model, cal, ["fid"], batch_size=12)
@@ -135,8 +136,11 @@ def test_read_prompts(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("# DrawBench subset\na red cube\n\n a cat \n")
     assert read_prompts(path) == ["a red cube", "a cat"]
-    with pytest.raises(FileNotFoundError, match="prompts"):
+    with pytest.raises(UserInputError, match=r"^--prompts: no file"):
         read_prompts(tmp_path / "none.txt")
+    (tmp_path / "empty.txt").write_text("# only a comment\n")
+    with pytest.raises(UserInputError, match="has no prompts"):
+        read_prompts(tmp_path / "empty.txt")
 
 
 def test_predicted_latency_table_is_measured_once_and_orders_schedules(model, tmp_path, monkeypatch):

@@ -143,3 +143,9 @@ def test_help_imports_no_heavy_module():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parent.parent).stdout
     assert out.strip() == "[]"
+
+
+def test_a_recipe_option_of_another_method_is_refused_naming_its_owner():
+    with pytest.raises(UserInputError, match=r"^strategy_options.shift_seeds \(--shift-seeds\): belongs to the ecad"):
+        _config(strategy="nsga2", strategy_options={"shift_seeds": True})
+    assert _config(strategy="ecad", strategy_options={"shift_seeds": True}).strategy_options["shift_seeds"]

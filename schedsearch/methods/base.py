@@ -27,9 +27,12 @@ if TYPE_CHECKING:
     from schedsearch.search.base import Strategy
     from schedsearch.spaces.base import SearchSpace
 
-__all__ = ["PRESET_NAMES", "SPACE_NAMES", "Method"]
+__all__ = ["PRESET_NAMES", "SPACE_NAMES", "Method", "Procedure"]
 
 PRESET_NAMES = ("quick", "paper")
+# Strategy options a recipe's `prepare` consumes, by method: any other method is told whose they are.
+RECIPE_OPTIONS_OF = {"ecad": ("shift_seeds",)}
+RECIPE_OPTIONS = {name for names in RECIPE_OPTIONS_OF.values() for name in names}
 # The names of `schedsearch.spaces.registry.SPACES`, here without importing the spaces (numpy) for `--help`.
 SPACE_NAMES = ("cache", "cachequant", "dc", "joint", "solver")
 
@@ -42,6 +45,7 @@ class Method:
     spaces: ClassVar[tuple[str, ...] | None] = None  # spaces it runs on; None = any
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {"quick": {}, "paper": {}}
     seeded: ClassVar[bool] = True  # starts from the space's baselines (+ seeds); False for fixed procedures
+    recipe_options: ClassVar[tuple[str, ...]] = ()  # strategy options its `prepare` takes (not its engine's)
 
     def check(self, space: str, options: Mapping[str, Any]) -> None:
         """Refuse a space or option this method cannot use (UserInputError naming the field)."""
@@ -50,6 +54,10 @@ class Method:
                 "--strategy", f"{self.name} works on --space {' or '.join(self.spaces)} only (it is the seed "
                 f"method's own procedure for that representation), not on --space {space}",
                 f"use --space {self.spaces[0]}, or another strategy on {space}")
+        for name in sorted(set(options) & RECIPE_OPTIONS - set(self.recipe_options)):
+            owner = next(m for m, opts in RECIPE_OPTIONS_OF.items() if name in opts)
+            raise UserInputError(f"strategy_options.{name} (--{name.replace('_', '-')})",
+                                 f"belongs to the {owner} strategy, not {self.name} on --space {space}", "drop it")
 
     def prepare(self, model: Any, calibration: Any, space: SearchSpace, config: Any) -> dict[str, Any]:
         """Engine options that need the model (default: none beyond the user's strategy options)."""
@@ -65,3 +73,31 @@ class Method:
 
     def __repr__(self) -> str:
         return f"<method {self.name}: {self.title}>"
+
+
+class Procedure(Method):
+    """A seed method's own procedure rather than a search: `prepare` computes one thing from the model (`computes`,
+    unless the user's strategy options give it), and the engine turns it into the genomes it asks, once."""
+
+    seeded = False
+    computes: ClassVar[str]  # the strategy option prepare fills in
+    computes_what: ClassVar[str]  # what that is, for the error when it is missing
+
+    def compute(self, model: Any, calibration: Any, space: SearchSpace, config: Any) -> Any:
+        raise NotImplementedError
+
+    def build(self, space: SearchSpace, n_objectives: int, seed: int, options: dict[str, Any]) -> Strategy:
+        raise NotImplementedError
+
+    def prepare(self, model: Any, calibration: Any, space: SearchSpace, config: Any) -> dict[str, Any]:
+        options = dict(config.strategy_options)
+        if self.computes not in options:
+            options[self.computes] = self.compute(model, calibration, space, config)
+        return options
+
+    def engine(self, space: SearchSpace, n_objectives: int, *, seed: int, preset: str,
+               initial: Sequence[np.ndarray], forbid: Sequence[np.ndarray], options: dict[str, Any]) -> Strategy:
+        if self.computes not in options:
+            raise UserInputError(f"strategy_options.{self.computes}", f"{self.name} needs {self.computes_what}",
+                                 "run it through run_search, which computes it from the model")
+        return self.build(space, n_objectives, seed, options)

@@ -13,35 +13,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-from schedsearch.methods.base import Method
+from schedsearch.methods.base import Procedure
 
 __all__ = ["CacheQuant", "cache_space_seeds", "dp_distance", "dp_seed_genomes"]
 
 FEATURE_SAMPLES = 8  # calibration samples of the feature run (§3.2 uses a small calibration batch)
 
 
-class CacheQuant(Method):
+class CacheQuant(Procedure):
     name = "dp"
     title = "CacheQuant (Liu et al., CVPR 2025): dynamic-programming refresh steps"
     spaces = ("cachequant",)
-    seeded = False
+    computes = "distance"
+    computes_what = "the unit's feature-distance table (methods.cachequant.dp_distance)"
 
-    def prepare(self, model: Any, calibration: Any, space: Any, config: Any) -> dict[str, Any]:
-        options = dict(config.strategy_options)
-        options.setdefault("distance", dp_distance(model, calibration, space))
-        return options
+    def compute(self, model: Any, calibration: Any, space: Any, config: Any) -> Any:
+        return dp_distance(model, calibration, space)
 
-    def engine(self, space: Any, n_objectives: int, *, seed: int, preset: str, initial: Sequence[Any],
-               forbid: Sequence[Any], options: dict[str, Any]) -> Any:
-        from schedsearch.errors import UserInputError
+    def build(self, space: Any, n_objectives: int, seed: int, options: dict[str, Any]) -> Any:
         from schedsearch.search.dynamic import DPStrategy
 
-        if "distance" not in options:
-            raise UserInputError("strategy_options.distance", "dp needs the unit's feature-distance table",
-                                 "run it through run_search, or pass methods.cachequant.dp_distance(...)")
         return DPStrategy(space.genome, n_objectives, seed=seed, encode=getattr(space, "refresh_genome", None),
                           **options)
 

@@ -11,35 +11,28 @@ ECCV 2024).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-from schedsearch.methods.base import Method
+from schedsearch.methods.base import Procedure
 
 __all__ = ["DCSolver", "fitted_genomes"]
 
 FIT_SAMPLES = 10  # calibration samples of the ratio fit (the paper fits on 10)
 
 
-class DCSolver(Method):
+class DCSolver(Procedure):
     name = "dc-fit"
     title = "DC-Solver (Zhao et al., ECCV 2024): compensation ratios fitted to a teacher"
     spaces = ("dc",)
-    seeded = False
+    computes = "genomes"
+    computes_what = "the fitted ratio genomes (methods.dc_solver.fitted_genomes)"
 
-    def prepare(self, model: Any, calibration: Any, space: Any, config: Any) -> dict[str, Any]:
-        options = dict(config.strategy_options)
-        options.setdefault("genomes", fitted_genomes(model, calibration, space, config.progress))
-        return options
+    def compute(self, model: Any, calibration: Any, space: Any, config: Any) -> Any:
+        return fitted_genomes(model, calibration, space, config.progress)
 
-    def engine(self, space: Any, n_objectives: int, *, seed: int, preset: str, initial: Sequence[Any],
-               forbid: Sequence[Any], options: dict[str, Any]) -> Any:
-        from schedsearch.errors import UserInputError
+    def build(self, space: Any, n_objectives: int, seed: int, options: dict[str, Any]) -> Any:
         from schedsearch.search.fixed import FixedStrategy
 
-        if "genomes" not in options:
-            raise UserInputError("strategy_options.genomes", "dc-fit needs the fitted ratio genomes",
-                                 "run it through run_search, or pass methods.dc_solver.fitted_genomes(...)")
         return FixedStrategy(space.genome, n_objectives, seed=seed, genomes=options["genomes"])
 
 

@@ -25,6 +25,7 @@ __all__ = ["Ecad", "shifted_refresh_genomes"]
 class Ecad(Method):
     name = "ecad"
     title = "ECAD (Aggarwal et al. 2025): NSGA-II over recompute bits"
+    recipe_options = ("shift_seeds",)
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {"quick": {"population": 16}, "paper": {"population": 72}}
 
     def check(self, space: str, options: Mapping[str, Any]) -> None:

@@ -176,7 +176,6 @@ class AppliedSchedule:
         from schedsearch.runtime.execute import run_batches
 
         seeds = list(seeds)
-        conditions = conditions.tolist() if isinstance(conditions, torch.Tensor) else list(conditions)
         ((_, out),) = run_batches(self.model, self.schedule, conditions, seeds, guidance, batch_size=max(1, len(seeds)),
                                   runtime=self.runtime, decode=decode)
         return out

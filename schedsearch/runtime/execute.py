@@ -40,21 +40,26 @@ def run_batches(
     decode: bool = True,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield (slice of the inputs, images) per batch: decoded in [-1, 1], or the final latents with `decode=False`;
-    sample i depends on seeds[i] only. The one place a schedule runs on a loaded model (`schedsearch sample`,
-    `apply_schedule(model).sample`, calibration sets, the evaluators). `runtime`: cache hooks already attached for
-    this schedule (kept attached); by default they are attached here and removed at the end."""
+    sample i depends on seeds[i] only. `conditions`: one per seed (class ids, prompts), or one batch's conditions
+    as the model's denoiser takes them (a tensor or a dict of embeddings), run as one batch. The one place a
+    schedule runs on a loaded model (`schedsearch sample`, `apply_schedule(model).sample`, calibration sets, the
+    evaluators). `runtime`: cache hooks already attached for this schedule (kept attached); by default they are
+    attached here and removed at the end."""
     check_schedule_for(model, schedule)
-    if len(conditions) != len(seeds):
-        raise ValueError(f"conditions ({len(conditions)}) and seeds ({len(seeds)}) must have the same length")
     if batch_size < 1:
         raise ValueError(f"batch_size: {batch_size} must be at least 1")
+    whole = not isinstance(conditions, Sequence) or isinstance(conditions, str)
+    if whole:  # one batch's conditions as the denoiser takes them (a tensor, a dict of embeddings): one batch
+        batch_size = max(batch_size, len(seeds))
+    elif len(conditions) != len(seeds):
+        raise ValueError(f"conditions ({len(conditions)}) and seeds ({len(seeds)}) must have the same length")
     owned = runtime is None and schedule.cache is not None
     if owned:
         runtime = CacheRuntime(model.network, model.info, schedule.cache)
     try:
         for start in range(0, len(seeds), batch_size):
             part = slice(start, min(len(seeds), start + batch_size))
-            denoise = model.denoiser(list(conditions[part]), guidance)
+            denoise = model.denoiser(conditions if whole else list(conditions[part]), guidance)
             if runtime is not None:
                 runtime.reset()
                 denoise = runtime.wrap(denoise)
