@@ -36,7 +36,7 @@ from schedsearch.search.base import Budget
 from schedsearch.search.fixed import FixedStrategy
 from schedsearch.search.loop import run_study
 from schedsearch.spaces.schedule import Schedule
-from schedsearch.study import build_space, run_search
+from schedsearch.study import build_space, run_search, study_exists
 
 OBJECTIVES = {"psnr": "max", "macs": "min"}
 RESULT = Path(__file__).parent / "results" / "ecad_vs_baselines.json"
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--population", type=int, default=24)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--work-dir", type=Path, help="reuse a store/cache: resumes the study for --budget more")
+    parser.add_argument("--work-dir", type=Path, help="reuse a store/cache: resumes the study up to --budget in all")
     parser.add_argument("--no-search", action="store_true",
                         help="no new evaluations: re-score the baselines, rewrite the JSON and redraw the figure "
                              "from --work-dir's store (budget and search time are the last search run's)")
@@ -103,7 +103,7 @@ def main() -> None:
                    store=store_path, budget=Budget(evaluations=args.budget), samples=args.samples,
                    cache_dir=cache_dir, space_options=options,
                    strategy_options={"population": args.population, "shift_seeds": True},
-                   progress=True, validate=False)
+                   progress=True, validate=False, resume=study_exists(store_path, "ecad"))
     search_s = time.perf_counter() - start
     spec = default_spec(model.info, samples=args.samples)
     calibration = CalibrationSet.open(spec, cache_dir)

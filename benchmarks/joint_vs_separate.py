@@ -97,11 +97,11 @@ def _run_seed(model, strategies: dict[str, str], seed: int, args: argparse.Names
         with ResultStore(store_path) as store:
             done = len(store.records(space)) if space in store.studies() else 0
         opts = {} if strategy in ("predictor",) else {"population": args.population}
-        if done < args.budget:
+        if done < args.budget:  # the budget is the study's total
             run_search(model=model, space=space, strategy=strategy, objectives=list(OBJECTIVES), study=space,
-                       store=store_path, budget=Budget(evaluations=args.budget - done), samples=args.samples,
+                       store=store_path, budget=Budget(evaluations=args.budget), samples=args.samples,
                        cache_dir=cache_dir, space_options=options, progress=False, validate=False,
-                       strategy_options=opts, seed=seed)
+                       strategy_options=opts, seed=seed, resume=done > 0)
         timing[space] = round(time.perf_counter() - start, 1)
         with ResultStore(store_path) as store:
             ok = [r for r in store.records(space) if r.status == "ok"]

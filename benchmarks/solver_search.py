@@ -71,9 +71,9 @@ def main() -> None:
             done = len(store.records(study)) if study in store.studies() else 0
         if done < budget:
             run_search(model=model, space="solver", strategy=args.strategy, objectives=[metric, "nfe"],
-                       study=study, store=store_path, budget=Budget(evaluations=budget - done),
+                       study=study, store=store_path, budget=Budget(evaluations=budget),  # the study's total
                        samples=args.samples, cache_dir=cache_dir, batch_size=100, space_options=options,
-                       progress=False, validate=False, fid_reference=args.fid_reference)
+                       progress=False, validate=False, fid_reference=args.fid_reference, resume=done > 0)
         space = build_space("solver", model.info, "quick", options)
         names = {s.key: name for name, s in space.baselines()}
         with ResultStore(store_path) as store:

@@ -55,7 +55,7 @@ def study_config(args: argparse.Namespace) -> Any:
         prompts=prompts, fid_reference=args.fid_reference, low_fidelity_samples=args.low_fidelity_samples,
         space_options={"block_skip": False} if args.no_block_skip else {}, strategy_options=strategy_options,
         batch_size=args.batch_size, cache_dir=args.cache_dir, workers=args.workers, ray_address=args.ray_address,
-        validate=not args.no_validate, progress=not args.quiet,
+        validate=not args.no_validate, progress=not args.quiet, resume=args.resume,
     )
 
 
@@ -68,12 +68,6 @@ def _cmd_search(args: argparse.Namespace) -> int:
         raise CliError("--shift-seeds", f"applies to --space cache with --strategy ecad, not {args.strategy} on "
                        f"{args.space}", "drop it")
     config = study_config(args)
-    if args.store.exists():
-        with _open_store(args.store, create=False) as store:
-            exists = store.study_settings(args.study) is not None or store.count(args.study) > 0
-        if exists and not args.resume:
-            raise CliError("--study", f"{args.study!r} already exists in {args.store}",
-                           "pass --resume to continue it, or choose another name")
     logging.getLogger("optuna").setLevel(logging.WARNING)  # optuna logs every trial; the progress bar says enough
     result = run_search(config)
     print(f"study {args.study}: {result.evaluations} new evaluations, {result.reused} reused from the store, "
@@ -210,12 +204,14 @@ def add_study_commands(sub: Any, parser: Callable[..., argparse.ArgumentParser])
                         "solver: S³'s solver schedule; joint: solver × cache × compensation")
     s.add_argument("--strategy", required=True, choices=list(METHODS), help=strategies)
     s.add_argument("--objectives", required=True, help="comma-separated, first = quality, e.g. psnr,macs")
-    s.add_argument("--budget", type=int, help="number of evaluations (checked between asks)")
+    s.add_argument("--budget", type=int, help="the study's total number of evaluations, counting those of earlier "
+                   "runs of a resumed study (checked between asks, so a GA finishes its generation)")
     s.add_argument("--time-limit", type=float, help="wall-time budget in seconds")
     s.add_argument("--generations", type=int, help="number of asks (GA generations)")
     s.add_argument("--study", required=True, help="the study's name in the store")
     s.add_argument("--store", type=Path, required=True, help="SQLite results store (created if absent)")
-    s.add_argument("--resume", action="store_true", help="continue an existing study of the same settings")
+    s.add_argument("--resume", action="store_true", help="continue an existing study of the same settings (without "
+                   "it an existing study is refused; with it, a missing one is)")
     s.add_argument("--preset", default="quick", choices=PRESET_NAMES,
                    help="quick: minutes on 2 CPU cores (32 samples, 10-step cache plans, small populations); "
                         "paper: the seed methods' settings (1000 samples, 20 steps, ECAD population 72)")

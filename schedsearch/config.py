@@ -91,6 +91,8 @@ class StudyConfig:
     workers / ray_address: evaluate on Ray: `workers` ≥ 1 actors on a local Ray, or join `ray_address` ("auto").
     validate: re-score the final front on held-out seeds into `<study>@heldout` (default on).
     progress: progress bars (default on).
+    resume: continue an existing study (default off: an existing study is refused, and so is resuming a missing
+        one). The budget is the study's total, so a resumed study stops where an uninterrupted one would.
     """
 
     space: str
@@ -115,6 +117,7 @@ class StudyConfig:
     ray_address: str | None = None
     validate: bool = True
     progress: bool = True
+    resume: bool = False
 
     def __post_init__(self) -> None:
         put = object.__setattr__  # normalise once, then the value is frozen

@@ -16,11 +16,12 @@ from schedsearch.errors import UserInputError
 from schedsearch.methods import check_preset, get_method, make_strategy
 from schedsearch.results.query import heldout_study, study_front
 from schedsearch.results.store import ResultStore
+from schedsearch.results.study_lock import study_lock
 from schedsearch.search.base import Budget
 from schedsearch.search.loop import StudyResult, run_study
 from schedsearch.spaces.base import SearchSpace
 
-__all__ = ["PRESETS", "StudyConfig", "build_space", "heldout_study", "run_search", "validate_front"]
+__all__ = ["PRESETS", "StudyConfig", "build_space", "heldout_study", "run_search", "study_exists", "validate_front"]
 
 
 def build_space(name: str, info: Any, preset: str = "quick", options: Mapping[str, Any] | None = None) -> SearchSpace:
@@ -37,7 +38,7 @@ def run_search(config: StudyConfig | None = None, *, model: Any = None, store: A
     """Run or resume a study; every evaluation is appended to the store as it finishes. Bad input fails before any
     sampling or write. Give a `StudyConfig`, or its fields as keywords (`model` may be a loaded model and `store`
     an open `ResultStore`)."""
-    from schedsearch.calibration.calibration_set import CalibrationSet, default_cache_dir, default_spec, needs_teacher
+    from schedsearch.calibration.calibration_set import CalibrationSet, default_cache_dir, default_spec
     from schedsearch.runtime.models import load_model
 
     loaded = None if model is None or isinstance(model, str) else model
@@ -50,6 +51,7 @@ def run_search(config: StudyConfig | None = None, *, model: Any = None, store: A
     elif fields:
         raise TypeError(f"run_search: give a StudyConfig or its fields, not both ({', '.join(fields)})")
     method = get_method(config.strategy)
+    _check_existence(config, store if isinstance(store, ResultStore) else None)
     loaded = loaded or load_model(config.model)
     space = build_space(config.space, loaded.info, config.preset, config.space_options)
     spec = default_spec(loaded.info, samples=config.resolved_samples, split="search", guidance=config.guidance,
@@ -60,32 +62,71 @@ def run_search(config: StudyConfig | None = None, *, model: Any = None, store: A
     evaluator = _evaluator(config, loaded, calibration, cache_dir)
     results = store if isinstance(store, ResultStore) else ResultStore(config.store)
     try:
-        directions = {o.name: o.direction for o in evaluator.objectives if o.name in config.objectives}
-        directions = {n: directions[n] for n in config.objectives}
-        _record_settings(results, config, directions, evaluator.calibration_hash)
-        if needs_teacher(evaluator.objectives, spec):
-            calibration.build(loaded, batch_size=config.batch_size, progress=config.progress)
-        options = method.prepare(loaded, calibration, space, config)
-        strategy = make_strategy(config.strategy, space, len(directions), preset=config.preset, seed=config.seed,
-                                 options=options)
-        low = None
-        if config.low_fidelity_samples is not None:
-            from schedsearch.evaluation.local import LocalEvaluator
-
-            low = LocalEvaluator(loaded, calibration, evaluator.objectives, samples=config.low_fidelity_samples,
-                                 batch_size=config.batch_size)
-        result = run_study(study=config.study, space=space, strategy=strategy, objectives=directions,
-                           evaluator=evaluator, store=results, budget=config.budget, progress=config.progress,
-                           low_fidelity=low)
-        if config.validate:
-            validate_front(loaded, results, config.study, evaluator, spec, cache_dir, config.batch_size,
-                           config.progress)
-        return result
+        with study_lock(results.path, config.study):
+            _check_existence(config, results)
+            return _search(config, method, loaded, space, spec, calibration, evaluator, results, cache_dir)
     finally:
         if results is not store:
             results.close()
         if hasattr(evaluator, "close"):
             evaluator.close()
+
+
+def _search(config: StudyConfig, method: Any, loaded: Any, space: SearchSpace, spec: Any, calibration: Any,
+            evaluator: Any, results: ResultStore, cache_dir: Path) -> StudyResult:
+    """The study itself, under its lock: settings, teacher images, the method's preparation, the loop, validation."""
+    from schedsearch.calibration.calibration_set import needs_teacher
+
+    directions = {o.name: o.direction for o in evaluator.objectives if o.name in config.objectives}
+    directions = {n: directions[n] for n in config.objectives}
+    _record_settings(results, config, directions, evaluator.calibration_hash)
+    if needs_teacher(evaluator.objectives, spec):
+        calibration.build(loaded, batch_size=config.batch_size, progress=config.progress)
+    options = method.prepare(loaded, calibration, space, config)
+    strategy = make_strategy(config.strategy, space, len(directions), preset=config.preset, seed=config.seed,
+                             options=options)
+    low = None
+    if config.low_fidelity_samples is not None:
+        from schedsearch.evaluation.local import LocalEvaluator
+
+        low = LocalEvaluator(loaded, calibration, evaluator.objectives, samples=config.low_fidelity_samples,
+                             batch_size=config.batch_size)
+    result = run_study(study=config.study, space=space, strategy=strategy, objectives=directions,
+                       evaluator=evaluator, store=results, budget=config.budget, progress=config.progress,
+                       low_fidelity=low)
+    if config.validate:
+        validate_front(loaded, results, config.study, evaluator, spec, cache_dir, config.batch_size,
+                       config.progress)
+    return result
+
+
+def study_exists(store: str | Path, study: str) -> bool:
+    """Has `store` (a path) a study of this name? For scripts that continue a study when it is there:
+    `run_search(..., resume=study_exists(store, study))`. Reads the store only if the file exists."""
+    if not Path(store).is_file():
+        return False
+    with ResultStore(store, create=False) as opened:
+        return opened.study_settings(study) is not None or opened.count(study) > 0
+
+
+def _check_existence(config: StudyConfig, store: ResultStore | None) -> None:
+    """A new study must not exist yet, a resumed one must; checked before any work (reading the store only if it
+    exists) and again under the study's lock."""
+    if store is None:
+        if not config.store.is_file():
+            exists = False
+        else:
+            with ResultStore(config.store, create=False) as opened:
+                return _check_existence(config, opened)
+    else:
+        exists = store.study_settings(config.study) is not None or store.count(config.study) > 0
+    where = config.store
+    if exists and not config.resume:
+        raise UserInputError("--study", f"{config.study!r} already exists in {where}",
+                             "pass --resume (resume=True) to continue it, or choose another name")
+    if config.resume and not exists:
+        raise UserInputError("--resume", f"there is no study {config.study!r} in {where} to resume",
+                             "drop --resume to start it")
 
 
 def _evaluator(config: StudyConfig, model: Any, calibration: Any, cache_dir: Path) -> Any:
@@ -143,6 +184,7 @@ def validate_front(model: Any, store: ResultStore, study: str, evaluator: Any, s
         calibration.build(model, batch_size=batch_size, progress=progress)
     space = ListSpace(schedules)
     strategy = FixedStrategy(space.genome, len(front.objectives), genomes=space.genomes())
+    # one ask: every front schedule the held-out study lacks (the budget counts the study's earlier records too)
     result = run_study(study=heldout_study(study), space=space, strategy=strategy, objectives=front.objectives,
-                       evaluator=check, store=store, budget=Budget(evaluations=len(schedules) + 1), progress=False)
+                       evaluator=check, store=store, budget=Budget(generations=1), progress=False)
     return list(result.records)

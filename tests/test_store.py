@@ -265,3 +265,63 @@ def test_writer_killed_at_random_moments_loses_nothing_it_reported(tmp_path):
     done = subprocess.run([sys.executable, str(script), str(store_path), str(progress), str(stop)], env=env)
     assert done.returncode == 0
     assert stop <= _check_store(store_path, _reported(progress)) < stop + 3
+
+
+def test_no_sql_path_replaces_or_deletes_a_record_or_a_setting(tmp_path):
+    """The append-only promise is SQLite's own: REPLACE INTO (which deletes without firing delete triggers), UPDATE
+    and DELETE leave records and settings as they were, also in a store made without the newer triggers."""
+    import sqlite3
+
+    path = tmp_path / "r.db"
+    with ResultStore(path) as store:
+        store.append(_record(0))
+        store.set_study_settings("s", {"samples": 4})
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TRIGGER records_no_replace")  # as a store of an older version has it
+    conn.execute("DROP TRIGGER meta_no_update")
+    conn.commit()
+    conn.close()
+    ResultStore(path).close()  # a writable open adds what is missing
+    conn = sqlite3.connect(path)
+    cols = [c[1] for c in conn.execute("PRAGMA table_info(records)")]
+    row = list(conn.execute("SELECT * FROM records").fetchone())
+    forged = row.copy()
+    forged[cols.index("metrics_json")] = '{"macs": 1, "psnr": 99}'
+    conn.execute(f"REPLACE INTO records VALUES ({', '.join('?' * len(cols))})", forged)
+    forged[cols.index("key")] = "forged"  # same id, another key: a REPLACE on the primary key
+    conn.execute(f"INSERT OR REPLACE INTO records VALUES ({', '.join('?' * len(cols))})", forged)
+    conn.commit()
+    assert [list(r) for r in conn.execute("SELECT * FROM records")] == [row]
+    for sql in ("UPDATE records SET status = 'failed'", "DELETE FROM records",
+                "UPDATE meta SET value = '{}' WHERE name = 'study:s'", "DELETE FROM meta WHERE name = 'study:s'",
+                "REPLACE INTO meta (name, value) VALUES ('study:s', '{}')"):
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            conn.execute(sql)
+    conn.close()
+    with ResultStore(path) as store:
+        assert store.study_settings("s") == {"samples": 4} and store.count() == 1
+
+
+def test_one_process_per_study(tmp_path):
+    """A second process on a running study is refused with the holder named; the lock dies with its holder."""
+    import subprocess
+    import sys
+
+    from schedsearch.results.study_lock import StudyBusyError, study_lock
+
+    store = tmp_path / "r.db"
+    code = ("import sys, time; from schedsearch.results.study_lock import study_lock\n"
+            "with study_lock(sys.argv[1], 'busy'):\n    print('locked', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(store)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        busy = rf"^--study: 'busy' is being run by process {holder.pid} on "
+        with pytest.raises(StudyBusyError, match=busy), study_lock(store, "busy"):
+            pass
+        with study_lock(store, "other"):  # other studies of the same store are free
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with study_lock(store, "busy"):  # the kernel released the dead holder's lock
+        pass

@@ -41,7 +41,8 @@ def test_study_resumes_and_dedupes_across_studies(tmp_path, cache_dir):
     assert all(r.calibration_hash.endswith("-n4") for r in records)
     assert all(r.metrics["macs"] > 0 for r in records)
 
-    resumed = _run(store, "a", cache_dir, budget=4)
+    assert _run(store, "a", cache_dir, budget=4, resume=True).evaluations == 0  # the budget is the study's total
+    resumed = _run(store, "a", cache_dir, budget=first.evaluations + 4, resume=True)
     assert resumed.evaluations >= 4
     with ResultStore(store) as s:
         assert s.keys("a") >= keys_a and s.count("a") == first.evaluations + resumed.evaluations
@@ -64,11 +65,18 @@ def test_study_settings_must_match_on_resume(tmp_path, cache_dir):
         count, settings = s.count("a"), s.study_settings("a")
     assert settings["strategy_options"] == {"population": 4} and settings["guidance"] is None
     with pytest.raises(UserInputError, match=r"^--objectives: study 'a' was run with"):
-        _run(store, "a", cache_dir, budget=2, objectives=["mse", "macs"])
+        _run(store, "a", cache_dir, budget=2, objectives=["mse", "macs"], resume=True)
     with pytest.raises(UserInputError, match=r"^--samples: study 'a' was run with 4, now 8"):
-        _run(store, "a", cache_dir, budget=2, samples=8)
+        _run(store, "a", cache_dir, budget=2, samples=8, resume=True)
     with pytest.raises(UserInputError, match=r"^--seed: .* 0, now 1"):
-        _run(store, "a", cache_dir, budget=2, seed=1)
+        _run(store, "a", cache_dir, budget=2, seed=1, resume=True)
+    with pytest.raises(UserInputError, match=r"^--study: 'a' already exists .* pass --resume"):
+        _run(store, "a", cache_dir, budget=2)
+    with pytest.raises(UserInputError, match=r"^--resume: there is no study 'b'"):
+        _run(store, "b", cache_dir, budget=2, resume=True)
+    with pytest.raises(UserInputError, match=r"^--resume: there is no study 'c'"):
+        _run(tmp_path / "none.db", "c", cache_dir, budget=2, resume=True)
+    assert not (tmp_path / "none.db").exists()
     with ResultStore(store) as s:
         assert s.count("a") == count and s.study_settings("a") == settings
 

@@ -69,10 +69,26 @@ _SCHEMA = (
         UNIQUE (study, key)
     )""",
     "CREATE INDEX records_by_key ON records (key)",
-    """CREATE TRIGGER records_no_update BEFORE UPDATE ON records
+)
+# Append-only, enforced by SQLite itself, so no SQL path (UPDATE, DELETE, or REPLACE INTO, which deletes the old row
+# without firing delete triggers) can change or drop a stored record or a study's settings. An insert of an existing
+# record key is skipped (it is how `append` reports a duplicate); one of an existing settings name is refused.
+# Created with IF NOT EXISTS on every writable open, so stores made by older versions get them too.
+_GUARDS = (
+    """CREATE TRIGGER IF NOT EXISTS records_no_update BEFORE UPDATE ON records
         BEGIN SELECT RAISE(ABORT, 'the results store is append-only'); END""",
-    """CREATE TRIGGER records_no_delete BEFORE DELETE ON records
+    """CREATE TRIGGER IF NOT EXISTS records_no_delete BEFORE DELETE ON records
         BEGIN SELECT RAISE(ABORT, 'the results store is append-only'); END""",
+    """CREATE TRIGGER IF NOT EXISTS records_no_replace BEFORE INSERT ON records
+        WHEN EXISTS (SELECT 1 FROM records WHERE (study = NEW.study AND key = NEW.key) OR id = NEW.id)
+        BEGIN SELECT RAISE(IGNORE); END""",
+    """CREATE TRIGGER IF NOT EXISTS meta_no_update BEFORE UPDATE ON meta
+        BEGIN SELECT RAISE(ABORT, 'the results store is append-only: settings are never changed'); END""",
+    """CREATE TRIGGER IF NOT EXISTS meta_no_delete BEFORE DELETE ON meta
+        BEGIN SELECT RAISE(ABORT, 'the results store is append-only: settings are never deleted'); END""",
+    """CREATE TRIGGER IF NOT EXISTS meta_no_replace BEFORE INSERT ON meta
+        WHEN EXISTS (SELECT 1 FROM meta WHERE name = NEW.name)
+        BEGIN SELECT RAISE(ABORT, 'the results store is append-only: settings are never replaced'); END""",
 )
 
 _INSERT = (
@@ -425,10 +441,32 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> None:
         conn.execute("BEGIN IMMEDIATE")
         try:
             if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'records'").fetchone():  # lost a race?
-                for statement in _SCHEMA:
+                for statement in (*_SCHEMA, *_GUARDS):
                     conn.execute(statement)
                 conn.execute("INSERT INTO meta (name, value) VALUES ('format', ?)", (STORE_FORMAT,))
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+    else:
+        _add_missing_guards(conn)
+
+
+def _add_missing_guards(conn: sqlite3.Connection) -> None:
+    """Stores written by older versions lack some append-only triggers: add them (a reader of a read-only file
+    cannot, and does not need to: it writes nothing)."""
+    have = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+    missing = [g for g in _GUARDS if g.split("EXISTS ", 1)[1].split()[0] not in have]
+    if not missing:
+        return
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError:  # read-only file or directory
+        return
+    try:
+        for statement in missing:
+            conn.execute(statement)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")

@@ -135,7 +135,9 @@ def run_study(
     promote_fraction: float = 0.5,
 ) -> StudyResult:
     """Run (or resume) `study` until `budget` is spent or the strategy has nothing more to ask. The budget is
-    checked between asks, so a GA finishes the generation it started.
+    checked between asks, so a GA finishes the generation it started. `budget.evaluations` is the study's total:
+    the evaluations this study already ran (at its calibrations; not records it copied from other studies) count,
+    so a study killed and resumed with the same command stops where an uninterrupted one would.
 
     objectives: metric name -> "min" | "max", in the order the strategy sees them.
     batch_size: genomes per ask (default: the strategy's natural batch, e.g. one GA generation).
@@ -159,9 +161,11 @@ def run_study(
                 and r.to_schedule().key not in promoted]
     _warm_start(space, strategy, own, objectives)
     generations = 0
-    state = _Progress(study, objectives, store, space, _progress(progress, budget, study), on_record, list(own))
+    prior = sum(1 for r in own if "reused_from" not in r.summary)
+    state = _Progress(study, objectives, store, space, _progress(progress, budget, study, prior), on_record,
+                      list(own))
     try:
-        while not budget.spent(state.evaluations, time.perf_counter() - start, generations):
+        while not budget.spent(prior + state.evaluations, time.perf_counter() - start, generations):
             genomes = strategy.ask(batch_size)
             if not genomes:
                 break
@@ -218,12 +222,12 @@ def _copy_to(record: Record, study: str) -> Record:
                   summary=summary)
 
 
-def _progress(enabled: bool, budget: Budget, study: str) -> Any:
+def _progress(enabled: bool, budget: Budget, study: str, done: int = 0) -> Any:
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=budget.evaluations, desc=f"study {study}", unit="eval", dynamic_ncols=True)
+    return tqdm(total=budget.evaluations, initial=done, desc=f"study {study}", unit="eval", dynamic_ncols=True)
 
 
 def _postfix(records: Sequence[Record], objectives: Mapping[str, str]) -> str:
