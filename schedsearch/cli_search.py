@@ -71,7 +71,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
     logging.getLogger("optuna").setLevel(logging.WARNING)  # optuna logs every trial; the progress bar says enough
     result = run_search(config)
     print(f"study {args.study}: {result.evaluations} new evaluations, {result.reused} reused from the store, "
-          f"{result.wall_time_s:.0f} s")
+          f"{result.failed} failed, {result.wall_time_s:.0f} s")
+    for cause, count in sorted(result.failures.items(), key=lambda kv: -kv[1]):
+        print(f"  failed ×{count}: {cause}")
+    if result.failures:
+        print("  a failure that may not repeat is retried when the study is resumed (--resume); see every attempt "
+              "with ResultStore.attempts(study)")
     with _open_store(args.store, create=False) as store:
         _print_front(store, args.study, None, all_records=False, fmt="table")
     print(f"export the front: schedsearch export --store {args.store} --study {args.study} --out DIR")

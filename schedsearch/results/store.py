@@ -70,6 +70,19 @@ _SCHEMA = (
     )""",
     "CREATE INDEX records_by_key ON records (key)",
 )
+# Failed attempts that are not (yet) a record: a failure that may not repeat (out of memory, a worker lost) is
+# retried on resume, so it is kept here, not as the candidate's record; the loop counts them to bound retries.
+_ATTEMPTS = (
+    """CREATE TABLE IF NOT EXISTS attempts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        study TEXT NOT NULL,
+        key TEXT NOT NULL,
+        calibration_hash TEXT NOT NULL,
+        error TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS attempts_by_study_key ON attempts (study, key)",
+)
 # Append-only, enforced by SQLite itself, so no SQL path (UPDATE, DELETE, or REPLACE INTO, which deletes the old row
 # without firing delete triggers) can change or drop a stored record or a study's settings. An insert of an existing
 # record key is skipped (it is how `append` reports a duplicate); one of an existing settings name is refused.
@@ -82,6 +95,10 @@ _GUARDS = (
     """CREATE TRIGGER IF NOT EXISTS records_no_replace BEFORE INSERT ON records
         WHEN EXISTS (SELECT 1 FROM records WHERE (study = NEW.study AND key = NEW.key) OR id = NEW.id)
         BEGIN SELECT RAISE(IGNORE); END""",
+    """CREATE TRIGGER IF NOT EXISTS attempts_no_update BEFORE UPDATE ON attempts
+        BEGIN SELECT RAISE(ABORT, 'the results store is append-only'); END""",
+    """CREATE TRIGGER IF NOT EXISTS attempts_no_delete BEFORE DELETE ON attempts
+        BEGIN SELECT RAISE(ABORT, 'the results store is append-only'); END""",
     """CREATE TRIGGER IF NOT EXISTS meta_no_update BEFORE UPDATE ON meta
         BEGIN SELECT RAISE(ABORT, 'the results store is append-only: settings are never changed'); END""",
     """CREATE TRIGGER IF NOT EXISTS meta_no_delete BEFORE DELETE ON meta
@@ -314,6 +331,26 @@ class ResultStore:
         rows = self._conn.execute(f"{_SELECT} WHERE key = ? ORDER BY id", (key,)).fetchall()
         return [Record._from_row(r) for r in rows]
 
+    def add_attempt(self, study: str, key: str, calibration_hash: str, error: str) -> None:
+        """Keep one failed attempt at a candidate (durably, like a record)."""
+        with self._transaction() as cur:
+            cur.execute("INSERT INTO attempts (study, key, calibration_hash, error, created_at) VALUES (?, ?, ?, ?, ?)",
+                        (study, key, calibration_hash, error, _now()))
+
+    def attempts(self, study: str, key: str | None = None) -> list[tuple[str, str]]:
+        """(key, error) of the study's failed attempts (of one key), oldest first."""
+        if not self._has_attempts():
+            return []
+        if key is None:
+            rows = self._conn.execute("SELECT key, error FROM attempts WHERE study = ? ORDER BY id", (study,))
+        else:
+            rows = self._conn.execute("SELECT key, error FROM attempts WHERE study = ? AND key = ? ORDER BY id",
+                                      (study, key))
+        return [(k, e) for k, e in rows]
+
+    def _has_attempts(self) -> bool:  # a read-only open of an older store has no such table
+        return self._conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'attempts'").fetchone() is not None
+
     def keys(self, study: str) -> set[str]:
         return {k for (k,) in self._conn.execute("SELECT key FROM records WHERE study = ?", (study,))}
 
@@ -441,7 +478,7 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> None:
         conn.execute("BEGIN IMMEDIATE")
         try:
             if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'records'").fetchone():  # lost a race?
-                for statement in (*_SCHEMA, *_GUARDS):
+                for statement in (*_SCHEMA, *_ATTEMPTS, *_GUARDS):
                     conn.execute(statement)
                 conn.execute("INSERT INTO meta (name, value) VALUES ('format', ?)", (STORE_FORMAT,))
         except BaseException:
@@ -455,8 +492,8 @@ def _prepare(conn: sqlite3.Connection, path: Path) -> None:
 def _add_missing_guards(conn: sqlite3.Connection) -> None:
     """Stores written by older versions lack some append-only triggers: add them (a reader of a read-only file
     cannot, and does not need to: it writes nothing)."""
-    have = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
-    missing = [g for g in _GUARDS if g.split("EXISTS ", 1)[1].split()[0] not in have]
+    have = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('trigger', 'table', 'index')")}
+    missing = [g for g in (*_ATTEMPTS, *_GUARDS) if g.split("EXISTS ", 1)[1].split()[0] not in have]
     if not missing:
         return
     try:

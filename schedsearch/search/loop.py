@@ -48,6 +48,11 @@ class StudyResult:
     generations: int
     wall_time_s: float
     records: tuple[Record, ...] = field(repr=False, default=())
+    failures: dict[str, int] = field(default_factory=dict)  # this run's failed evaluations by cause (error's 1st line)
+
+    @property
+    def failed(self) -> int:
+        return sum(self.failures.values())
 
 
 def _values(record: Record, objectives: Mapping[str, str]) -> list[float]:
@@ -70,6 +75,8 @@ class _Progress:
     records: list[Record]
     evaluations: int = 0
     reused: int = 0
+    retry: dict[str, Record] = field(default_factory=dict)  # failed this run, to retry on resume: not asked again now
+    failures: dict[str, int] = field(default_factory=dict)
 
     def answer(self, schedules: Sequence[Schedule], evaluator: Evaluator) -> list[Record]:
         """A record per schedule (in order): from the store when this candidate was already scored under the same
@@ -81,9 +88,12 @@ class _Progress:
         for key, schedule in zip(keys, schedules, strict=True):
             if key in answers or key in fresh:
                 continue
+            if key in self.retry:  # failed earlier in this run: told as failed again, retried on resume
+                answers[key] = self.retry[key]
+                continue
             known = self.store.get(self.study, key)
-            if known is None:
-                known = next((r for r in self.store.find(key) if self._complete(r)), None)
+            if known is None:  # only a success is reused: a failure elsewhere may be that study's own problem
+                known = next((r for r in self.store.find(key) if r.status == "ok" and self._complete(r)), None)
                 if known is not None:  # scored by another study on the same calibration: copy, don't rerun
                     known = _copy_to(known, self.study)
                     self.store.append(known)
@@ -100,20 +110,33 @@ class _Progress:
                 error=result.error, device=result.device, wall_time_s=result.wall_time_s,
                 summary=self.space.summary(result.schedule),
             )
+            self.evaluations += 1
+            if record.status != "ok":
+                cause = record.error.split("\n", 1)[0][:120] or "failed"
+                self.failures[cause] = self.failures.get(cause, 0) + 1
+                self.store.add_attempt(self.study, record.key, cal, record.error)
+                if not _final_failure(record.error, len(self.store.attempts(self.study, record.key))):
+                    self.retry[record.key] = record
+                    answers[record.key] = record
+                    self._show(record)
+                    continue
             if not self.store.append(record):  # an incomplete earlier row holds the key: keep both answers apart
                 record = self.store.get(self.study, record.key) or record
             answers[record.key] = record
             self.records.append(record)
-            self.evaluations += 1
             if self.on_record is not None:
                 self.on_record(record)
-            if self.bar is not None:
-                self.bar.update(1)
-                self.bar.set_postfix_str(_postfix(self.records, self.objectives), refresh=False)
+            self._show(record)
         missing = [k for k in keys if k not in answers]
         if missing:
             raise RuntimeError(f"evaluator returned no result for {len(missing)} candidate(s), e.g. {missing[0]}")
         return [answers[k] for k in keys]
+
+    def _show(self, record: Record) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(_postfix(self.records, self.objectives, sum(self.failures.values())),
+                                     refresh=False)
 
     def _complete(self, record: Record) -> bool:
         return record.status != "ok" or all(name in record.metrics for name in self.objectives)
@@ -185,7 +208,16 @@ def run_study(
         if state.bar is not None:
             state.bar.close()
     return StudyResult(study, state.evaluations, state.reused, generations, time.perf_counter() - start,
-                       tuple(state.records))
+                       tuple(state.records), dict(state.failures))
+
+
+MAX_ATTEMPTS = 3  # a failure that may not repeat is tried this often (over resumes) before it is the record
+FINAL_ERRORS = ("NonFiniteOutputError",)  # a valid schedule whose output is NaN/inf: the same every time
+
+
+def _final_failure(error: str, attempts: int) -> bool:
+    """Is this failure the candidate's result? At once when it is certain to repeat, else after MAX_ATTEMPTS."""
+    return error.startswith(FINAL_ERRORS) or attempts >= MAX_ATTEMPTS
 
 
 def _promote(values: np.ndarray, fraction: float) -> list[int]:
@@ -230,15 +262,15 @@ def _progress(enabled: bool, budget: Budget, study: str, done: int = 0) -> Any:
     return tqdm(total=budget.evaluations, initial=done, desc=f"study {study}", unit="eval", dynamic_ncols=True)
 
 
-def _postfix(records: Sequence[Record], objectives: Mapping[str, str]) -> str:
+def _postfix(records: Sequence[Record], objectives: Mapping[str, str], failed: int = 0) -> str:
+    """The progress bar's summary; `failed`: this run's failed evaluations (retried or final)."""
     ok = [r for r in records if r.status == "ok" and all(n in r.metrics for n in objectives)]
     if not ok:
-        return "no successful evaluation yet"
+        return f"no successful evaluation yet, failed={failed}"
     pts = np.array([[r.metrics[n] for n in objectives] for r in ok])
     front = int(non_dominated(pts, list(objectives.values())).sum())
     first, direction = next(iter(objectives.items()))
     best = max(pts[:, 0]) if direction == "max" else min(pts[:, 0])
-    failed = sum(r.status != "ok" for r in records)
     return f"best {first}={best:.4g} front={front} failed={failed}"
 
 
