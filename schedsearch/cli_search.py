@@ -83,26 +83,39 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _front_frame(store: Any, study: str, given: str | None, all_records: bool) -> tuple[Any, dict[str, str]]:
-    from schedsearch.results.query import study_front, study_objectives
+def _front_frame(store: Any, study: str, given: str | None, all_records: bool,
+                 on: str = "search") -> tuple[Any, dict[str, str]]:
+    """The front (or every record) as a table: the objectives, held-out scores beside them where the front was
+    re-scored on unseen seeds, then the schedules' summary columns."""
+    from schedsearch.results.query import heldout_metrics, study_front, study_objectives
     from schedsearch.results.store import records_frame
 
     if all_records:
         objectives = study_objectives(store, study, given)
         frame = store.to_frame(study)
+        records = store.records(study)
+        heldout = heldout_metrics(store, study)
     else:
-        front = study_front(store, study, given)
+        front = study_front(store, study, given, on=on)
         objectives = front.objectives
-        frame = records_frame(front.records)
+        records = list(front.records)
+        frame = records_frame(records)
+        heldout = heldout_metrics(store, study) if on == "search" else {}
+    held_cols = []
+    for name in objectives if heldout else ():
+        values = [heldout.get(r.to_schedule().key, {}).get(name, float("nan")) for r in records]
+        if values != frame[f"metric.{name}"].tolist():  # a cost (MACs, NFE) is the same on any seeds: no column
+            frame[f"metric.{name} (held-out)"] = values
+            held_cols.append(f"metric.{name} (held-out)")
     cols = [f"metric.{n}" for n in objectives]
     summary = [c for c in frame.columns
                if c.startswith("summary.") and c.split(".", 1)[1] not in {"space", *objectives}]
-    keep = [c for c in ["key", *cols, *summary] if c in frame.columns] + (["status"] if all_records else [])
+    keep = [c for c in ["key", *cols, *held_cols, *summary] if c in frame.columns] + (["status"] if all_records else [])
     return frame[keep].rename(columns=lambda c: c.split(".", 1)[-1]), objectives
 
 
-def _print_front(store: Any, study: str, given: str | None, all_records: bool, fmt: str) -> None:
-    frame, objectives = _front_frame(store, study, given, all_records)
+def _print_front(store: Any, study: str, given: str | None, all_records: bool, fmt: str, on: str = "search") -> None:
+    frame, objectives = _front_frame(store, study, given, all_records, on)
     if fmt == "csv":
         sys.stdout.write(frame.to_csv(index=False))
     elif fmt == "json":
@@ -111,9 +124,12 @@ def _print_front(store: Any, study: str, given: str | None, all_records: bool, f
         from rich.console import Console
         from rich.table import Table
 
-        preferred = ["key", *objectives, "nfe", "recompute_fraction", "num_refresh", "mean_abs_ratio_dev", "status"]
+        held = [f"{n} (held-out)" for n in objectives]
+        preferred = ["key", *objectives, *held, "nfe", "recompute_fraction", "num_refresh", "mean_abs_ratio_dev",
+                     "status"]
         frame = frame[[c for c in preferred if c in frame.columns]].assign(key=frame["key"].str[:10])
-        what = "all records" if all_records else "Pareto front"
+        split = "held-out" if on == "heldout" else "search"
+        what = "all records" if all_records else f"Pareto front on the {split} split"
         arrows = ", ".join(f"{n} {'↓' if d == 'min' else '↑'}" for n, d in objectives.items())
         table = Table(title=f"{study}: {what} ({len(frame)}; {arrows})")
         for col in frame.columns:
@@ -125,7 +141,9 @@ def _print_front(store: Any, study: str, given: str | None, all_records: bool, f
 
 def _cmd_front(args: argparse.Namespace) -> int:
     with _open_store(args.store, create=False) as store:
-        _print_front(store, args.study, args.objectives, args.all, args.format)
+        if args.all and args.on != "search":
+            raise CliError("--on", "applies to the front, not to --all", "drop one of them")
+        _print_front(store, args.study, args.objectives, args.all, args.format, args.on)
     return 0
 
 
@@ -247,6 +265,9 @@ def add_study_commands(sub: Any, parser: Callable[..., argparse.ArgumentParser])
     f.add_argument("--objectives", help="subset of the study's objectives (default: all of them)")
     f.add_argument("--all", action="store_true", help="every record, not only the front")
     f.add_argument("--format", default="table", choices=("table", "csv", "json"), help="output format")
+    f.add_argument("--on", default="search", choices=("search", "heldout"),
+                   help="the front of the search's scores, or of the held-out re-scoring (unseen seeds) of that "
+                        "front; held-out columns are shown beside the search's either way")
     f.set_defaults(run=_cmd_front)
 
     e = parser(sub, "export", "write every Pareto-optimal schedule as JSON, plus index.json")

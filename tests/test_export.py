@@ -151,3 +151,56 @@ def test_errors_are_clear(tmp_path):
             export_front(store, "s", foreign)
         assert (foreign / "notes.txt").read_text() == "keep me"
     assert not Path(tmp_path / "out").exists()
+
+
+KILLED_EXPORT = """
+import os, pathlib, shutil, sys
+import schedsearch.results.export as export
+from schedsearch.results.store import ResultStore
+
+point = sys.argv[3]
+if point == "writing":  # killed with half the schedule files written
+    original, calls = pathlib.Path.write_text, [0]
+    def write_text(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == 3:
+            os._exit(9)
+        return original(self, *a, **k)
+    pathlib.Path.write_text = write_text
+elif point == "before-swap":
+    export._replace_dir = lambda tmp, out: os._exit(9)
+elif point == "after-swap":  # the new front is in place, the old one not yet removed
+    shutil.rmtree = lambda *a, **k: os._exit(9)
+with ResultStore(sys.argv[1]) as store:
+    export.export_front(store, "new", sys.argv[2])
+"""
+
+
+def _complete(out: Path) -> set[str]:
+    index = json.loads((out / INDEX_NAME).read_text())
+    files = {e["file"] for e in index["schedules"]}
+    assert {p.name for p in out.iterdir()} == files | {INDEX_NAME}
+    return files
+
+
+@pytest.mark.parametrize("point", ["writing", "before-swap", "after-swap"])
+def test_a_killed_export_leaves_the_old_or_the_new_front_whole(tmp_path, point):
+    """At every instant --out is a complete export; the next export removes what a killed one left behind."""
+    import subprocess
+    import sys
+
+    db, out = tmp_path / "r.db", tmp_path / "front"
+    with ResultStore(db) as store:
+        _fill(store, "old", 30)
+        _fill(store, "new", 30, seed=5)
+        old = _complete(export_front(store, "old", out))
+        new = _complete(export_front(store, "new", tmp_path / "reference"))
+    assert old != new
+    proc = subprocess.run([sys.executable, "-c", KILLED_EXPORT, str(db), str(out), point], capture_output=True)
+    assert proc.returncode == 9, proc.stderr.decode()[-2000:]
+    assert _complete(out) == (new if point == "after-swap" else old)
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".front.")]
+    assert leftovers  # what the kill left behind
+    with ResultStore(db) as store:
+        assert _complete(export_front(store, "new", out)) == new
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".front.")]

@@ -118,6 +118,11 @@ def test_cli_search_front_export_evaluate(tmp_path, cache_dir, capsys):
     psnr, nfe = np.array([r["psnr"] for r in front]), np.array([r["nfe"] for r in front])
     for i in range(len(front)):  # nothing on the printed front dominates another of its points
         assert not np.any((psnr >= psnr[i]) & (nfe <= nfe[i]) & ((psnr > psnr[i]) | (nfe < nfe[i])))
+    assert all("psnr (held-out)" in r and "nfe (held-out)" not in r for r in front)  # a cost is seed-free
+    assert main(["front", "--store", str(store), "--study", "s", "--format", "json", "--on", "heldout"]) == 0
+    heldout = json.loads(capsys.readouterr().out)
+    assert {r["psnr"] for r in heldout} <= {r["psnr (held-out)"] for r in front}  # the same schedules' re-scores
+    assert main(["front", "--store", str(store), "--study", "s", "--all", "--on", "heldout"]) == 2
     assert main(["export", "--store", str(store), "--study", "s", "--out", str(out)]) == 0
     index = json.loads((out / "index.json").read_text())
     assert list(index["objectives"]) == ["psnr", "nfe"]  # the study's order, not the store's sorted keys

@@ -8,8 +8,13 @@ a reader (or a killed export) sees the old front or the new one, never a mix, an
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +29,7 @@ __all__ = ["INDEX_FORMAT", "ExportError", "export_front", "front_records"]
 
 INDEX_FORMAT = "schedsearch.front/v1"
 INDEX_NAME = "index.json"
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
 
 
 class ExportError(UserInputError):
@@ -58,10 +64,34 @@ def _diffusers_hint(schedule: Schedule) -> dict[str, Any]:
     }
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directory entries in one step (Linux `renameat2(RENAME_EXCHANGE)`, glibc ≥ 2.28). Python's `os` has
+    no such call, so it is reached through ctypes; False where the platform or filesystem lacks it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
-    """Swap `tmp` into `out`: a rename each, so `out` is never half written."""
+    """Put the complete `tmp` at `out`. At every instant `out` is the old complete export or the new one: a rename
+    where there was none, else an atomic exchange (the old one lands in `tmp` and is removed). Without the exchange
+    call (not Linux) two renames leave a moment with no `out`, and a kill there leaves the old one in `.old-*`."""
     if not out.exists():
         tmp.rename(out)
+        return
+    if _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)
         return
     old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
     old.rmdir()
@@ -72,6 +102,16 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         old.rename(out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale(out: Path) -> list[Path]:
+    """Temporaries a killed export left beside `out` (`.<name>.tmp-*`, `.<name>.old-*`, named by mkdtemp):
+    removed by the next export of the same directory."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-[A-Za-z0-9_]{{8}}$")
+    stale = [p for p in out.parent.iterdir() if pattern.match(p.name) and p.is_dir() and not p.is_symlink()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def _check_replaceable(out: Path) -> None:
@@ -105,6 +145,7 @@ def export_front(
     records, objectives, knee = list(front.records), front.objectives, front.knee
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
     width = max(3, len(str(len(records) - 1)))
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     tmp.chmod(0o755)  # mkdtemp makes it private; the export is meant to be shared

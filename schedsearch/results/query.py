@@ -87,8 +87,22 @@ def _number(value: object) -> float:
 
 
 def study_front(store: ResultStore, study: str, objectives: Mapping[str, str] | str | None = None,
-                *, required: bool = True) -> Front:
-    """The study's front (see the module docstring). With `required`, an empty front is a UserInputError."""
+                *, required: bool = True, on: str = "search") -> Front:
+    """The study's front (see the module docstring). With `required`, an empty front is a UserInputError.
+
+    on: "search" (the scores the search saw) or "heldout": the front of the held-out re-scoring of the search's
+    front (`run_search(validate=True)`): the same schedules on unseen seeds, where some may fall off."""
+    if on not in ("search", "heldout"):
+        raise UserInputError("--on", f"{on!r}", "use 'search' or 'heldout'")
+    if on == "heldout":
+        chosen = study_objectives(store, study, objectives)
+        held = heldout_study(study)
+        if held not in store.studies():
+            raise UserInputError("--on", f"study {study!r} has no held-out re-scoring in {store.path}",
+                                 "run the search without --no-validate (resume it to add the re-scoring)")
+        front = study_front(store, held, chosen, required=required)
+        return Front(study, front.objectives, front.records, front.knee, front.scored,
+                     {r.to_schedule().key: r.metrics for r in front.records})
     if study not in store.studies():
         known = ", ".join(repr(s) for s in store.studies()) or "none"
         raise UserInputError("--study", f"{study!r} is not in {store.path} (no records)",

@@ -210,11 +210,21 @@ def _render(
         front = frame[frame["key"].isin(order)].sort_values("key", key=lambda k: k.map(order)).reset_index(drop=True)
         if found.records:
             knee_key = found.records[found.knee].key
+        held_cols = []
+        for name in objectives if found.heldout else ():  # the front re-scored on unseen seeds, beside it
+            values = [found.heldout.get(k, {}).get(name, math.nan)
+                      for k in (records[key].to_schedule().key for key in front["key"])]
+            if values != front[f"metric.{name}"].tolist():  # costs are the same on any seeds
+                front[f"heldout.{name}"] = values
+                held_cols.append(f"heldout.{name}")
         metric_cols = list(columns) + sorted(c for c in frame.columns if c.startswith("metric.") and c not in columns)
         # A summary entry that repeats a metric (e.g. nfe) would show the same number under the same header twice.
         summary_cols = [c for c in frame.columns if c.startswith("summary.") and f"metric.{c[8:]}" not in metric_cols]
-        table_cols = ["key", *metric_cols, *summary_cols, "wall_time_s"]
-        headers = ["key", *(f"{c[7:]} ({columns[c]})" if c in columns else c[7:] for c in metric_cols),
+        table_cols = ["key", *metric_cols[: len(columns)], *held_cols, *metric_cols[len(columns):], *summary_cols,
+                      "wall_time_s"]
+        headers = ["key", *(f"{c[7:]} ({columns[c]})" for c in metric_cols[: len(columns)]),
+                   *(f"{c[8:]} held-out ({objectives[c[8:]]})" for c in held_cols),
+                   *(c[7:] for c in metric_cols[len(columns):]),
                    *(c[8:] for c in summary_cols), "wall time (s)"]
         classes = ["knee" if k == knee_key else "" for k in front["key"]]
         sections.append((
