@@ -9,6 +9,7 @@ runs, so every `--help` answers at once.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,6 +83,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise CliError("--n-per-class", f"{args.n_per_class} must be at least 1", "e.g. --n-per-class 8")
     if args.batch_size < 1:
         raise CliError("--batch-size", f"{args.batch_size} must be at least 1", "e.g. --batch-size 64")
+    if args.schedule is None and args.steps < 1:
+        raise CliError("--steps", f"{args.steps} must be at least 1", "e.g. --steps 20")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise CliError("--guidance", f"{args.guidance} is not a finite number ≥ 0", "e.g. --guidance 2")
+    if args.seed < 0:
+        raise CliError("--seed", f"{args.seed} must be ≥ 0", "e.g. --seed 0")
     if args.out.suffix.lower() != ".png":
         raise CliError("--out", f"{args.out} is not a .png path", "give a file name ending in .png")
     model = load_model(args.model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -172,6 +173,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     names = parse_objective_list(args.objectives)
     schedule = load_schedule(args.schedule)
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise CliError("--guidance", f"{args.guidance} is not a finite number ≥ 0", "e.g. --guidance 2")
     if args.samples < 1:
         raise CliError("--samples", f"{args.samples} must be at least 1", "e.g. --samples 256")
     if args.batch_size < 1:

@@ -18,13 +18,18 @@ from schedsearch.spaces.schedule import Schedule
 
 
 def check_schedule_for(model: LoadedModel, schedule: Schedule) -> Schedule:
-    """A schedule runs on the model it was made for: same name, valid timesteps for its training range."""
+    """A schedule runs on the model it was made for: same name, valid timesteps for its training range, and a cache
+    plan that fits the network (its hooks are attached and removed again: the same checks a run makes, before any
+    teacher image is built)."""
     if schedule.model != model.info.name:
         raise ScheduleError(
             "model", f"schedule is for {schedule.model!r} but the loaded model is {model.info.name!r}",
             "load the model the schedule was found for, or search again for this one",
         )
-    return schedule.validate(model.info.num_train_timesteps)
+    schedule = schedule.validate(model.info.num_train_timesteps)
+    if schedule.cache is not None:
+        CacheRuntime(model.network, model.info, schedule.cache).remove()
+    return schedule
 
 
 def run_batches(

@@ -175,6 +175,27 @@ class UnitCachePlan:
 CachePlan = ComponentCachePlan | UnitCachePlan
 
 
+def _need_int(value: Any, where: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ScheduleError(where, f"{value!r} is not an integer", "step and block indices are whole numbers")
+
+
+def _rows(rows: Any) -> tuple[str, ...]:
+    """Recompute rows as strings of '0'/'1'. A row given as a list of 0/1 (or '0'/'1') is the same row: one
+    encoding, so one content key."""
+    if not isinstance(rows, list):
+        raise ScheduleError("cache.recompute", f"expected a list of rows, got {type(rows).__name__}")
+    out = []
+    for i, row in enumerate(rows):
+        if isinstance(row, list) and all(v in (0, 1, "0", "1") and not isinstance(v, bool) for v in row):
+            row = "".join(str(v) for v in row)
+        if not isinstance(row, str) or set(row) - {"0", "1"}:
+            raise ScheduleError(f"cache.recompute[{i}]", f"{row!r} is not a string of 0/1 (one per slot)",
+                                'e.g. "1101"')
+        out.append(row)
+    return tuple(out)
+
+
 def cache_plan_from_dict(data: Any) -> CachePlan:
     if not isinstance(data, dict):
         raise ScheduleError("cache", f"expected an object, got {type(data).__name__}")
@@ -185,9 +206,16 @@ def cache_plan_from_dict(data: Any) -> CachePlan:
             skip = fields.get("skip_reused_blocks", False)
             if not isinstance(skip, bool):
                 raise ScheduleError("cache.skip_reused_blocks", f"expected true or false, got {skip!r}")
-            return ComponentCachePlan(fields["layout"], tuple(fields["recompute"]), skip_reused_blocks=skip)
+            return ComponentCachePlan(fields["layout"], _rows(fields["recompute"]), skip_reused_blocks=skip)
         if kind == UnitCachePlan.kind:
-            fields["refresh_steps"] = tuple(fields["refresh_steps"])
+            for name in ("start", "end", "num_steps"):
+                _need_int(fields[name], f"cache.{name}")
+            steps = fields["refresh_steps"]
+            if not isinstance(steps, list):
+                raise ScheduleError("cache.refresh_steps", f"expected a list of step indices, got {steps!r}")
+            for i, step in enumerate(steps):
+                _need_int(step, f"cache.refresh_steps[{i}]")
+            fields["refresh_steps"] = tuple(steps)
             return UnitCachePlan(**fields)
     except (KeyError, TypeError) as exc:
         raise ScheduleError("cache", f"bad {kind} plan ({exc})", "see README, 'Cache plans'") from exc

@@ -31,6 +31,16 @@ Rule = Literal["bh1", "bh2", "dpmsolver"]
 FirstStep = Literal["model", "zero_x0"]
 
 
+# Compensation ratios a schedule may hold. DC-Solver's fitted ratios sit near 1 (the paper's Fig. 4; 0.92-1.38 in
+# benchmarks/results/dc_fit.json), the search spaces use [0.5, 1.5]; a ratio of -1 or 1e9 extrapolates the model
+# output far outside the step and produces garbage (an all-black image at 1e300), so it is refused.
+DC_RATIO_RANGE = (0.25, 2.0)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class SolverStep:
     """The decisions of one step.
@@ -53,6 +63,10 @@ class SolverStep:
     rule: Rule = "bh2"
     dc_ratio: float = 1.0
 
+    def __post_init__(self) -> None:
+        if _is_int(self.dc_ratio):  # 1 and 1.0 are one ratio: one content key
+            object.__setattr__(self, "dc_ratio", float(self.dc_ratio))
+
 
 @dataclass(frozen=True)
 class SolverPlan:
@@ -69,6 +83,13 @@ class SolverPlan:
     final_timestep: float | None = None
     first_step: FirstStep = "model"
     dc_order: int = 2
+
+    def __post_init__(self) -> None:
+        # 999 and 999.0 are one timestep: integers become floats, so they share a content key (anything else is
+        # left for `validate` to name)
+        object.__setattr__(self, "timesteps", tuple(float(t) if _is_int(t) else t for t in self.timesteps))
+        if _is_int(self.final_timestep):
+            object.__setattr__(self, "final_timestep", float(self.final_timestep))
 
     @property
     def num_steps(self) -> int:
@@ -141,6 +162,11 @@ class SolverPlan:
                 )
             if not isinstance(step.dc_ratio, (int, float)) or not math.isfinite(step.dc_ratio):
                 raise ScheduleError(f"{where}.dc_ratio", f"{step.dc_ratio!r} is not a finite number")
+            lo, hi = DC_RATIO_RANGE
+            if not lo <= step.dc_ratio <= hi:
+                raise ScheduleError(f"{where}.dc_ratio", f"{step.dc_ratio!r} is outside [{lo}, {hi}]",
+                                    "DC-Solver's fitted ratios lie near 1 (0.92-1.38 on the builtin model); "
+                                    "use 1.0 for no compensation")
             if step.dc_ratio != 1.0 and i < self.dc_order:
                 raise ScheduleError(
                     f"{where}.dc_ratio",
@@ -215,11 +241,14 @@ class Schedule:
         return Schedule(model=model, solver=_solver_from_dict(solver), cache=cache, meta=meta).validate()
 
     @staticmethod
-    def from_json(text: str) -> Schedule:
+    def from_json(text: str, source: str = "(file)") -> Schedule:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ScheduleError("(file)", f"not valid JSON ({exc})") from exc
+            raise ScheduleError(source, f"not valid JSON ({exc})") from exc
+        except RecursionError as exc:
+            raise ScheduleError(source, "is nested too deeply to be a schedule",
+                                "give a schedule .json file") from exc
         return Schedule.from_dict(data)
 
 
@@ -250,12 +279,28 @@ def _solver_from_dict(data: dict[str, Any]) -> SolverPlan:
     return SolverPlan(timesteps=tuple(data["timesteps"]), steps=tuple(steps), **fields)
 
 
+MAX_SCHEDULE_BYTES = 16 * 2**20  # a 1000-step schedule of a 100-block model is well under 1 MB
+
+
 def load_schedule(path: str | Path) -> Schedule:
-    """Read and validate a schedule file; errors name the field."""
+    """Read and validate a schedule file; errors name the file or the field."""
     path = Path(path)
+    if path.is_dir():
+        raise ScheduleError(str(path), "is a directory", "give a schedule .json file")
     if not path.is_file():
-        raise ScheduleError(str(path), "no such file")
-    return Schedule.from_json(path.read_text())
+        raise ScheduleError(str(path), "no such file", "check the path")
+    try:
+        if path.stat().st_size > MAX_SCHEDULE_BYTES:
+            raise ScheduleError(str(path), f"is larger than {MAX_SCHEDULE_BYTES // 2**20} MB",
+                                "a schedule file is a few kB")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ScheduleError(str(path), f"cannot be read ({exc.strerror})", "check its permissions") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ScheduleError(str(path), "is not UTF-8 text (a binary file?)", "give a schedule .json file") from exc
+    return Schedule.from_json(text, str(path))
 
 
 def save_schedule(schedule: Schedule, path: str | Path) -> Path:
