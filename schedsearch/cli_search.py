@@ -80,8 +80,25 @@ def _cmd_search(args: argparse.Namespace) -> int:
               "with ResultStore.attempts(study)")
     with _open_store(args.store, create=False) as store:
         _print_front(store, args.study, None, all_records=False, fmt="table")
+        _print_comparison(store, args.study)
     print(f"export the front: schedsearch export --store {args.store} --study {args.study} --out DIR")
     return 0
+
+
+def _print_comparison(store: Any, study: str) -> None:
+    """How the front compares with the space's hand-made baselines, on the search split and on held-out seeds."""
+    from schedsearch.results.query import compare_with_baselines
+
+    for split in ("search", "heldout"):
+        found = compare_with_baselines(store, study, split)
+        if found is None or not found.front:
+            continue
+        where = "held-out seeds" if split == "heldout" else "search seeds"
+        others = [b for b in found.undominated if b not in found.on_front]
+        tied = f"; {len(found.on_front)} are on the front themselves" if found.on_front else ""
+        missed = f"; not dominated: {', '.join(others)}" if others else ""
+        print(f"on {where}: the front strictly dominates {len(found.dominated)} of the {len(found.baselines)} "
+              f"schedules on the baselines' front{tied}{missed}")
 
 
 def _front_frame(store: Any, study: str, given: str | None, all_records: bool,

@@ -7,14 +7,14 @@ this file names no method.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from schedsearch.config import PRESETS, StudyConfig
 from schedsearch.errors import UserInputError
 from schedsearch.methods import check_preset, get_method, make_strategy
-from schedsearch.results.query import heldout_study, study_front
+from schedsearch.results.query import baselines_study, heldout_study, study_front
 from schedsearch.results.store import ResultStore
 from schedsearch.results.study_lock import study_lock
 from schedsearch.search.base import Budget
@@ -95,8 +95,9 @@ def _search(config: StudyConfig, method: Any, loaded: Any, space: SearchSpace, s
                        evaluator=evaluator, store=results, budget=config.budget, progress=config.progress,
                        low_fidelity=low)
     if config.validate:
+        baselines = score_baselines(space, results, config.study, evaluator, directions)
         validate_front(loaded, results, config.study, evaluator, spec, cache_dir, config.batch_size,
-                       config.progress)
+                       config.progress, extra=baselines)
     return result
 
 
@@ -161,10 +162,30 @@ def _record_settings(store: ResultStore, config: StudyConfig, directions: dict[s
     store.set_study_settings(config.study, settings)
 
 
+def score_baselines(space: SearchSpace, store: ResultStore, study: str, evaluator: Any,
+                    objectives: dict[str, str]) -> list[Any]:
+    """Score the space's hand-made baselines (FORA, DeepCache, DDIM, UniPC, ...) on the search split into
+    `<study>@baselines` (free where the search already scored them: the store answers) and return the schedules
+    of their front: what the study's front is compared with, on held-out seeds too."""
+    from schedsearch.search.fixed import FixedStrategy
+    from schedsearch.spaces.listed import ListSpace
+
+    schedules = [s for _, s in space.baselines()]
+    if not schedules:
+        return []
+    listed = ListSpace(schedules)
+    strategy = FixedStrategy(listed.genome, len(objectives), genomes=listed.genomes())
+    run_study(study=baselines_study(study), space=listed, strategy=strategy, objectives=objectives,
+              evaluator=evaluator, store=store, budget=Budget(generations=1), progress=False)
+    front = study_front(store, baselines_study(study), objectives, required=False)
+    return [r.to_schedule() for r in front.records]
+
+
 def validate_front(model: Any, store: ResultStore, study: str, evaluator: Any, spec: Any, cache_dir: Path,
-                   batch_size: int, progress: bool) -> list[Any]:
-    """Re-score every Pareto-optimal schedule of `study` on the held-out split (same sample count, disjoint seeds
-    and, for prompt models, the same prompts) so an exported schedule's quality is not a product of selection."""
+                   batch_size: int, progress: bool, extra: Sequence[Any] = ()) -> list[Any]:
+    """Re-score every Pareto-optimal schedule of `study` (and the `extra` schedules: the baselines' front) on the
+    held-out split (same sample count, disjoint seeds and, for prompt models, the same prompts) so an exported
+    schedule's quality, and its comparison with the baselines, is not a product of selection."""
     import dataclasses
 
     from schedsearch.calibration.calibration_set import HELDOUT_SEED_OFFSET, CalibrationSet, needs_teacher
@@ -177,6 +198,8 @@ def validate_front(model: Any, store: ResultStore, study: str, evaluator: Any, s
         return []
     found = {r.key: i for i, r in enumerate(store.records(study))}  # re-score in the order the search found them
     schedules = [r.to_schedule() for r in sorted(front.records, key=lambda r: found[r.key])]
+    keys = {s.key for s in schedules}
+    schedules += [s for s in extra if s.key not in keys]
     heldout = dataclasses.replace(spec, split="heldout", seeds=tuple(HELDOUT_SEED_OFFSET + s for s in spec.seeds))
     calibration = CalibrationSet.open(heldout, cache_dir)
     check = LocalEvaluator(model, calibration, evaluator.objectives, batch_size=batch_size)

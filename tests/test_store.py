@@ -325,3 +325,15 @@ def test_one_process_per_study(tmp_path):
         holder.wait()
     with study_lock(store, "busy"):  # the kernel released the dead holder's lock
         pass
+
+
+def test_atomic_writes_get_the_mode_a_plain_write_gets(tmp_path):
+    """Calibration sets and reports are shared files: not mkstemp's private 0600."""
+    import os
+
+    from schedsearch.results.atomic import atomic_write_text
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    written = atomic_write_text(tmp_path / "atomic.txt", "x")
+    assert os.stat(written).st_mode & 0o777 == os.stat(plain).st_mode & 0o777

@@ -109,6 +109,16 @@ def test_cli_search_front_export_evaluate(tmp_path, cache_dir, capsys):
     argv = ["search", "--space", "solver", "--strategy", "nsga2", "--objectives", "psnr,nfe", "--budget", "4",
             "--samples", "4", "--batch-size", "8", "--quiet", *common]
     assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "on held-out seeds: the front strictly dominates" in printed  # the baselines, re-scored there too
+    with ResultStore(store) as s:
+        from schedsearch.results.query import compare_with_baselines
+
+        held = compare_with_baselines(s, "s", "heldout")
+        assert held is not None and held.baselines and set(held.dominated) <= set(held.baselines)
+        heldout_keys = {r.to_schedule().key for r in s.records("s@heldout")}
+        baseline_keys = {r.to_schedule().key for r in s.records("s@baselines")}
+        assert heldout_keys & baseline_keys  # the baselines' front was re-scored on held-out seeds
     assert main(argv) == 2  # the study exists: --resume is required
     assert "--resume" in capsys.readouterr().err
     capsys.readouterr()
@@ -126,6 +136,7 @@ def test_cli_search_front_export_evaluate(tmp_path, cache_dir, capsys):
     assert main(["export", "--store", str(store), "--study", "s", "--out", str(out)]) == 0
     index = json.loads((out / "index.json").read_text())
     assert list(index["objectives"]) == ["psnr", "nfe"]  # the study's order, not the store's sorted keys
+    assert set(index["baselines"]) == {"search", "heldout"} and index["baselines"]["heldout"]["baselines_front"]
     first = out / index["schedules"][0]["file"]
     capsys.readouterr()
     assert main(["evaluate", "--schedule", str(first), "--objectives", "psnr,nfe,macs", "--samples", "4",

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from schedsearch.errors import UserInputError
-from schedsearch.results.query import Front, study_front
+from schedsearch.results.query import Front, compare_with_baselines, study_front
 from schedsearch.results.store import Record, ResultStore
 from schedsearch.spaces.schedule import Schedule
 
@@ -181,6 +181,12 @@ def export_front(
                     "diffusers": _diffusers_hint(schedule),
                 }
             )
+        comparison = {}
+        for split in ("search", "heldout"):
+            found = compare_with_baselines(store, study, split)
+            if found is not None:
+                comparison[split] = {"baselines_front": list(found.baselines), "dominated": list(found.dominated),
+                                     "on_front": list(found.on_front), "front_scored": found.front}
         hashes = sorted({r.calibration_hash for r in records})
         index = {
             "format": INDEX_FORMAT,
@@ -189,6 +195,7 @@ def export_front(
             "calibration_hash": hashes[0] if len(hashes) == 1 else hashes,
             "knee": records[knee].key,
             "schedules": entries,
+            "baselines": comparison,  # the front vs the space's hand-made baselines' front, by split
         }
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
         _replace_dir(tmp, out)

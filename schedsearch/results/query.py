@@ -18,14 +18,21 @@ from schedsearch.errors import UserInputError
 from schedsearch.results.pareto import knee_point, non_dominated
 from schedsearch.results.store import Record, ResultStore, settings_objectives
 
-__all__ = ["Front", "heldout_metrics", "heldout_study", "study_front", "study_objectives"]
+__all__ = ["Comparison", "Front", "baselines_study", "compare_with_baselines", "heldout_metrics", "heldout_study",
+           "study_front", "study_objectives"]
 
 HELDOUT_SUFFIX = "@heldout"
+BASELINES_SUFFIX = "@baselines"
 
 
 def heldout_study(study: str) -> str:
     """The study holding `study`'s front re-scored on held-out seeds (`run_search(validate=True)`)."""
     return f"{study}{HELDOUT_SUFFIX}"
+
+
+def baselines_study(study: str) -> str:
+    """The study holding the space's hand-made baselines scored on the search split beside `study`."""
+    return f"{study}{BASELINES_SUFFIX}"
 
 
 def study_objectives(store: ResultStore, study: str, given: Mapping[str, str] | str | None = None) -> dict[str, str]:
@@ -127,3 +134,54 @@ def study_front(store: ResultStore, study: str, objectives: Mapping[str, str] | 
 def heldout_metrics(store: ResultStore, study: str) -> dict[str, dict[str, float]]:
     """Schedule key -> metrics of the study's held-out re-scoring (ok records only)."""
     return {r.to_schedule().key: r.metrics for r in store.records(heldout_study(study)) if r.status == "ok"}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The study's front against the baselines' front, on one split: which baselines some front point strictly
+    dominates (no worse in every objective, better in one)."""
+
+    split: str
+    front: int  # schedules of the study's front scored on this split
+    baselines: tuple[str, ...]  # names of the baselines' front
+    dominated: tuple[str, ...]
+    on_front: tuple[str, ...] = ()  # baselines the search kept on its own front (a tie, not a domination)
+
+    @property
+    def undominated(self) -> tuple[str, ...]:
+        return tuple(b for b in self.baselines if b not in self.dominated)
+
+
+def compare_with_baselines(store: ResultStore, study: str, split: str = "heldout") -> Comparison | None:
+    """The study's front vs the baselines' front (`<study>@baselines`) on the search or held-out split; None when
+    the study has no scored baselines (validation off, or a space without hand-made ones)."""
+    objectives = study_objectives(store, study)
+    if baselines_study(study) not in store.studies():
+        return None
+    base = study_front(store, baselines_study(study), objectives, required=False)
+    ours = study_front(store, study, objectives, required=False)
+    if not base.records:
+        return None
+    ours_points = [r.metrics for r in ours.records]
+    base_points = [(r, r.metrics) for r in base.records]
+    if split == "heldout":
+        held = heldout_metrics(store, study)
+        ours_points = [held[k] for k in (r.to_schedule().key for r in ours.records) if k in held]
+        base_points = [(r, held[r.to_schedule().key]) for r in base.records if r.to_schedule().key in held]
+    signs = {n: 1.0 if d == "min" else -1.0 for n, d in objectives.items()}
+
+    def dominates(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
+        no_worse = all(signs[n] * a[n] <= signs[n] * b[n] for n in objectives)
+        return no_worse and any(signs[n] * a[n] < signs[n] * b[n] for n in objectives)
+
+    names = [_baseline_name(r) for r, _ in base_points]
+    dominated = [name for name, (_, b) in zip(names, base_points, strict=True)
+                 if any(dominates(a, b) for a in ours_points)]
+    front_keys = {r.to_schedule().key for r in ours.records}
+    on_front = [name for name, (r, _) in zip(names, base_points, strict=True) if r.to_schedule().key in front_keys]
+    return Comparison(split, len(ours_points), tuple(names), tuple(dominated), tuple(on_front))
+
+
+def _baseline_name(record: Record) -> str:
+    meta = record.to_schedule().meta
+    return str(meta.get("baseline") or meta.get("name") or record.key[:10])

@@ -17,17 +17,18 @@ from schedsearch.spaces.errors import ScheduleError
 from schedsearch.spaces.schedule import Schedule
 
 
-def check_schedule_for(model: LoadedModel, schedule: Schedule) -> Schedule:
-    """A schedule runs on the model it was made for: same name, valid timesteps for its training range, and a cache
-    plan that fits the network (its hooks are attached and removed again: the same checks a run makes, before any
-    teacher image is built)."""
+def check_schedule_for(model: LoadedModel, schedule: Schedule, *, hooks: bool = True) -> Schedule:
+    """A schedule runs on the model it was made for: same name, valid timesteps for its training range, and (with
+    `hooks`) a cache plan that fits the network: its hooks are attached and removed again, the same checks a run
+    makes, so a command fails before it builds any teacher image. `hooks=False` where the run attaches them next
+    (or they are attached already)."""
     if schedule.model != model.info.name:
         raise ScheduleError(
             "model", f"schedule is for {schedule.model!r} but the loaded model is {model.info.name!r}",
             "load the model the schedule was found for, or search again for this one",
         )
     schedule = schedule.validate(model.info.num_train_timesteps)
-    if schedule.cache is not None:
+    if hooks and schedule.cache is not None:
         CacheRuntime(model.network, model.info, schedule.cache).remove()
     return schedule
 
@@ -50,7 +51,7 @@ def run_batches(
     schedule runs on a loaded model (`schedsearch sample`, `apply_schedule(model).sample`, calibration sets, the
     evaluators). `runtime`: cache hooks already attached for this schedule (kept attached); by default they are
     attached here and removed at the end."""
-    check_schedule_for(model, schedule)
+    check_schedule_for(model, schedule, hooks=False)
     if batch_size < 1:
         raise ValueError(f"batch_size: {batch_size} must be at least 1")
     whole = not isinstance(conditions, Sequence) or isinstance(conditions, str)

@@ -95,7 +95,7 @@ class _Progress:
             if known is None:  # only a success is reused: a failure elsewhere may be that study's own problem
                 known = next((r for r in self.store.find(key) if r.status == "ok" and self._complete(r)), None)
                 if known is not None:  # scored by another study on the same calibration: copy, don't rerun
-                    known = _copy_to(known, self.study)
+                    known = _copy_to(known, self.study, schedule)
                     self.store.append(known)
                     self.records.append(known)
             if known is not None and self._complete(known):
@@ -245,10 +245,12 @@ def _warm_start(
         strategy.warm_start(genomes, np.where(np.isnan(arr), np.inf, arr))
 
 
-def _copy_to(record: Record, study: str) -> Record:
+def _copy_to(record: Record, study: str, schedule: Schedule) -> Record:
+    """Another study's result as this study's record: its metrics, with the schedule as this study asked it (same
+    content key; its own meta, e.g. a baseline's name)."""
     summary = dict(record.summary)
     summary["reused_from"] = record.study
-    return Record(study=study, key=record.key, schedule_json=record.schedule_json, metrics=record.metrics,
+    return Record(study=study, key=record.key, schedule_json=schedule.to_json(indent=None), metrics=record.metrics,
                   status=record.status, error=record.error, calibration_hash=record.calibration_hash,
                   code_version=record.code_version, device=record.device, wall_time_s=record.wall_time_s,
                   summary=summary)
