@@ -98,7 +98,7 @@ def _print_comparison(store: Any, study: str) -> None:
         tied = f"; {len(found.on_front)} are on the front themselves" if found.on_front else ""
         missed = f"; not dominated: {', '.join(others)}" if others else ""
         print(f"on {where}: the front strictly dominates {len(found.dominated)} of the {len(found.baselines)} "
-              f"schedules on the baselines' front{tied}{missed}")
+              f"schedules on the baselines' front ({len(found.separated)} with 95% intervals apart){tied}{missed}")
 
 
 def _front_frame(store: Any, study: str, given: str | None, all_records: bool,

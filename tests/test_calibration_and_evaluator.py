@@ -107,6 +107,10 @@ def test_evaluator_metrics(model, built):
     assert fast.metrics["nfe"] == 6 and teacher.metrics["nfe"] == 12
     assert 0.5 < fast.metrics["class_alignment"] <= 1.0
     assert ev.calibration_hash == f"{built.hash}-n6"
+    # quality means carry their 95% bootstrap interval over the samples; costs need none
+    assert fast.metrics["psnr.ci95_low"] < fast.metrics["psnr"] < fast.metrics["psnr.ci95_high"]
+    assert fast.metrics["mse.ci95_low"] < fast.metrics["mse"] < fast.metrics["mse.ci95_high"]
+    assert "macs.ci95_low" not in fast.metrics
 
 
 def test_evaluator_batches_do_not_change_scores(model, built):

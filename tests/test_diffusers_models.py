@@ -15,6 +15,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -502,3 +503,35 @@ def test_unsupported_denoiser_is_named(tmp_path):
     with pytest.raises(ValueError, match="'UNet2DModel' is not supported") as err:
         load_model(f"diffusers:{tmp_path / 'ddpm'}")
     assert "FluxTransformer2DModel" in str(err.value) and "DiTTransformer2DModel" in str(err.value)
+
+
+def test_cache_search_runs_on_a_unet(models, tmp_path):
+    """ECAD's cache search on a Stable Diffusion UNet, end to end (it crashed seeding block subsets of dotted
+    group paths, and the crash was shown as bad input)."""
+    from schedsearch.search.base import Budget
+    from schedsearch.study import run_search
+
+    result = run_search(model=models["sd"], space="cache", strategy="ecad", objectives=["psnr", "macs"],
+                        study="unet", store=tmp_path / "r.db", budget=Budget(evaluations=3), samples=2,
+                        prompts=["a cat", "a dog"], cache_dir=tmp_path / "cache", batch_size=2,
+                        space_options={"num_steps": 4}, strategy_options={"population": 4}, progress=False,
+                        validate=False)
+    assert result.evaluations >= 3 and result.failed == 0
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_cachequant_features_are_the_image_stream_of_dual_stream_blocks(models, family):
+    """CacheQuant's feature of a Flux / SD3 block range is the image-token residual: diffusers' block registry
+    says which output that is (Flux returns (text, image); SD3's last block (None, image))."""
+    from schedsearch.calibration.unit_features import unit_feature_distances, unit_features
+
+    model = models[family]
+    group = model.info.block_groups[0]
+    plan = model.default_plan(3)
+    seeds = [0, 1]
+    image_tokens = model.info.extra["tokens_per_sample"]
+    features = unit_features(model, plan, (group.path, 0, group.count), conditions(family), seeds)
+    assert all(f is not None and f.shape[1] == image_tokens for f in features)
+    table = unit_feature_distances(model, plan, (group.path, 0, group.count), conditions(family), seeds)
+    assert table.shape == (3, 3) and np.isfinite(table).all() and np.allclose(table, table.T)
+    assert (np.diag(table) == 0).all() and (table[~np.eye(3, dtype=bool)] > 0).all()

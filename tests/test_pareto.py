@@ -170,3 +170,51 @@ def test_pareto_frame_ranks_and_skips_unrankable_rows():
     assert out["front_rank"].iloc[4:].isna().all()
     with pytest.raises(KeyError, match=r"metric\.lpips"):
         pareto_frame(df, {"metric.lpips": "min"})
+
+
+def test_mean_interval_is_a_bootstrap_of_the_mean():
+    """The 95% interval brackets the mean, narrows like 1/sqrt(n), repeats exactly, and is what scipy gives."""
+    from scipy.stats import bootstrap
+
+    from schedsearch.objectives.base import mean_interval
+
+    rng = np.random.default_rng(3)
+    small, large = rng.normal(25, 3, 64), rng.normal(25, 3, 1024)
+    a = mean_interval("psnr", [small[:10], small[10:]])
+    assert a["psnr.ci95_low"] < small.mean() < a["psnr.ci95_high"]
+    b = mean_interval("psnr", [large])
+    width = lambda d: d["psnr.ci95_high"] - d["psnr.ci95_low"]  # noqa: E731
+    assert 2.5 < width(a) / width(b) < 6.5  # sqrt(1024 / 64) = 4
+    assert mean_interval("psnr", [small]) == a  # the same samples, the same interval
+    ref = bootstrap((small,), np.mean, n_resamples=1000, method="percentile", random_state=np.random.default_rng(0))
+    assert a["psnr.ci95_low"] == pytest.approx(ref.confidence_interval.low)
+    assert mean_interval("psnr", [np.array([30.0])]) == {}  # one sample: no interval
+
+
+def test_comparison_counts_a_domination_inside_the_noise_apart(tmp_path):
+    """A front point better by less than the noise dominates, but not with the intervals apart."""
+    from schedsearch.results.query import baselines_study, compare_with_baselines, heldout_study
+    from schedsearch.results.store import Record, ResultStore
+    from schedsearch.spaces import baselines
+    from schedsearch.spaces.schedule import Schedule
+
+    def schedule(i: int, name: str | None = None) -> Schedule:
+        ts = tuple(t - i for t in baselines.linspace_timesteps(1000, 5))
+        return Schedule("builtin:mnist-dit", baselines.ddim_plan(ts), meta={"baseline": name} if name else {})
+
+    def metrics(psnr: float, half: float, macs: float) -> dict[str, float]:
+        return {"psnr": psnr, "psnr.ci95_low": psnr - half, "psnr.ci95_high": psnr + half, "macs": macs}
+
+    with ResultStore(tmp_path / "r.db") as store:
+        store.set_study_settings("s", {"objectives": [["psnr", "max"], ["macs", "min"]], "calibration": "c"})
+        ours = [(schedule(1), metrics(30.0, 0.2, 5.0)), (schedule(2), metrics(25.1, 0.5, 3.0))]
+        base = [(schedule(3, "far"), metrics(28.0, 0.2, 6.0)), (schedule(4, "close"), metrics(25.0, 0.5, 3.0))]
+        for study in ("s", heldout_study("s")):
+            for s, m in ours:
+                store.append(Record.for_schedule(study, s, m, calibration_hash="c"))
+        for study in (baselines_study("s"), heldout_study("s")):
+            for s, m in base:
+                store.append(Record.for_schedule(study, s, m, calibration_hash="c"))
+        found = compare_with_baselines(store, "s", "heldout")
+    assert found.baselines == ("far", "close") or set(found.baselines) == {"far", "close"}
+    assert set(found.dominated) == {"far", "close"} and found.separated == ("far",)

@@ -376,3 +376,20 @@ def test_spaces_import_without_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_unet_layouts_with_dotted_group_paths_seed_the_cache_space() -> None:
+    """A UNet's block groups are paths with dots ("down_blocks.0"): ECAD's block-subset seeds must read the block
+    and component from the layout, not by splitting slot names (the SD-UNet crash: too many values to unpack)."""
+    from schedsearch.spaces.baselines import block_subset_cache_plan
+    from schedsearch.spaces.cache_plan import slot_names
+
+    layout = ("down_blocks.0[2](resnets,attentions);down_blocks.1[2](resnets,attentions);"
+              "mid_block[1](resnets,attentions);up_blocks.1[3](resnets,attentions)")
+    unet = ModelStructure(name="diffusers:tiny/sd", num_train_timesteps=T, layout=layout, num_blocks=8,
+                          unit_group="deepcache", unit_blocks=1, has_cross_attention=True)
+    seeds = dict(CacheMaskSpace(unet, num_steps=10).baselines())
+    assert any("blocks" in name for name in seeds)  # the block-subset seeds exist
+    plan = block_subset_cache_plan(layout, 4, steps=[1, 2], blocks=[1], components=["attentions"])
+    expected = ["0" if name.rsplit(".", 2)[1:] == ["1", "attentions"] else "1" for name in slot_names(layout)]
+    assert plan.recompute[1] == plan.recompute[2] == "".join(expected) and plan.recompute[0] == "1" * len(expected)

@@ -35,9 +35,31 @@ def _default_conditions(model: LoadedModel, n: int) -> list[int]:
     return [i % model.info.num_classes for i in range(n)]
 
 
-def _first_tensor(output: Any) -> torch.Tensor:
+def _block_metadata(module: torch.nn.Module) -> Any:
+    """diffusers' description of a transformer block's inputs and outputs (which argument and which output index is
+    the image stream), or None for a module it does not describe (a UNet branch). Dual-stream blocks (Flux, SD3)
+    return (text, image) pairs; SD3's last block returns (None, image)."""
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    try:
+        return TransformerBlockRegistry.get(type(module))
+    except ValueError:
+        return None
+
+
+def _hidden_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    meta = _block_metadata(module)
+    if meta is not None:
+        return meta._get_parameter_from_args_kwargs(meta.hidden_states_argument_name, args, kwargs)
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def _hidden_output(module: torch.nn.Module, output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
+    meta = _block_metadata(module)
+    if meta is not None and isinstance(output, (tuple, list)):
+        return output[meta.return_hidden_states_index]
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise TypeError(f"unit features: the hooked module returned {type(output).__name__}, not a tensor")
@@ -81,14 +103,16 @@ def unit_features(
     features: list[list[torch.Tensor]] = [[] for _ in range(plan.num_steps)]
 
     def before(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        inputs.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+        inputs.append(_hidden_input(module, args, kwargs))
 
     def after(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        out = _first_tensor(output)
+        out = _hidden_output(module, output)
         feature = out - inputs.pop(0) if residual else out
         features[step[0]].append(feature.detach().float().cpu())
 
-    denoise = model.denoiser(list(conditions), guidance)
+    # one condition per sample (class ids, prompts), or one batch's conditions as the denoiser takes them
+    batch = conditions if not isinstance(conditions, Sequence) else list(conditions)
+    denoise = model.denoiser(batch, guidance)
 
     def recording(x: torch.Tensor, t: float, step_index: int) -> torch.Tensor:
         step[0] = step_index
@@ -121,15 +145,18 @@ def unit_feature_distances(
     calibration samples (one full-compute run; `batch_size` bounds memory by running the samples in chunks).
     Shape (T, T), symmetric, zero diagonal; rows and columns of steps without a model call are 0."""
     seeds = list(seeds)
-    conditions = list(conditions) if conditions is not None else _default_conditions(model, len(seeds))
-    if len(conditions) != len(seeds):
-        raise ValueError(f"conditions: {len(conditions)} given for {len(seeds)} seeds")
+    whole = conditions is not None and not isinstance(conditions, Sequence)  # one batch's denoiser conditions
+    if not whole:
+        conditions = list(conditions) if conditions is not None else _default_conditions(model, len(seeds))
+        if len(conditions) != len(seeds):
+            raise ValueError(f"conditions: {len(conditions)} given for {len(seeds)} seeds")
     T = plan.num_steps
     total = torch.zeros(T, T, dtype=torch.float64)
     count = 0
-    chunk = batch_size or len(seeds)
+    chunk = len(seeds) if whole else batch_size or len(seeds)
     for lo in range(0, len(seeds), chunk):
-        feats = unit_features(model, plan, unit, conditions[lo : lo + chunk], seeds[lo : lo + chunk], guidance)
+        part = conditions if whole else conditions[lo : lo + chunk]
+        feats = unit_features(model, plan, unit, part, seeds[lo : lo + chunk], guidance)
         steps = [i for i, f in enumerate(feats) if f is not None]
         stacked = torch.stack([feats[i].flatten() for i in steps]).double()  # (T_eval, elements)
         index = torch.tensor(steps)

@@ -186,6 +186,7 @@ def export_front(
             found = compare_with_baselines(store, study, split)
             if found is not None:
                 comparison[split] = {"baselines_front": list(found.baselines), "dominated": list(found.dominated),
+                                     "dominated_intervals_apart": list(found.separated),
                                      "on_front": list(found.on_front), "front_scored": found.front}
         hashes = sorted({r.calibration_hash for r in records})
         index = {

@@ -316,6 +316,7 @@ def plot_cache_heatmap(
         strip.set_xlabel("step")
         strip.set_title(f"{plan.group}[{plan.start}:{plan.end}] refreshed on {len(plan.refresh_steps)}/"
                         f"{plan.num_steps} steps", fontsize=9)
+        _cache_legend(strip, "refreshed", "residual reused")
         return fig
 
     bits = cache_bits(plan)
@@ -338,7 +339,17 @@ def plot_cache_heatmap(
         panel.set_title(f"{where}{component}: {fraction:.0%} recomputed", fontsize=9)
         _block_ticks(panel, plan)
     axes[-1].set_xlabel("step")
+    _cache_legend(axes[0], "recomputed", "reused from the cache")
     return fig
+
+
+def _cache_legend(ax: Axes, on: str, off: str) -> None:
+    """Which colour is which, above the (first) panel, outside the data."""
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=_CACHE_CMAP(1.0), label=on), Patch(facecolor=_CACHE_CMAP(0.0), edgecolor="#999999",
+                                                                  label=off)]
+    ax.legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.12), ncols=2, fontsize=7, frameon=False)
 
 
 def plot_solver_schedule(

@@ -146,6 +146,7 @@ class Comparison:
     baselines: tuple[str, ...]  # names of the baselines' front
     dominated: tuple[str, ...]
     on_front: tuple[str, ...] = ()  # baselines the search kept on its own front (a tie, not a domination)
+    separated: tuple[str, ...] = ()  # dominated with the 95% intervals apart in every objective that has one
 
     @property
     def undominated(self) -> tuple[str, ...]:
@@ -174,12 +175,26 @@ def compare_with_baselines(store: ResultStore, study: str, split: str = "heldout
         no_worse = all(signs[n] * a[n] <= signs[n] * b[n] for n in objectives)
         return no_worse and any(signs[n] * a[n] < signs[n] * b[n] for n in objectives)
 
+    def separated(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
+        """a dominates b and, where both carry a confidence interval, the intervals do not overlap."""
+        if not dominates(a, b):
+            return False
+        for n in objectives:
+            lo, hi = f"{n}.ci95_low", f"{n}.ci95_high"
+            if all(k in m for m in (a, b) for k in (lo, hi)) and a[n] != b[n]:
+                apart = a[lo] > b[hi] if signs[n] < 0 else a[hi] < b[lo]
+                if not apart:
+                    return False
+        return True
+
     names = [_baseline_name(r) for r, _ in base_points]
     dominated = [name for name, (_, b) in zip(names, base_points, strict=True)
                  if any(dominates(a, b) for a in ours_points)]
+    apart = [name for name, (_, b) in zip(names, base_points, strict=True)
+             if any(separated(a, b) for a in ours_points)]
     front_keys = {r.to_schedule().key for r in ours.records}
     on_front = [name for name, (r, _) in zip(names, base_points, strict=True) if r.to_schedule().key in front_keys]
-    return Comparison(split, len(ours_points), tuple(names), tuple(dominated), tuple(on_front))
+    return Comparison(split, len(ours_points), tuple(names), tuple(dominated), tuple(on_front), tuple(apart))
 
 
 def _baseline_name(record: Record) -> str:

@@ -133,6 +133,21 @@ def _table(frame: pd.DataFrame, columns: Sequence[str], headers: Sequence[str], 
     return f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
+def _baselines_of(store: ResultStore, study: str, frame: pd.DataFrame, records: Mapping[str, Any]) -> pd.DataFrame:
+    """The front of the space's hand-made baselines scored beside the study (`<study>@baselines`; the others would
+    only bury the labels), else the study's own records that are baselines (meta.baseline)."""
+    from schedsearch.results.query import baselines_study, study_front
+    from schedsearch.results.store import records_frame
+
+    objectives = settings_objectives(store.study_settings(study))
+    if baselines_study(study) not in store.studies() or not objectives:
+        return _baselines(frame, records)
+    scored = list(study_front(store, baselines_study(study), objectives, required=False).records)
+    if not scored:
+        return _baselines(frame, records)
+    return _baselines(records_frame(scored), {r.key: r for r in scored})
+
+
 def _baselines(frame: pd.DataFrame, records: Mapping[str, Any]) -> pd.DataFrame:
     """Rows whose schedule says it is a hand-made baseline (meta.baseline), labelled with its name."""
     labels = []
@@ -235,11 +250,15 @@ def _render(
         names = list(objectives)
         if len(names) >= 2 and len(front):
             fig = plot_front(frame, names[0], names[1], objectives, color=names[2] if len(names) > 2 else None,
-                             baselines=_baselines(frame, records), knee_key=knee_key, title=study)
+                             baselines=_baselines_of(store, study, frame, records), knee_key=knee_key, title=study)
             sections.append(("Front", _figure_png(fig)))
         strategy = str(settings.get("strategy", "search"))
         sections.append(("Hypervolume over evaluations",
-                         _figure_png(plot_hypervolume_history({strategy: frame}, objectives))))
+                         _figure_png(plot_hypervolume_history({strategy: frame}, objectives))
+                         + "<p>Normalised: each objective is scaled so that 1.0 is the box from the ideal point (the "
+                           "best value of each objective this study reached) to the reference point (the worst value "
+                           "plus 10% of the range). The curve is the hypervolume of the front of the first k "
+                           "evaluations; a failed evaluation adds nothing.</p>"))
     else:
         sections.append(("Pareto front", "<p>The study's settings name no objectives, so no front is drawn.</p>"))
     sections.append(("Knee schedule", _knee_section(knee_key, records)))

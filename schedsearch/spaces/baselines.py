@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from schedsearch.spaces.cache_plan import ComponentCachePlan, UnitCachePlan, slot_names
+from schedsearch.spaces.cache_plan import ComponentCachePlan, UnitCachePlan, parse_layout, slot_names
 from schedsearch.spaces.schedule import Prediction, Rule, Schedule, SolverPlan, SolverStep
 
 
@@ -199,11 +199,12 @@ def block_subset_cache_plan(
     """ECAD's `middle_cache_*` / `evenly_cache_*` seeds: on `steps`, the `components` of `blocks` (indices within each
     block group) are reused; everything else is recomputed."""
     step_set, block_set, comp_set = set(steps), set(blocks), set(components)
-    parsed = [name.split(".") for name in slot_names(layout)]
+    # (block, component) per slot from the layout itself: a UNet group path holds dots ("down_blocks.0")
+    parsed = [(b, c) for _, count, comps in parse_layout(layout) for b in range(count) for c in comps]
     rows = []
     for i in range(num_steps):
         rows.append("".join(
-            "0" if i in step_set and int(b) in block_set and c in comp_set else "1" for _, b, c in parsed
+            "0" if i in step_set and b in block_set and c in comp_set else "1" for b, c in parsed
         ))
     return ComponentCachePlan(layout, tuple(rows))
 
