@@ -111,18 +111,20 @@ def study_exists(store: str | Path, study: str) -> bool:
 
 
 def _check_existence(config: StudyConfig, store: ResultStore | None) -> None:
-    """A new study must not exist yet, a resumed one must; checked before any work (reading the store only if it
-    exists) and again under the study's lock."""
+    """A new study must have no records yet, a resumed one must exist; checked before any work (reading the store
+    only if it exists) and again under the study's lock. A study whose first run stopped before its first record
+    (settings stored, then a crash) may simply be run again, with or without --resume."""
     if store is None:
         if not config.store.is_file():
-            exists = False
+            exists = started = False
         else:
             with ResultStore(config.store, create=False) as opened:
                 return _check_existence(config, opened)
     else:
-        exists = store.study_settings(config.study) is not None or store.count(config.study) > 0
+        started = store.count(config.study) > 0
+        exists = started or store.study_settings(config.study) is not None
     where = config.store
-    if exists and not config.resume:
+    if started and not config.resume:
         raise UserInputError("--study", f"{config.study!r} already exists in {where}",
                              "pass --resume (resume=True) to continue it, or choose another name")
     if config.resume and not exists:

@@ -77,6 +77,10 @@ def test_study_settings_must_match_on_resume(tmp_path, cache_dir):
     with pytest.raises(UserInputError, match=r"^--resume: there is no study 'c'"):
         _run(tmp_path / "none.db", "c", cache_dir, budget=2, resume=True)
     assert not (tmp_path / "none.db").exists()
+    # a first run that stopped after storing its settings, before any record: run it again, no --resume needed
+    with ResultStore(store) as s:
+        s.set_study_settings("crashed", {"samples": 4, "objectives": [["psnr", "max"], ["macs", "min"]]})
+    assert _run(store, "crashed", cache_dir, budget=2).evaluations >= 2
     with ResultStore(store) as s:
         assert s.count("a") == count and s.study_settings("a") == settings
 
@@ -191,6 +195,7 @@ def test_successive_halving_and_heldout_validation(tmp_path, cache_dir):
         records = s.records("sh")
         settings = s.study_settings("sh")
         heldout = s.records(heldout_study("sh"))
+        s_baselines = s.records("sh@baselines")
     low = [r for r in records if r.calibration_hash.endswith("-n2")]
     full = [r for r in records if r.calibration_hash == settings["calibration"]]
     assert len(low) + len(full) == len(records) == result.evaluations
@@ -198,7 +203,9 @@ def test_successive_halving_and_heldout_validation(tmp_path, cache_dir):
     assert {r.to_schedule().key for r in full} <= {r.to_schedule().key for r in low}
     # Every front point was re-scored on the held-out split: other seeds, same sample count.
     assert heldout and all(r.calibration_hash != settings["calibration"] for r in heldout)
-    assert {r.to_schedule().key for r in heldout} <= {r.to_schedule().key for r in full}
+    baselines = {r.to_schedule().key for r in s_baselines}
+    assert {r.to_schedule().key for r in heldout} <= {r.to_schedule().key for r in full} | baselines
+    assert {r.to_schedule().key for r in heldout} & baselines  # the baselines' front, re-scored there too
 
 
 def test_promote_picks_the_first_fronts():
