@@ -227,8 +227,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from schedsearch.results.report import write_report
 
+    if args.images < 0:
+        raise CliError("--images", f"{args.images} must be ≥ 0", "0 draws no samples")
     with _open_store(args.store, create=False) as store:
-        print(write_report(store, args.study, args.out))
+        print(write_report(store, args.study, args.out, images=args.images))
     return 0
 
 
@@ -316,4 +318,6 @@ def add_study_commands(sub: Any, parser: Callable[..., argparse.ArgumentParser])
     r = parser(sub, "report", "write a self-contained HTML report of a study")
     _store_study(r)
     r.add_argument("--out", type=Path, required=True, help="directory for <study>.html")
+    r.add_argument("--images", type=int, default=8, help="held-out samples of the knee and two other front points "
+                   "beside the teacher (loads the model; 0: none)")
     r.set_defaults(run=_cmd_report)

@@ -115,3 +115,23 @@ def test_unknown_study_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
     assert report_main(str(db), "known", str(tmp_path / "out")) == 0
     printed = capsys.readouterr().out.strip()
     assert printed == str(report_path(tmp_path / "out", "known")) and (tmp_path / "out" / "known.html").is_file()
+
+
+def test_report_draws_held_out_samples_of_the_front(tmp_path):
+    """With images, the knee and the front's ends are drawn beside the teacher on held-out seeds (the model runs)."""
+    from schedsearch.results.report import write_report
+    from schedsearch.results.store import Record, ResultStore
+    from schedsearch.spaces import baselines
+    from schedsearch.spaces.schedule import Schedule
+
+    with ResultStore(tmp_path / "r.db") as store:
+        store.set_study_settings("s", {"model": "builtin:mnist-dit", "objectives": [["psnr", "max"], ["nfe", "min"]],
+                                       "calibration": "c"})
+        for nfe, psnr in ((3, 20.0), (5, 25.0), (8, 30.0)):
+            plan = baselines.dpm_solver_plan(baselines.linspace_timesteps(1000, nfe), 2)
+            schedule = Schedule("builtin:mnist-dit", plan)
+            store.append(Record.for_schedule("s", schedule, {"psnr": psnr, "nfe": float(nfe)}, calibration_hash="c"))
+        page = write_report(store, "s", tmp_path / "out", images=2).read_text()
+    section = page[page.index("Samples on held-out seeds"):]
+    assert section.count("<h3>") == 3 and section.count("data:image/png") == 3
+    assert "knee" in section and "best psnr" in section

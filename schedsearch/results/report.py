@@ -49,16 +49,19 @@ def write_report(
     out_dir: str | Path,
     *,
     objectives: Mapping[str, str] | None = None,
+    images: int = 0,
 ) -> Path:
     """Write the study's HTML report atomically and return its path.
 
     objectives: metric name → "min"/"max"; default: the study's stored settings. Without either, the report lists
     the evaluations but draws no front.
+    images: held-out samples drawn for the knee and two other front points beside the teacher (0: none; it loads
+        the study's model and runs those schedules, seconds on the builtin model).
     """
     if isinstance(store, ResultStore):
-        return _write(store, study, out_dir, objectives)
+        return _write(store, study, out_dir, objectives, images)
     with ResultStore(store, create=False) as opened:
-        return _write(opened, study, out_dir, objectives)
+        return _write(opened, study, out_dir, objectives, images)
 
 
 def report_main(store_path: str, study: str, out: str) -> int:
@@ -73,7 +76,8 @@ def report_main(store_path: str, study: str, out: str) -> int:
     return 0
 
 
-def _write(store: ResultStore, study: str, out_dir: str | Path, objectives: Mapping[str, str] | None) -> Path:
+def _write(store: ResultStore, study: str, out_dir: str | Path, objectives: Mapping[str, str] | None,
+           images: int = 0) -> Path:
     settings = store.study_settings(study)
     if store.count(study) == 0:
         known = store.studies()
@@ -90,7 +94,7 @@ def _write(store: ResultStore, study: str, out_dir: str | Path, objectives: Mapp
         raise ReportError(f"study {study!r}: objective(s) {missing} were never recorded; metrics are "
                           f"{[c[7:] for c in frame.columns if c.startswith('metric.')]}")
     records = {r.key: r for r in store.records(study)}
-    html_text = _render(study, store, settings, objectives, frame, records)
+    html_text = _render(study, store, settings, objectives, frame, records, images)
     return atomic_write_text(report_path(out_dir, study), html_text)
 
 
@@ -161,6 +165,40 @@ def _baselines(frame: pd.DataFrame, records: Mapping[str, Any]) -> pd.DataFrame:
     return out[out["label"].notna() & (out["status"] == "ok")]
 
 
+def _samples_section(settings: Mapping[str, Any], front: Any, n: int) -> str:
+    """The knee and the two ends of the front, each beside the teacher on `n` held-out seeds (same noise), so what
+    a cheaper schedule loses can be seen, not only read off a metric."""
+    from schedsearch.calibration.calibration_set import default_spec
+    from schedsearch.results.plots import sample_grid_figure
+    from schedsearch.runtime.models import load_model
+
+    try:
+        model = load_model(str(settings.get("model")))
+    except Exception as exc:  # the report stays useful without pictures
+        return f"<p>No samples: the study's model cannot be loaded here ({html.escape(str(exc))}).</p>"
+    if model.info.conditioning != "class":
+        return "<p>No samples: the study's prompts are not stored with it; run the knee with `schedsearch sample`.</p>"
+    spec = default_spec(model.info, samples=n, split="heldout", guidance=settings.get("guidance"))
+    picks: list[tuple[str, int]] = []
+    for label, index in (("knee", front.knee), (f"best {next(iter(front.objectives))}", 0),
+                         ("the other end of the front", len(front.records) - 1)):
+        if index not in [i for _, i in picks]:  # the knee can be an end: draw it once
+            picks.append((label, index))
+    parts = []
+    for label, index in picks:
+        record = front.records[index]
+        metrics = ", ".join(f"{k} {record.metrics[k]:.4g}" for k in front.objectives)
+        try:
+            fig = sample_grid_figure(model, record.to_schedule(), spec.teacher, list(spec.conditions),
+                                     list(spec.seeds), guidance=spec.guidance)
+        except Exception as exc:  # a schedule this model cannot run: say so, keep the rest of the report
+            parts.append(f"<p>{html.escape(label)}: cannot be sampled here ({html.escape(str(exc))}).</p>")
+            continue
+        parts.append(f"<h3>{html.escape(label)}: <code>{record.key}</code> ({html.escape(metrics)})</h3>"
+                     + _figure_png(fig))
+    return "\n".join(parts)
+
+
 def _knee_section(knee_key: str | None, records: Mapping[str, Any]) -> str:
     from schedsearch.results.plots import plot_cache_heatmap, plot_solver_schedule
     from schedsearch.spaces.errors import ScheduleError
@@ -213,6 +251,7 @@ def _render(
     objectives: Mapping[str, str],
     frame: pd.DataFrame,
     records: Mapping[str, Any],
+    images: int = 0,
 ) -> str:
     from schedsearch.results.plots import plot_front, plot_hypervolume_history
 
@@ -262,6 +301,8 @@ def _render(
     else:
         sections.append(("Pareto front", "<p>The study's settings name no objectives, so no front is drawn.</p>"))
     sections.append(("Knee schedule", _knee_section(knee_key, records)))
+    if images and columns and found.records:
+        sections.append(("Samples on held-out seeds", _samples_section(settings, found, images)))
     sections.append(("Cost of the search", _cost_section(frame)))
     hashes = sorted(set(frame["calibration_hash"].astype(str)))
     calibration = settings.get("calibration")
