@@ -26,6 +26,7 @@ def world(tmp_path_factory) -> Path:
     good = Schedule(model=MODEL, solver=plan)
     save_schedule(good, root / "good.json")
     with ResultStore(root / "r.db") as store:
+        store.set_study_settings("starting", {"objectives": OBJECTIVES, "calibration": "cal"})  # no record yet
         store.set_study_settings("done", {"objectives": OBJECTIVES, "calibration": "cal"})
         for i, psnr in enumerate((20.0, 25.0, 30.0)):
             ts = tuple(t - i for t in plan.timesteps)
@@ -125,6 +126,7 @@ CASES = [  # (argv, the field the error must name)
     ([*SEARCH, "--resume"], "--resume"),  # nothing to resume
     ([*SEARCH[:12], "{root}/adir.json"], "adir.json: is a directory"),
     ([*FRONT[:4], "nope"], "--study"),
+    ([*FRONT[:4], "starting"], "--study: 'starting' has no records yet"),
     ([FRONT[0], "--store", "{root}/missing.db", *FRONT[3:]], "--store"),
     ([FRONT[0], "--store", "{root}/notes.txt", *FRONT[3:]], "notes.txt: not a results store"),
     ([*FRONT, "--objectives", "lpips"], "--objectives"),
@@ -157,3 +159,23 @@ def test_bad_input_is_refused_before_any_write(world, capsys, argv, field):
     assert lines and lines[-1].startswith("error: ") and field in lines[-1], err
     assert "Traceback" not in err
     assert _snapshot(world) == before  # no file written, the store's bytes unchanged
+
+
+def test_a_non_numeric_metric_in_the_store_reads_as_missing(tmp_path, capsys):
+    """A hand-edited store with a metric that is not a number: `front` shows the rest, it does not crash."""
+    import sqlite3
+
+    plan = baselines.dpm_solver_plan(baselines.linspace_timesteps(1000, 6), 2)
+    with ResultStore(tmp_path / "r.db") as store:
+        store.set_study_settings("s", {"objectives": OBJECTIVES, "calibration": "cal"})
+        for i in range(2):
+            schedule = Schedule(model=MODEL, solver=baselines.dpm_solver_plan(tuple(t - i for t in plan.timesteps), 2))
+            store.append(Record.for_schedule("s", schedule, {"psnr": 20.0 + i, "macs": 1e9}, calibration_hash="cal"))
+    with sqlite3.connect(tmp_path / "r.db") as conn:  # an edit outside schedsearch (the id is new, so allowed)
+        row = list(conn.execute("SELECT * FROM records WHERE id = 2").fetchone())
+        row[0], row[2] = None, "edited"
+        row[4] = '{"macs": 1e9, "psnr": "high"}'
+        conn.execute(f"INSERT INTO records VALUES ({', '.join('?' * len(row))})", row)
+    assert main(["front", "--store", str(tmp_path / "r.db"), "--study", "s", "--format", "json"]) == 0
+    assert [r["psnr"] for r in json.loads(capsys.readouterr().out)] == [21.0]
+    assert main(["front", "--store", str(tmp_path / "r.db"), "--study", "s", "--all", "--format", "csv"]) == 0

@@ -112,6 +112,9 @@ def study_front(store: ResultStore, study: str, objectives: Mapping[str, str] | 
                      {r.to_schedule().key: r.metrics for r in front.records})
     if study not in store.studies():
         known = ", ".join(repr(s) for s in store.studies()) or "none"
+        if store.study_settings(study) is not None:  # routine while a study starts
+            raise UserInputError("--study", f"{study!r} has no records yet (is its first evaluation still running?)",
+                                 "try again once it has scored some candidates")
         raise UserInputError("--study", f"{study!r} is not in {store.path} (no records)",
                              f"studies with records: {known}")
     chosen = study_objectives(store, study, objectives)

@@ -239,7 +239,11 @@ class Record:
     @classmethod
     def _from_row(cls, row: tuple[Any, ...]) -> Record:
         values = dict(zip(_COLUMNS, row, strict=True))
-        values["metrics"] = json.loads(values.pop("metrics_json"))
+        metrics = json.loads(values.pop("metrics_json"))
+        # schedsearch writes numbers only; a value edited in by hand reads as missing (NaN), so the record drops
+        # out of fronts instead of crashing every reader of the store
+        values["metrics"] = {k: v if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+                             for k, v in (metrics.items() if isinstance(metrics, dict) else ())}
         values["summary"] = json.loads(values.pop("summary_json"))
         return cls(**values)
 
@@ -417,7 +421,8 @@ def records_frame(records: Iterable[Record]) -> pd.DataFrame:
     columns += [f"summary.{s}" for s in sorted(summary_names)]
     frame = pd.DataFrame(rows, columns=columns)
     for name in metric_names:
-        frame[f"metric.{name}"] = frame[f"metric.{name}"].astype(float)
+        # a metric that is not a number (a hand-edited or foreign store) reads as missing, not as a crash
+        frame[f"metric.{name}"] = pd.to_numeric(frame[f"metric.{name}"], errors="coerce").astype(float)
     frame["wall_time_s"] = frame["wall_time_s"].astype(float)
     frame["created_at"] = pd.to_datetime(frame["created_at"], utc=True, format="ISO8601")
     return frame
