@@ -111,6 +111,7 @@ def test_evaluator_metrics(model, built):
     assert fast.metrics["psnr.ci95_low"] < fast.metrics["psnr"] < fast.metrics["psnr.ci95_high"]
     assert fast.metrics["mse.ci95_low"] < fast.metrics["mse"] < fast.metrics["mse.ci95_high"]
     assert "macs.ci95_low" not in fast.metrics
+    assert fast.metrics["class_alignment.ci95_low"] <= fast.metrics["class_alignment"] <= 1.0
 
 
 def test_evaluator_batches_do_not_change_scores(model, built):

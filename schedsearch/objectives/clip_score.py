@@ -29,13 +29,14 @@ _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's published preproces
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def class_alignment(
+def class_probabilities(
     images: torch.Tensor | np.ndarray,
     labels: Sequence[int] | np.ndarray | torch.Tensor,
     classifier: MnistClassifier | None = None,
     batch_size: int = 256,
-) -> dict[str, float]:
-    """Mean softmax probability of each image's conditioning class and top-1 accuracy, for images in [-1, 1]."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: the softmax probability of its conditioning class, and whether it is the top-1 class (images in
+    [-1, 1])."""
     import torch
 
     if classifier is None:
@@ -47,15 +48,27 @@ def class_alignment(
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError(f"class_alignment: {len(images)} images and {len(labels)} labels (need equal, non-zero)")
-    prob_sum, correct = 0.0, 0
+    probabilities, correct = [], []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size].to(device=device, dtype=torch.float32)
             target = labels[start : start + batch_size].to(device)
             probs = classifier(batch).double().softmax(dim=1)
-            prob_sum += float(probs.gather(1, target[:, None]).sum())
-            correct += int((probs.argmax(dim=1) == target).sum())
-    return {"class_probability": prob_sum / len(labels), "accuracy": correct / len(labels)}
+            probabilities.append(probs.gather(1, target[:, None])[:, 0].cpu().numpy())
+            correct.append((probs.argmax(dim=1) == target).cpu().numpy())
+    return np.concatenate(probabilities), np.concatenate(correct)
+
+
+def class_alignment(
+    images: torch.Tensor | np.ndarray,
+    labels: Sequence[int] | np.ndarray | torch.Tensor,
+    classifier: MnistClassifier | None = None,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """Mean softmax probability of each image's conditioning class and top-1 accuracy, for images in [-1, 1]."""
+    probabilities, correct = class_probabilities(images, labels, classifier, batch_size)
+    return {"class_probability": float(probabilities.sum()) / len(probabilities),
+            "accuracy": int(correct.sum()) / len(correct)}
 
 
 def _import_open_clip() -> Any:

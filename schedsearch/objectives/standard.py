@@ -15,6 +15,7 @@ from schedsearch.objectives.base import (
     MeanAccumulator,
     ObjectiveUnavailableError,
     ScoreBatch,
+    mean_interval,
 )
 from schedsearch.objectives.features import FeatureExtractor, default_extractor_name, get_extractor
 from schedsearch.objectives.registry import ObjectiveContext, register_objective
@@ -70,23 +71,28 @@ class ClassAlignment(ImageObjective):
             )
 
     def accumulator(self) -> Accumulator:
-        from schedsearch.objectives.clip_score import class_alignment
+        from schedsearch.objectives.clip_score import class_probabilities
         from schedsearch.runtime.builtin import load_builtin_classifier
 
         classifier = load_builtin_classifier()
 
         class _Acc(Accumulator):
-            prob, correct, count = 0.0, 0.0, 0
+            def __init__(self) -> None:
+                self.probabilities: list[Any] = []
+                self.correct: list[Any] = []
 
             def update(self, batch: ScoreBatch) -> None:
-                out = class_alignment(batch.images, list(batch.conditions), classifier)
-                n = len(batch.images)
-                self.prob += out["class_probability"] * n
-                self.correct += out["accuracy"] * n
-                self.count += n
+                probabilities, correct = class_probabilities(batch.images, list(batch.conditions), classifier)
+                self.probabilities.append(probabilities)
+                self.correct.append(correct)
 
             def result(self) -> dict[str, float]:
-                return {"class_alignment": self.prob / self.count, "class_accuracy": self.correct / self.count}
+                import numpy as np
+
+                probabilities, correct = np.concatenate(self.probabilities), np.concatenate(self.correct)
+                return {"class_alignment": float(probabilities.sum()) / len(probabilities),
+                        "class_accuracy": float(correct.sum()) / len(correct),
+                        **mean_interval("class_alignment", [probabilities])}
 
         return _Acc()
 
