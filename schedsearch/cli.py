@@ -14,26 +14,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from schedsearch.cli_common import DEFAULT_MODEL, MODEL_HELP, CliError, HelpFormatter
 from schedsearch.errors import UserInputError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 SOLVER_BASELINES = ("ddim", "dpmsolver++", "unipc")
-DEFAULT_MODEL = "builtin:mnist-dit"
-MODEL_HELP = "'builtin:mnist-dit' (shipped) or 'diffusers:<local pipeline dir or cached hub id>'"
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default where there is one; a flag or an option whose default the help text explains shows none."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-class CliError(UserInputError):
-    """Bad input at the command line: printed as `error: ...`, exit code 2."""
 
 
 def parse_int_list(text: str, field: str) -> list[int]:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from schedsearch.cli import DEFAULT_MODEL, MODEL_HELP, CliError
+from schedsearch.cli_common import DEFAULT_MODEL, MODEL_HELP, CliError
 from schedsearch.methods import METHODS, PRESET_NAMES, SPACE_NAMES
 
 

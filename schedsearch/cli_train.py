@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from schedsearch.cli_common import HelpFormatter
+
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 WHAT = {
     "dit": "train the DiT (resumable; checkpoints and sample grids in --work-dir)",
@@ -34,8 +36,6 @@ def build_train_parser(prog: str = "schedsearch train-builtin", description: str
                        parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """`what` as a positional choice with every option; standalone or filled into the CLI's subparser."""
     if parser is None:
-        from schedsearch.cli import HelpFormatter
-
         parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     parser.add_argument("what", choices=list(WHAT), metavar="{" + ",".join(WHAT) + "}",
                         help="; ".join(f"{k}: {v}" for k, v in WHAT.items()))
