@@ -117,7 +117,8 @@ def default_spec(
     images_per_prompt: int = 1,
     fid_reference: str | None = None,
 ) -> CalibrationSpec:
-    """Class models: classes cycle 0..C-1 (balanced); prompt models: the given prompts, `images_per_prompt` each.
+    """Class models: classes cycle 0..C-1 (balanced); prompt models: the given prompts, `images_per_prompt` each,
+    cycled until there are `samples` (every sample has its own seed, so a repeated prompt is a new image).
     Seeds: 0.. for the search split, 1,000,000.. for held-out. FID reference: real held-out digits for the builtin
     model, the teacher's images otherwise; `fid_reference="teacher"` measures how far a schedule's distribution is
     from the model's own converged one, which is what a sampler can change (the builtin model's gap to real digits
@@ -131,7 +132,9 @@ def default_spec(
         if not prompts:
             raise UserInputError("--prompts", f"{info.name} is prompt-conditioned",
                                  "give a prompt file (--prompts FILE)")
-        conditions = [p for p in prompts for _ in range(images_per_prompt)][:samples]
+        # more samples than prompts: the prompts again, in order, each time with new seeds (not silently fewer)
+        base = [p for p in prompts for _ in range(images_per_prompt)]
+        conditions = [base[i % len(base)] for i in range(samples)]
     else:
         conditions = [None] * samples
     seeds = tuple(offset + i for i in range(len(conditions)))
