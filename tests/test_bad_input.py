@@ -55,6 +55,10 @@ def world(tmp_path_factory) -> Path:
                                                               "recompute": [111111111111] * 6}))
     variant("layout.json", lambda d: d.__setitem__("cache", {"kind": "components", "layout": "blocks[2](attn1)",
                                                              "recompute": ["11"] * 6}))
+    variant("dc_order_float.json", lambda d: d["solver"].__setitem__("dc_order", 2.0))
+    variant("final_str.json", lambda d: d["solver"].__setitem__("final_timestep", "0"))
+    variant("layout_int.json", lambda d: d.__setitem__("cache", {"kind": "components", "layout": 5,
+                                                                 "recompute": ["11"] * 6}))
     (root / "broken.json").write_text('{"format": "schedsearch.schedule/v1", "solver": [')
     (root / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     (root / "binary.json").write_bytes(b"\x00\xff\xfe" * 10)
@@ -90,6 +94,9 @@ CASES = [  # (argv, the field the error must name)
     ([*SAMPLE, "--schedule", "{root}/row_int.json"], "cache.recompute[0]"),
     ([*SAMPLE, "--schedule", "{root}/layout.json"], "cache.layout"),
     ([*SAMPLE, "--schedule", "{root}/other_model.json"], "field 'model'"),
+    ([*SAMPLE, "--schedule", "{root}/dc_order_float.json"], "solver.dc_order"),
+    ([*SAMPLE, "--schedule", "{root}/final_str.json"], "solver.final_timestep"),
+    ([*SAMPLE, "--schedule", "{root}/layout_int.json"], "cache.layout"),
     ([*SAMPLE, "--classes", "1,12"], "--classes"),
     ([*SAMPLE, "--classes", "one"], "--classes"),
     ([*SAMPLE, "--n-per-class", "0"], "--n-per-class"),

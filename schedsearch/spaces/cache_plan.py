@@ -206,6 +206,9 @@ def cache_plan_from_dict(data: Any) -> CachePlan:
             skip = fields.get("skip_reused_blocks", False)
             if not isinstance(skip, bool):
                 raise ScheduleError("cache.skip_reused_blocks", f"expected true or false, got {skip!r}")
+            if not isinstance(fields["layout"], str):
+                raise ScheduleError("cache.layout", f"{fields['layout']!r} is not a layout string",
+                                    'e.g. "transformer_blocks[6](attn1,ff)"')
             return ComponentCachePlan(fields["layout"], _rows(fields["recompute"]), skip_reused_blocks=skip)
         if kind == UnitCachePlan.kind:
             for name in ("start", "end", "num_steps"):

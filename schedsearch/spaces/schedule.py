@@ -126,7 +126,8 @@ class SolverPlan:
                 f"spans [{ts[-1]}, {ts[0]}], outside the model's [0, {num_train_timesteps - 1}]",
                 "rescale the timesteps to this model's training range",
             )
-        if self.final_timestep is not None and not (0 <= self.final_timestep < ts[-1]):
+        if self.final_timestep is not None and (not isinstance(self.final_timestep, float)
+                                                or not 0 <= self.final_timestep < ts[-1]):
             raise ScheduleError(
                 f"{prefix}.final_timestep",
                 f"{self.final_timestep} must lie in [0, timesteps[-1] = {ts[-1]})",
@@ -136,8 +137,8 @@ class SolverPlan:
             raise ScheduleError(
                 f"{prefix}.first_step", f"unknown {self.first_step!r}", f"use one of {FIRST_STEP_CHOICES}"
             )
-        if self.dc_order not in (1, 2, 3):
-            raise ScheduleError(f"{prefix}.dc_order", f"{self.dc_order} is not 1, 2 or 3")
+        if not _is_int(self.dc_order) or self.dc_order not in (1, 2, 3):
+            raise ScheduleError(f"{prefix}.dc_order", f"{self.dc_order!r} is not 1, 2 or 3")
         for i, step in enumerate(self.steps):
             where = f"{prefix}.steps[{i}]"
             if not isinstance(step.order, int) or isinstance(step.order, bool) or not 1 <= step.order <= MAX_ORDER:
