@@ -187,3 +187,51 @@ def test_flow_pipeline_gets_model_time(saved):
     with apply_schedule(load_model(name), schedule) as applied:
         ours = applied.sample(cond, SEEDS, 7.0, decode=False)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_flux_true_cfg_runs_a_cached_schedule_with_a_cache_per_pass(tmp_path):
+    """Flux with true CFG calls the transformer twice per step (cond, then uncond). A FORA schedule applied to the
+    stock pipeline keeps one cache per pass and equals our sampler doing the same by hand; before, the second call
+    was refused mid-run ("the denoiser was called twice")."""
+    from schedsearch.runtime.apply import branch_of_call
+    from schedsearch.runtime.sampler import sample
+
+    build_pipeline("flux", tmp_path).save_pretrained(tmp_path / "flux")
+    name = f"diffusers:{tmp_path / 'flux'}"
+    model = load_model(name, resolution=16)
+    plan = baselines.dpm_solver_plan([900.0, 700.0, 450.0, 200.0], 2)
+    schedule = Schedule(name, plan, baselines.fora_cache_plan(model_layout(model.info), 4, 2))
+    cond, neg = embeddings("flux", 2), embeddings("flux", 2, seed=2)
+    x = initial_noise(SEEDS, model.info.sample_shape)
+    pipe = _pipeline(tmp_path / "flux")
+    kwargs = {**cond, **{f"negative_{k}": v for k, v in neg.items()}}
+    with apply_schedule(pipe, schedule, resolution=16), torch.no_grad():
+        packed = pipe._pack_latents(x, len(x), 4, 8, 8)
+        out = pipe(latents=packed, num_inference_steps=4, height=16, width=16, guidance_scale=3.5,
+                   true_cfg_scale=2.0, output_type="latent", **kwargs).images
+        theirs = pipe._unpack_latents(out, 16, 16, pipe.vae_scale_factor)
+
+    with apply_schedule(model, schedule) as applied, torch.no_grad():
+        runtime = applied.runtime
+        on_cond, on_uncond = model.denoiser(cond, 3.5), model.denoiser(neg, 3.5)
+
+        def true_cfg(z: torch.Tensor, t: float, i: int) -> torch.Tensor:
+            runtime.context.step_index = i
+            runtime.context.branch = branch_of_call(0)
+            c = on_cond(z, t, i)
+            runtime.context.branch = branch_of_call(1)
+            u = on_uncond(z, t, i)
+            return u + 2.0 * (c - u)
+
+        runtime.reset()
+        ours = sample(true_cfg, x, plan, model.noise_schedule, model.info.prediction_type)
+        def one_cache(z: torch.Tensor, t: float, i: int) -> torch.Tensor:  # both passes share one cache: wrong
+            runtime.context.step_index, runtime.context.branch = i, branch_of_call(0)
+            c = on_cond(z, t, i)
+            u = on_uncond(z, t, i)
+            return u + 2.0 * (c - u)
+
+        runtime.reset()
+        shared = sample(one_cache, x, plan, model.noise_schedule, model.info.prediction_type)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    assert (shared - ours).abs().max() > 1e-3  # the per-pass caches matter

@@ -284,21 +284,29 @@ def _reset(runtime: CacheRuntime) -> Callable[[], None]:
     return reset
 
 
+def branch_of_call(call: int) -> str:
+    """The cache branch of the `call`-th denoiser call within a step: the first is "batch" (a CFG-batched call, or
+    the conditional pass), later ones their own ("call1": the unconditional pass of Flux's true CFG and of the
+    pipelines that run `cache_context("cond")` and `("uncond")` as separate calls). Each branch keeps its own cached
+    outputs, as diffusers' hooks keep state per cache context, so the passes never reuse each other's."""
+    return "batch" if call == 0 else f"call{call}"
+
+
 def _step_driver(runtime: CacheRuntime, scheduler: ScheduleScheduler) -> Callable[..., None]:
     """Forward pre-hook on the denoiser: publish the scheduler's step counter to the cache hooks, as
-    `CacheRuntime.wrap` does for our own sampler. The pipeline's CFG batch (uncond + cond in one forward) is one
-    branch, "batch", exactly as our denoisers batch it; a second call within a step would mix branches: refused."""
+    `CacheRuntime.wrap` does for our own sampler, and which call of the step this is (`branch_of_call`). Pipelines
+    call the denoiser in the same order at every step, so a call's branch is the same pass at every step."""
+    call = [0]
 
     def drive(module: torch.nn.Module, args: Any) -> None:
         step = scheduler.step_index
         if step is None:
             raise RuntimeError("the denoiser was called before the scheduler's set_timesteps: run the pipeline")
-        if step == runtime.context.step_index:
-            raise RuntimeError(
-                f"the denoiser was called twice in step {step}; cache plans need one (CFG-batched) call per step"
-            )
-        runtime.context.step_index = step
-        runtime.context.calls += 1
+        ctx = runtime.context
+        call[0] = call[0] + 1 if step == ctx.step_index else 0
+        ctx.step_index = step
+        ctx.branch = branch_of_call(call[0])
+        ctx.calls += 1
 
     return drive
 
