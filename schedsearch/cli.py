@@ -35,11 +35,13 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
     from schedsearch.runtime.models import available_models
 
+    if args.dir is not None and not args.dir.is_dir():
+        raise CliError("--dir", f"{args.dir} is not a directory", "give a directory that holds saved pipelines")
     table = Table(title="models loadable here")
-    for col in ("name", "where", "status"):
+    for col in ("name", "family", "where", "status"):
         table.add_column(col)
-    for row in available_models():
-        table.add_row(row["name"], row["where"], row["status"])
+    for row in available_models(None if args.dir is None else str(args.dir)):
+        table.add_row(row["name"], row["family"], row["where"], row["status"])
     Console().print(table)
     return 0
 
@@ -158,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    _parser(sub, "models", "list the models that can be loaded here").set_defaults(run=_cmd_models)
+    models = _parser(sub, "models", "list the models that can be loaded here, with their family")
+    models.add_argument("--dir", type=Path, help="also list saved pipelines under this directory (3 levels down)")
+    models.set_defaults(run=_cmd_models)
 
     info = _parser(sub, "info", "what the search spaces see of a model (steps, blocks, components)")
     info.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)

@@ -485,7 +485,8 @@ def test_cached_hub_id_loads_and_is_listed(tmp_path, saved, monkeypatch):
     from schedsearch.runtime.models import available_models
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    assert {"name": "diffusers:tiny/dit", "where": str(snapshot), "status": "local"} in available_models()
+    row = {"name": "diffusers:tiny/dit", "where": str(snapshot), "family": "dit", "status": "local"}
+    assert row in available_models()
 
 
 def test_unsupported_denoiser_is_named(tmp_path):
@@ -535,3 +536,26 @@ def test_cachequant_features_are_the_image_stream_of_dual_stream_blocks(models, 
     table = unit_feature_distances(model, plan, (group.path, 0, group.count), conditions(family), seeds)
     assert table.shape == (3, 3) and np.isfinite(table).all() and np.allclose(table, table.T)
     assert (np.diag(table) == 0).all() and (table[~np.eye(3, dtype=bool)] > 0).all()
+
+
+def test_models_lists_saved_pipelines_under_a_directory_with_their_family(saved, tmp_path, capsys):
+    """`schedsearch models --dir`: every saved pipeline with the family it runs as (read from model_index.json, no
+    weights loaded); an unsupported denoiser is named, not hidden."""
+    from schedsearch.cli import main
+    from schedsearch.runtime.models import available_models
+
+    root = next(iter(saved.values())).parent
+    wan = tmp_path / "wan"
+    wan.mkdir()
+    (wan / "model_index.json").write_text('{"_class_name": "WanPipeline", "transformer": '
+                                          '["diffusers", "WanTransformer3DModel"], "scheduler": ["diffusers", '
+                                          '"UniPCMultistepScheduler"]}')
+    rows = {row["where"]: row for row in available_models(str(root))}
+    for family, path in saved.items():
+        assert rows[str(path)]["family"] == family and rows[str(path)]["status"] == "local"
+        assert rows[str(path)]["name"] == f"diffusers:{path}"
+    unsupported = {row["where"]: row for row in available_models(str(tmp_path))}[str(wan)]
+    assert unsupported["family"] == "unsupported (WanTransformer3DModel)" and unsupported["status"] == "not supported"
+    assert main(["models", "--dir", str(root)]) == 0
+    assert main(["models", "--dir", str(tmp_path / "none")]) == 2
+    assert "--dir" in capsys.readouterr().err

@@ -139,6 +139,42 @@ def cached_pipelines(cache_dir: str | os.PathLike | None = None) -> list[tuple[s
     return rows
 
 
+def pipeline_summary(directory: str | os.PathLike) -> dict[str, str] | None:
+    """What a saved pipeline directory is, read from its `model_index.json` alone (no weights loaded): the pipeline
+    class, its denoiser class and scheduler, and the family schedsearch runs it as ("unsupported" otherwise).
+    None when the directory holds no pipeline."""
+    index = Path(directory) / "model_index.json"
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+
+    def component(name: str) -> str:
+        entry = data.get(name)
+        return str(entry[1]) if isinstance(entry, list) and len(entry) == 2 and entry[1] else ""
+
+    denoiser = component("transformer") or component("unet")
+    family = FAMILY_BY_CLASS.get(denoiser, "")
+    if family == "sd" and "XL" in str(data.get("_class_name", "")):
+        family = "sdxl"
+    return {"pipeline": str(data.get("_class_name", "?")), "denoiser": denoiser or "?",
+            "scheduler": component("scheduler") or "?", "family": family or "unsupported"}
+
+
+def local_pipelines(root: str | os.PathLike, max_depth: int = 3) -> list[tuple[str, dict[str, str]]]:
+    """(directory, `pipeline_summary`) of every saved pipeline under `root`, up to `max_depth` levels down."""
+    root = Path(root)
+    found = []
+    for depth in range(max_depth + 1):
+        for index in sorted(root.glob("/".join(["*"] * depth + ["model_index.json"]))):
+            summary = pipeline_summary(index.parent)
+            if summary is not None:
+                found.append((str(index.parent), summary))
+    return found
+
+
 def load_diffusers_model(
     path_or_id: str,
     dtype: torch.dtype = torch.float32,

@@ -187,15 +187,22 @@ def load_model(name: str, **kwargs: Any) -> LoadedModel:
                          "'diffusers:<local pipeline dir or hub id>' (see `schedsearch models`)")
 
 
-def available_models() -> list[dict[str, str]]:
-    """What can be loaded here: the builtin model and diffusers pipelines found in the local HF cache."""
-    rows = [{"name": BUILTIN_MNIST_DIT, "where": "shipped with schedsearch", "status": "ready"}]
+def available_models(directory: str | None = None) -> list[dict[str, str]]:
+    """What can be loaded here: the builtin model, diffusers pipelines found in the local HF cache, and saved
+    pipelines under `directory`; each with the family schedsearch runs it as ("unsupported" names its denoiser)."""
+    rows = [{"name": BUILTIN_MNIST_DIT, "where": "shipped with schedsearch", "family": "dit", "status": "ready"}]
     try:
-        from schedsearch.runtime.diffusers_models import cached_pipelines
-
-        rows += [{"name": f"diffusers:{repo}", "where": path, "status": "local"} for repo, path in cached_pipelines()]
+        from schedsearch.runtime.diffusers_models import cached_pipelines, local_pipelines, pipeline_summary
     except ImportError:
-        pass
+        return rows
+    found = [(f"diffusers:{repo}", path) for repo, path in cached_pipelines()]
+    if directory is not None:
+        found += [(f"diffusers:{path}", path) for path, _ in local_pipelines(directory)]
+    for name, path in found:
+        summary = pipeline_summary(path) or {"family": "unsupported", "denoiser": "?"}
+        supported = summary["family"] != "unsupported"
+        rows.append({"name": name, "where": path, "family": summary["family"] if supported else
+                     f"unsupported ({summary['denoiser']})", "status": "local" if supported else "not supported"})
     return rows
 
 
