@@ -34,7 +34,7 @@ from schedsearch.runtime.diffusers_caches import DiffusersCache
 from schedsearch.runtime.models import initial_noise, load_model
 from schedsearch.runtime.sampler import sample
 from schedsearch.search.base import Budget
-from schedsearch.search.fixed import FixedStrategy
+from schedsearch.search.fixed import FixedStrategy, score_schedules
 from schedsearch.search.loop import run_study
 from schedsearch.spaces.schedule import Schedule
 from schedsearch.study import build_space, run_search, study_exists
@@ -191,8 +191,6 @@ def heldout_section(model, store_path: Path, cache_dir: Path, ours, options, sam
     """The comparison again on seeds the search never saw: the search's front and every baseline re-scored on
     `samples` held-out seeds, each PSNR with its 95% bootstrap interval. A baseline counts as strictly dominated
     here only if some front point has no more MACs and a PSNR interval entirely above the baseline's."""
-    from schedsearch.spaces.listed import ListSpace
-
     spec = default_spec(model.info, samples=samples, split="heldout")
     calibration = CalibrationSet.open(spec, cache_dir).build(model, progress=True)
     evaluator = LocalEvaluator(model, calibration, list(OBJECTIVES), cost_cache_dir=str(cache_dir))
@@ -203,11 +201,8 @@ def heldout_section(model, store_path: Path, cache_dir: Path, ours, options, sam
              for n, s in build_space(space, model.info, "quick", options).baselines()]
     named = [(("unit " if s.cache.kind == "unit" else "") + n, s) for n, s in named]
     schedules = front + [s for _, s in named if s.key not in {f.key for f in front}]
-    listed = ListSpace(schedules)
     with ResultStore(store_path) as store:
-        run_study(study=f"heldout-{samples}", space=listed, objectives=OBJECTIVES, evaluator=evaluator, store=store,
-                  strategy=FixedStrategy(listed.genome, 2, genomes=listed.genomes()), budget=Budget(generations=1),
-                  progress=True)
+        score_schedules(f"heldout-{samples}", schedules, OBJECTIVES, evaluator, store, progress=True)
         scored = {r.to_schedule().key: r.metrics for r in store.records(f"heldout-{samples}") if r.status == "ok"}
     ours_h = [scored[s.key] for s in front if s.key in scored]
     plan = build_space("cache", model.info, "quick", options).solver

@@ -105,26 +105,23 @@ def _front_frame(store: Any, study: str, given: str | None, all_records: bool,
                  on: str = "search") -> tuple[Any, dict[str, str]]:
     """The front (or every record) as a table: the objectives, held-out scores beside them where the front was
     re-scored on unseen seeds, then the schedules' summary columns."""
-    from schedsearch.results.query import heldout_metrics, study_front, study_objectives
+    from schedsearch.results.query import heldout_columns, heldout_metrics, study_front, study_objectives
     from schedsearch.results.store import records_frame
 
     if all_records:
         objectives = study_objectives(store, study, given)
-        frame = store.to_frame(study)
         records = store.records(study)
         heldout = heldout_metrics(store, study)
     else:
         front = study_front(store, study, given, on=on)
         objectives = front.objectives
         records = list(front.records)
-        frame = records_frame(records)
-        heldout = heldout_metrics(store, study) if on == "search" else {}
+        heldout = front.heldout if on == "search" else {}  # on held-out the records are the held-out scores
+    frame = records_frame(records)
     held_cols = []
-    for name in objectives if heldout else ():
-        values = [heldout.get(r.to_schedule().key, {}).get(name, float("nan")) for r in records]
-        if values != frame[f"metric.{name}"].tolist():  # a cost (MACs, NFE) is the same on any seeds: no column
-            frame[f"metric.{name} (held-out)"] = values
-            held_cols.append(f"metric.{name} (held-out)")
+    for name, values in heldout_columns(records, heldout, objectives).items():
+        frame[f"metric.{name} (held-out)"] = values
+        held_cols.append(f"metric.{name} (held-out)")
     cols = [f"metric.{n}" for n in objectives]
     summary = [c for c in frame.columns
                if c.startswith("summary.") and c.split(".", 1)[1] not in {"space", *objectives}]

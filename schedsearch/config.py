@@ -9,8 +9,8 @@ change between runs of one study. No torch here.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -193,10 +193,6 @@ class StudyConfig:
         """The command-line spelling of a field, for messages."""
         return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
-
 
 def _positive_int(value: Any, name: str) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -213,8 +209,3 @@ def _jsonable(value: Any) -> Any:
         return value.tolist()
     return value
 
-
-def as_objective_names(objectives: str | Sequence[str]) -> tuple[str, ...]:
-    if isinstance(objectives, str):
-        return tuple(n.strip() for n in objectives.split(",") if n.strip())
-    return tuple(objectives)

@@ -17,7 +17,6 @@ from schedsearch.methods import check_preset, get_method, make_strategy
 from schedsearch.results.query import baselines_study, heldout_study, study_front
 from schedsearch.results.store import ResultStore
 from schedsearch.results.study_lock import study_lock
-from schedsearch.search.base import Budget
 from schedsearch.search.loop import StudyResult, run_study
 from schedsearch.spaces.base import SearchSpace
 
@@ -104,25 +103,25 @@ def _search(config: StudyConfig, method: Any, loaded: Any, space: SearchSpace, s
 def study_exists(store: str | Path, study: str) -> bool:
     """Has `store` (a path) a study of this name? For scripts that continue a study when it is there:
     `run_search(..., resume=study_exists(store, study))`. Reads the store only if the file exists."""
-    if not Path(store).is_file():
-        return False
-    with ResultStore(store, create=False) as opened:
-        return opened.study_settings(study) is not None or opened.count(study) > 0
+    return _study_state(store, study)[1]
+
+
+def _study_state(store: str | Path | ResultStore, study: str) -> tuple[bool, bool]:
+    """(has records, exists: records or stored settings), reading a store path only if the file is there."""
+    if not isinstance(store, ResultStore):
+        if not Path(store).is_file():
+            return False, False
+        with ResultStore(store, create=False) as opened:
+            return _study_state(opened, study)
+    started = store.count(study) > 0
+    return started, started or store.study_settings(study) is not None
 
 
 def _check_existence(config: StudyConfig, store: ResultStore | None) -> None:
     """A new study must have no records yet, a resumed one must exist; checked before any work (reading the store
     only if it exists) and again under the study's lock. A study whose first run stopped before its first record
     (settings stored, then a crash) may simply be run again, with or without --resume."""
-    if store is None:
-        if not config.store.is_file():
-            exists = started = False
-        else:
-            with ResultStore(config.store, create=False) as opened:
-                return _check_existence(config, opened)
-    else:
-        started = store.count(config.study) > 0
-        exists = started or store.study_settings(config.study) is not None
+    started, exists = _study_state(config.store if store is None else store, config.study)
     where = config.store
     if started and not config.resume:
         raise UserInputError("--study", f"{config.study!r} already exists in {where}",
@@ -169,16 +168,12 @@ def score_baselines(space: SearchSpace, store: ResultStore, study: str, evaluato
     """Score the space's hand-made baselines (FORA, DeepCache, DDIM, UniPC, ...) on the search split into
     `<study>@baselines` (free where the search already scored them: the store answers) and return the schedules
     of their front: what the study's front is compared with, on held-out seeds too."""
-    from schedsearch.search.fixed import FixedStrategy
-    from schedsearch.spaces.listed import ListSpace
+    from schedsearch.search.fixed import score_schedules
 
     schedules = [s for _, s in space.baselines()]
     if not schedules:
         return []
-    listed = ListSpace(schedules)
-    strategy = FixedStrategy(listed.genome, len(objectives), genomes=listed.genomes())
-    run_study(study=baselines_study(study), space=listed, strategy=strategy, objectives=objectives,
-              evaluator=evaluator, store=store, budget=Budget(generations=1), progress=False)
+    score_schedules(baselines_study(study), schedules, objectives, evaluator, store)
     front = study_front(store, baselines_study(study), objectives, required=False)
     return [r.to_schedule() for r in front.records]
 
@@ -192,8 +187,7 @@ def validate_front(model: Any, store: ResultStore, study: str, evaluator: Any, s
 
     from schedsearch.calibration.calibration_set import HELDOUT_SEED_OFFSET, CalibrationSet, needs_teacher
     from schedsearch.evaluation.local import LocalEvaluator
-    from schedsearch.search.fixed import FixedStrategy
-    from schedsearch.spaces.listed import ListSpace
+    from schedsearch.search.fixed import score_schedules
 
     front = study_front(store, study, required=False)
     if not front.records:
@@ -207,9 +201,4 @@ def validate_front(model: Any, store: ResultStore, study: str, evaluator: Any, s
     check = LocalEvaluator(model, calibration, evaluator.objectives, batch_size=batch_size)
     if needs_teacher(check.objectives, heldout):
         calibration.build(model, batch_size=batch_size, progress=progress)
-    space = ListSpace(schedules)
-    strategy = FixedStrategy(space.genome, len(front.objectives), genomes=space.genomes())
-    # one ask: every front schedule the held-out study lacks (the budget counts the study's earlier records too)
-    result = run_study(study=heldout_study(study), space=space, strategy=strategy, objectives=front.objectives,
-                       evaluator=check, store=store, budget=Budget(generations=1), progress=False)
-    return list(result.records)
+    return list(score_schedules(heldout_study(study), schedules, front.objectives, check, store).records)

@@ -9,7 +9,7 @@ best-first in the first objective (ties: next objectives, then key), with the kn
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,8 +18,8 @@ from schedsearch.errors import UserInputError
 from schedsearch.results.pareto import knee_point, non_dominated
 from schedsearch.results.store import Record, ResultStore, settings_objectives
 
-__all__ = ["Comparison", "Front", "baselines_study", "compare_with_baselines", "heldout_metrics", "heldout_study",
-           "study_front", "study_objectives"]
+__all__ = ["Comparison", "Front", "baselines_study", "compare_with_baselines", "heldout_columns", "heldout_metrics",
+           "heldout_study", "study_front", "study_objectives"]
 
 HELDOUT_SUFFIX = "@heldout"
 BASELINES_SUFFIX = "@baselines"
@@ -74,9 +74,6 @@ class Front:
     scored: int  # usable records the front was taken from
     heldout: dict[str, dict[str, float]] = field(default_factory=dict)  # schedule key -> held-out metrics
 
-    def heldout_of(self, record: Record) -> dict[str, float] | None:
-        return self.heldout.get(record.to_schedule().key)
-
 
 def usable_records(store: ResultStore, study: str, objectives: Mapping[str, str]) -> list[Record]:
     """ok records at the study's own calibration with a finite value of every objective."""
@@ -85,12 +82,8 @@ def usable_records(store: ResultStore, study: str, objectives: Mapping[str, str]
         r for r in store.records(study)
         if r.status == "ok"
         and (calibration is None or r.calibration_hash == calibration)
-        and all(math.isfinite(_number(r.metrics.get(name))) for name in objectives)
+        and all(math.isfinite(r.metrics.get(name, math.nan)) for name in objectives)  # Record metrics are floats
     ]
-
-
-def _number(value: object) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
 def study_front(store: ResultStore, study: str, objectives: Mapping[str, str] | str | None = None,
@@ -166,12 +159,13 @@ def compare_with_baselines(store: ResultStore, study: str, split: str = "heldout
     ours = study_front(store, study, objectives, required=False)
     if not base.records:
         return None
+    ours_keys = [r.to_schedule().key for r in ours.records]
     ours_points = [r.metrics for r in ours.records]
-    base_points = [(r, r.metrics) for r in base.records]
+    base_points = [(r, k, r.metrics) for r, k in ((r, r.to_schedule().key) for r in base.records)]
     if split == "heldout":
-        held = heldout_metrics(store, study)
-        ours_points = [held[k] for k in (r.to_schedule().key for r in ours.records) if k in held]
-        base_points = [(r, held[r.to_schedule().key]) for r in base.records if r.to_schedule().key in held]
+        held = ours.heldout  # the same study's held-out re-scoring, read once by study_front
+        ours_points = [held[k] for k in ours_keys if k in held]
+        base_points = [(r, k, held[k]) for r, k, _ in base_points if k in held]
     signs = {n: 1.0 if d == "min" else -1.0 for n, d in objectives.items()}
 
     def dominates(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
@@ -190,14 +184,29 @@ def compare_with_baselines(store: ResultStore, study: str, split: str = "heldout
                     return False
         return True
 
-    names = [_baseline_name(r) for r, _ in base_points]
-    dominated = [name for name, (_, b) in zip(names, base_points, strict=True)
+    names = [_baseline_name(r) for r, _, _ in base_points]
+    dominated = [name for name, (_, _, b) in zip(names, base_points, strict=True)
                  if any(dominates(a, b) for a in ours_points)]
-    apart = [name for name, (_, b) in zip(names, base_points, strict=True)
+    apart = [name for name, (_, _, b) in zip(names, base_points, strict=True)
              if any(separated(a, b) for a in ours_points)]
-    front_keys = {r.to_schedule().key for r in ours.records}
-    on_front = [name for name, (r, _) in zip(names, base_points, strict=True) if r.to_schedule().key in front_keys]
+    front_keys = set(ours_keys)
+    on_front = [name for name, (_, k, _) in zip(names, base_points, strict=True) if k in front_keys]
     return Comparison(split, len(ours_points), tuple(names), tuple(dominated), tuple(on_front), tuple(apart))
+
+
+def heldout_columns(records: Sequence[Record], heldout: Mapping[str, Mapping[str, float]],
+                    objectives: Mapping[str, str]) -> dict[str, list[float]]:
+    """Per objective, the records' held-out values (NaN where not re-scored), for tables that show them beside the
+    search's; left out where they equal the search values everywhere (a cost, MACs or NFE, is seed-free)."""
+    if not heldout:
+        return {}
+    keys = [r.to_schedule().key for r in records]
+    out = {}
+    for name in objectives:
+        values = [heldout.get(k, {}).get(name, math.nan) for k in keys]
+        if values != [r.metrics.get(name, math.nan) for r in records]:
+            out[name] = values
+    return out
 
 
 def _baseline_name(record: Record) -> str:

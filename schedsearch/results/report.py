@@ -21,7 +21,7 @@ import numpy as np
 
 from schedsearch.errors import UserInputError
 from schedsearch.results.atomic import atomic_write_text
-from schedsearch.results.query import study_front
+from schedsearch.results.query import heldout_columns, study_front
 from schedsearch.results.store import ResultStore, StoreError, settings_objectives
 
 if TYPE_CHECKING:
@@ -137,16 +137,16 @@ def _table(frame: pd.DataFrame, columns: Sequence[str], headers: Sequence[str], 
     return f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
-def _baselines_of(store: ResultStore, study: str, frame: pd.DataFrame, records: Mapping[str, Any]) -> pd.DataFrame:
+def _baselines_of(store: ResultStore, study: str, objectives: Mapping[str, str], frame: pd.DataFrame,
+                  records: Mapping[str, Any]) -> pd.DataFrame:
     """The front of the space's hand-made baselines scored beside the study (`<study>@baselines`; the others would
     only bury the labels), else the study's own records that are baselines (meta.baseline)."""
-    from schedsearch.results.query import baselines_study, study_front
+    from schedsearch.results.query import baselines_study
     from schedsearch.results.store import records_frame
 
-    objectives = settings_objectives(store.study_settings(study))
-    if baselines_study(study) not in store.studies() or not objectives:
+    if baselines_study(study) not in store.studies():
         return _baselines(frame, records)
-    scored = list(study_front(store, baselines_study(study), objectives, required=False).records)
+    scored = list(study_front(store, baselines_study(study), dict(objectives), required=False).records)
     if not scored:
         return _baselines(frame, records)
     return _baselines(records_frame(scored), {r.key: r for r in scored})
@@ -264,13 +264,10 @@ def _render(
         front = frame[frame["key"].isin(order)].sort_values("key", key=lambda k: k.map(order)).reset_index(drop=True)
         if found.records:
             knee_key = found.records[found.knee].key
-        held_cols = []
-        for name in objectives if found.heldout else ():  # the front re-scored on unseen seeds, beside it
-            values = [found.heldout.get(k, {}).get(name, math.nan)
-                      for k in (records[key].to_schedule().key for key in front["key"])]
-            if values != front[f"metric.{name}"].tolist():  # costs are the same on any seeds
-                front[f"heldout.{name}"] = values
-                held_cols.append(f"heldout.{name}")
+        held_cols = []  # the front re-scored on unseen seeds, beside it
+        for name, values in heldout_columns([records[k] for k in front["key"]], found.heldout, objectives).items():
+            front[f"heldout.{name}"] = values
+            held_cols.append(f"heldout.{name}")
         metric_cols = list(columns) + sorted(c for c in frame.columns if c.startswith("metric.") and c not in columns)
         # A summary entry that repeats a metric (e.g. nfe) would show the same number under the same header twice.
         summary_cols = [c for c in frame.columns if c.startswith("summary.") and f"metric.{c[8:]}" not in metric_cols]
@@ -289,7 +286,8 @@ def _render(
         names = list(objectives)
         if len(names) >= 2 and len(front):
             fig = plot_front(frame, names[0], names[1], objectives, color=names[2] if len(names) > 2 else None,
-                             baselines=_baselines_of(store, study, frame, records), knee_key=knee_key, title=study)
+                             baselines=_baselines_of(store, study, objectives, frame, records), knee_key=knee_key,
+                             title=study)
             sections.append(("Front", _figure_png(fig)))
         strategy = str(settings.get("strategy", "search"))
         sections.append(("Hypervolume over evaluations",

@@ -13,7 +13,7 @@ import numpy as np
 
 from schedsearch.search.base import Strategy, as_value_matrix, genome_key
 
-__all__ = ["FixedStrategy"]
+__all__ = ["FixedStrategy", "score_schedules"]
 
 
 class FixedStrategy(Strategy):
@@ -38,3 +38,18 @@ class FixedStrategy(Strategy):
     def warm_start(self, genomes: Sequence[np.ndarray], values: np.ndarray) -> None:
         done = {genome_key(g) for g in genomes}
         self._pending = [g for g in self._pending if genome_key(g) not in done]
+
+
+def score_schedules(study: str, schedules: Sequence[Any], objectives: dict[str, str], evaluator: Any, store: Any,
+                    *, progress: bool = False) -> Any:
+    """Score a fixed list of schedules into `study` through the study loop (stored as they finish, answered by the
+    store where already scored, resumable): the space's baselines beside a search, a front on held-out seeds."""
+    from schedsearch.search.base import Budget
+    from schedsearch.search.loop import run_study
+    from schedsearch.spaces.listed import ListSpace
+
+    listed = ListSpace(schedules)
+    strategy = FixedStrategy(listed.genome, len(objectives), genomes=listed.genomes())
+    # one ask holds every schedule the study lacks (a budget in evaluations would count its earlier records too)
+    return run_study(study=study, space=listed, strategy=strategy, objectives=objectives, evaluator=evaluator,
+                     store=store, budget=Budget(generations=1), progress=progress)

@@ -118,7 +118,7 @@ class _Progress:
                 if not _final_failure(record.error, len(self.store.attempts(self.study, record.key))):
                     self.retry[record.key] = record
                     answers[record.key] = record
-                    self._show(record)
+                    self._show()
                     continue
             if not self.store.append(record):  # an incomplete earlier row holds the key: keep both answers apart
                 record = self.store.get(self.study, record.key) or record
@@ -126,13 +126,13 @@ class _Progress:
             self.records.append(record)
             if self.on_record is not None:
                 self.on_record(record)
-            self._show(record)
+            self._show()
         missing = [k for k in keys if k not in answers]
         if missing:
             raise RuntimeError(f"evaluator returned no result for {len(missing)} candidate(s), e.g. {missing[0]}")
         return [answers[k] for k in keys]
 
-    def _show(self, record: Record) -> None:
+    def _show(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(_postfix(self.records, self.objectives, sum(self.failures.values())),
