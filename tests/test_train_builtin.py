@@ -40,7 +40,7 @@ def test_train_resume_and_export(tmp_path):
     second = torch.load(work / "dit_ckpt.pt", weights_only=True)
     assert second["step"] == 4
     assert not torch.equal(first["model"]["pos_embed.proj.weight"], second["model"]["pos_embed.proj.weight"])
-    assert (work / "grid_000004.png").is_file()  # a grid at the last step
+    assert (work / "dit_grid_000004.png").is_file()  # a grid at the last step
 
     train_builtin.main(["classifier", "--work-dir", str(work), "--classifier-steps", "3", "--threads", "1"])
     train_builtin.main(["export", *common, "--assets-dir", str(assets)])

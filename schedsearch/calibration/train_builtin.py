@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -94,20 +95,29 @@ def sample_grid(
     save_grid(x, path, nrow=n_per_class)
 
 
-def train_dit(args: argparse.Namespace) -> None:
+def train_loop(
+    build: Callable[[], torch.nn.Module],
+    loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor],
+    grid_fn: Callable[[torch.nn.Module, Path], dict[str, float] | None],
+    name: str,
+    weights: str,
+    args: argparse.Namespace,
+) -> None:
+    """The shared loop: AdamW with linear warm-up, grad-clip 1, EMA, atomic resumable checkpoints in
+    `<work>/<name>_ckpt.pt`, EMA weights as `<work>/ema_<weights>`, and grids (whose figures go into the log)."""
     from diffusers.training_utils import EMAModel
     from tqdm import tqdm
 
     torch.manual_seed(args.seed)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    ckpt_path = work / "dit_ckpt.pt"
+    ckpt_path = work / f"{name}_ckpt.pt"
     split = load_split()
     images = torch.from_numpy(split.train_images)
     labels = torch.from_numpy(split.train_labels)
 
-    model = build_dit().train()
-    ema_model = build_dit().eval().requires_grad_(False)
+    model = build().train()
+    ema_model = build().eval().requires_grad_(False)
     ema = EMAModel(model.parameters(), decay=args.ema_decay, use_ema_warmup=False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
@@ -139,15 +149,15 @@ def train_dit(args: argparse.Namespace) -> None:
         ema.copy_to(ema_model.parameters())
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in ema_model.state_dict().items()}, str(work / f"ema_{DIT_WEIGHTS}"))
+        save_file({k: v.contiguous() for k, v in ema_model.state_dict().items()}, str(work / f"ema_{weights}"))
 
-    bar = tqdm(total=args.steps, initial=step, desc="train dit", mininterval=5)
+    bar = tqdm(total=args.steps, initial=step, desc=f"train {name}", mininterval=5)
     running, t0 = (log[-1]["loss"] if log else None), time.time() - (log[-1]["wall_s"] if log else 0.0)
     while step < args.steps:
         idx = torch.randint(0, len(images), (args.batch_size,), generator=gen)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        loss = diffusion_loss(model, images[idx], labels[idx], gen)
+        loss = loss_fn(model, images[idx], labels[idx], gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -159,11 +169,20 @@ def train_dit(args: argparse.Namespace) -> None:
         bar.set_postfix(loss=f"{running:.4f}")
         if step % 50 == 0:
             log.append({"step": step, "loss": running, "wall_s": time.time() - t0})
-        if step % args.ckpt_every == 0 or step == args.steps:
+        grid_due = step % args.grid_every == 0 or step == args.steps
+        if step % args.ckpt_every == 0 or step == args.steps or grid_due:
             checkpoint()
-        if step % args.grid_every == 0 or step == args.steps:
-            sample_grid(ema_model, work / f"grid_{step:06d}.png")
+        if grid_due:
+            figures = grid_fn(ema_model, work / f"{name}_grid_{step:06d}.png")
+            if figures:
+                log.append({"step": step, "loss": running, "wall_s": time.time() - t0, **figures})
+                print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()), flush=True)
+                checkpoint()
     bar.close()
+
+
+def train_dit(args: argparse.Namespace) -> None:
+    train_loop(build_dit, diffusion_loss, lambda m, p: sample_grid(m, p), "dit", DIT_WEIGHTS, args)
 
 
 def train_classifier(args: argparse.Namespace) -> None:
@@ -243,6 +262,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.what in ("flow", "export-flow"):
+        from schedsearch.calibration import train_flow
+
+        {"flow": train_flow.train_flow, "export-flow": train_flow.export_flow}[args.what](args)
+        return
     {"dit": train_dit, "classifier": train_classifier, "export": export}[args.what](args)
 
 

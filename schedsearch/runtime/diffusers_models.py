@@ -53,6 +53,8 @@ DECODE_BATCH = 4  # VAE decoding at full resolution is memory-bound on CPU
 Conds = dict[str, torch.Tensor]
 Forward = Callable[[torch.Tensor, float, Conds], torch.Tensor]
 Denoise = Callable[[torch.Tensor, float, int], torch.Tensor]
+# class ids (N,) -> pre-encoded conditions with their `negative_` keys (the builtin flow model's label embedding)
+ClassConditioner = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 
 
 # ---------------------------------------------------------------------------------------------------- locating
@@ -230,6 +232,10 @@ def family_of(network: torch.nn.Module) -> str:
 
 
 def _vae_scale_factor(pipe: Any) -> int:
+    """The pipeline's own `vae_scale_factor` (every diffusers pipeline sets it; 1 for a pixel-space pipeline)."""
+    factor = getattr(pipe, "vae_scale_factor", None)
+    if isinstance(factor, int) and factor > 0:
+        return factor
     vae = getattr(pipe, "vae", None)
     return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
 
@@ -555,9 +561,18 @@ def encode_prompts(pipe: Any, family: str, prompts: Sequence[str]) -> dict[str, 
 
 
 def _conditions(
-    pipe: Any, family: str, network: torch.nn.Module, layout: dict[str, Any], conditions: Any, need_uncond: bool
+    pipe: Any,
+    family: str,
+    network: torch.nn.Module,
+    layout: dict[str, Any],
+    conditions: Any,
+    need_uncond: bool,
+    class_conditioner: ClassConditioner | None = None,
 ) -> tuple[Conds, Conds | None]:
-    """Class ids (DiT), prompt strings, or a pre-encoded dict -> batched (cond, uncond) network inputs."""
+    """Class ids (DiT, or a class conditioner), prompt strings, or a pre-encoded dict -> batched (cond, uncond)."""
+    if class_conditioner is not None and not isinstance(conditions, Mapping):
+        with torch.no_grad():
+            conditions = class_conditioner(torch.as_tensor(conditions, dtype=torch.long).reshape(-1))
     if family == "dit":
         labels = torch.as_tensor(conditions, dtype=torch.long).reshape(-1)
         null = torch.full_like(labels, int(network.config.num_embeds_ada_norm))  # LabelEmbedding's dropped label
@@ -580,14 +595,19 @@ def _to(conds: Conds, device: torch.device, dtype: torch.dtype) -> Conds:
 
 
 def _denoiser_factory(
-    pipe: Any, family: str, network: torch.nn.Module, layout: dict[str, Any], schedule: NoiseSchedule
+    pipe: Any,
+    family: str,
+    network: torch.nn.Module,
+    layout: dict[str, Any],
+    schedule: NoiseSchedule,
+    class_conditioner: ClassConditioner | None = None,
 ) -> Callable[[Any, float], Denoise]:
     model_time = _model_time(family, schedule)
 
     def make(conditions: Any, guidance: float) -> Denoise:
         # Flux is guidance-distilled: guidance is a network input, never a CFG pair
         cfg = family != "flux" and guidance != 1.0
-        cond, uncond = _conditions(pipe, family, network, layout, conditions, need_uncond=cfg)
+        cond, uncond = _conditions(pipe, family, network, layout, conditions, cfg, class_conditioner)
         cond = _to(cond, network.device, network.dtype)
         both = None
         if cfg:
@@ -616,6 +636,8 @@ def _denoiser_factory(
 
 def _vae_decoder(pipe: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     vae = getattr(pipe, "vae", None)
+    if vae is None and _vae_scale_factor(pipe) == 1:  # a pixel-space pipeline: samples are images
+        return lambda samples: samples.float().clamp(-1.0, 1.0)
 
     @torch.no_grad()
     def decode(samples: torch.Tensor) -> torch.Tensor:
@@ -635,9 +657,19 @@ def _vae_decoder(pipe: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def loaded_model_from_pipeline(
-    pipe: Any, name: str = "diffusers:<in-memory>", resolution: int | None = None
+    pipe: Any,
+    name: str = "diffusers:<in-memory>",
+    resolution: int | None = None,
+    *,
+    class_conditioner: ClassConditioner | None = None,
+    num_classes: int | None = None,
+    guidance_default: float | None = None,
 ) -> LoadedModel:
-    """Adapt an already constructed pipeline (its denoiser, scheduler, text encoders, VAE) to a LoadedModel."""
+    """Adapt an already constructed pipeline (its denoiser, scheduler, text encoders, VAE) to a LoadedModel.
+
+    With `class_conditioner` (and `num_classes`) the model is class-conditional: conditions are class ids that the
+    conditioner turns into the family's pre-encoded embeddings, as `builtin:mnist-flow` does in place of text
+    encoders."""
     network = denoiser_of(pipe)
     family = family_of(network)
     if getattr(pipe, "scheduler", None) is None:
@@ -661,14 +693,14 @@ def loaded_model_from_pipeline(
         family=family,
         num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps),
         prediction_type=prediction_type_of(pipe.scheduler),
-        conditioning="class" if family == "dit" else "prompt",
-        guidance_default=GUIDANCE_DEFAULTS[family],
+        conditioning="class" if family == "dit" or class_conditioner is not None else "prompt",
+        guidance_default=GUIDANCE_DEFAULTS[family] if guidance_default is None else guidance_default,
         sample_shape=tuple(int(s) for s in layout["sample_shape"]),
         block_groups=groups,
-        num_classes=int(network.config.num_embeds_ada_norm) if family == "dit" else None,
+        num_classes=int(network.config.num_embeds_ada_norm) if family == "dit" else num_classes,
         extra=extra,
     )
-    make = _denoiser_factory(pipe, family, network, layout, schedule)
+    make = _denoiser_factory(pipe, family, network, layout, schedule, class_conditioner)
     return LoadedModel(info, network, schedule, make, _vae_decoder(pipe))
 
 

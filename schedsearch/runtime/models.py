@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -22,6 +23,8 @@ from schedsearch.spaces.schedule import SolverPlan
 
 Conditioning = Literal["class", "prompt", "none"]
 BUILTIN_MNIST_DIT = "builtin:mnist-dit"
+BUILTIN_MNIST_FLOW = "builtin:mnist-flow"
+BUILTIN_MODELS = (BUILTIN_MNIST_DIT, BUILTIN_MNIST_FLOW)
 
 
 @dataclass(frozen=True)
@@ -174,23 +177,56 @@ def load_builtin_mnist_dit() -> LoadedModel:
     return LoadedModel(info, network, schedule, _class_denoiser(network, builtin.NULL_CLASS), lambda x: x.clamp(-1, 1))
 
 
+def load_builtin_mnist_flow(assets_dir: Path | None = None) -> LoadedModel:
+    """The SD3-style flow model, run through the diffusers adapter of its family (`loaded_model_from_pipeline` on a
+    real `StableDiffusion3Pipeline`): the same forward, time units, shift and hooks as a user's SD3 pipeline."""
+    from schedsearch.runtime import builtin_flow
+    from schedsearch.runtime.diffusers_models import loaded_model_from_pipeline
+
+    try:
+        flow = builtin_flow.load_builtin_flow(*(() if assets_dir is None else (assets_dir,)))
+    except FileNotFoundError as err:
+        raise ModelNotAvailableError(
+            f"{BUILTIN_MNIST_FLOW}: its weights are not installed ({err}); train them with "
+            "`schedsearch train-builtin flow` then `schedsearch train-builtin export-flow`"
+        ) from err
+    pipe = builtin_flow.flow_pipeline(flow)
+    return loaded_model_from_pipeline(
+        pipe,
+        name=BUILTIN_MNIST_FLOW,
+        class_conditioner=flow.conditioner.embeddings,
+        num_classes=builtin_flow.NUM_CLASSES,
+        guidance_default=builtin_flow.DEFAULT_GUIDANCE,
+    )
+
+
 def load_model(name: str, **kwargs: Any) -> LoadedModel:
-    """Load by registry name. `builtin:mnist-dit` ships with the package; `diffusers:<path or id>` reads a local
+    """Load by registry name. The `builtin:` models ship with the package; `diffusers:<path or id>` reads a local
     pipeline directory or the local Hugging Face cache and never downloads."""
     if name == BUILTIN_MNIST_DIT:
         return load_builtin_mnist_dit()
+    if name == BUILTIN_MNIST_FLOW:
+        return load_builtin_mnist_flow()
     if name.startswith("diffusers:"):
         from schedsearch.runtime.diffusers_models import load_diffusers_model
 
         return load_diffusers_model(name.removeprefix("diffusers:"), **kwargs)
-    raise UserInputError("--model", f"unknown {name!r}", f"use {BUILTIN_MNIST_DIT!r} or "
+    raise UserInputError("--model", f"unknown {name!r}", f"use {BUILTIN_MNIST_DIT!r}, {BUILTIN_MNIST_FLOW!r} or "
                          "'diffusers:<local pipeline dir or hub id>' (see `schedsearch models`)")
 
 
 def available_models(directory: str | None = None) -> list[dict[str, str]]:
     """What can be loaded here: the builtin model, diffusers pipelines found in the local HF cache, and saved
     pipelines under `directory`; each with the family schedsearch runs it as ("unsupported" names its denoiser)."""
-    rows = [{"name": BUILTIN_MNIST_DIT, "where": "shipped with schedsearch", "family": "dit", "status": "ready"}]
+    from schedsearch.runtime.builtin import ASSETS_DIR
+    from schedsearch.runtime.builtin_flow import FLOW_WEIGHTS
+
+    flow_ready = (ASSETS_DIR / FLOW_WEIGHTS).is_file()
+    rows = [
+        {"name": BUILTIN_MNIST_DIT, "where": "shipped with schedsearch", "family": "dit", "status": "ready"},
+        {"name": BUILTIN_MNIST_FLOW, "where": "shipped with schedsearch", "family": "sd3 (flow matching)",
+         "status": "ready" if flow_ready else "weights missing: schedsearch train-builtin flow"},
+    ]
     try:
         from schedsearch.runtime.diffusers_models import cached_pipelines, local_pipelines, pipeline_summary
     except ImportError:

@@ -72,8 +72,11 @@ NoiseSchedule = VPSchedule | FlowSchedule
 
 
 def log_snr(alpha: float, sigma: float) -> float:
-    """λ = log(α/σ); +inf at σ = 0."""
-    return math.inf if sigma == 0.0 else math.log(alpha) - math.log(sigma)
+    """λ = log(α/σ); +inf at σ = 0, −inf at α = 0 (rectified flow's pure-noise end, σ = 1, where FlowMatch Euler
+    starts: the exponential-integrator steps take their limits there, e^{-(λ_t − λ_s)} = 0)."""
+    if sigma == 0.0:
+        return math.inf
+    return -math.inf if alpha == 0.0 else math.log(alpha) - math.log(sigma)
 
 
 def to_data_and_noise(
