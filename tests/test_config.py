@@ -129,7 +129,7 @@ def test_every_option_has_help_and_train_builtin_lists_its_steps(capsys):
     with pytest.raises(SystemExit):
         main(["train-builtin", "--help"])
     out = capsys.readouterr().out
-    assert "{dit,classifier,export}" in out and "--steps" in out and "(default: 8000)" in out
+    assert "{dit,classifier,export,flow,export-flow}" in out and "--steps" in out and "(default: 8000)" in out
     with pytest.raises(SystemExit):
         main(["search", "--help"])
     out = capsys.readouterr().out

@@ -201,7 +201,7 @@ def _step_state(ctx: _StepContext, ratio: float | torch.Tensor) -> torch.Tensor:
         return x_pred
     t_next = ctx.plan.timesteps[ctx.index + 1]
     a, s = ctx.alpha_sigma_t
-    out = ctx.denoise(x_pred, t_next, ctx.index + 1).to(x_pred.dtype)
+    out = ctx.denoise(x_pred, ctx.plan.network_time(ctx.index + 1), ctx.index + 1).to(x_pred.dtype)
     x0, eps = to_data_and_noise(out, x_pred, a, s, ctx.prediction_type)
     current = _Output(t=t_next, lam=log_snr(a, s), x0=x0, eps=eps)
     return corrector_step(ctx.x, history, current, ctx.alpha_sigma_s, ctx.alpha_sigma_t, step)
@@ -312,7 +312,7 @@ def fit_dc_ratios(
     for i in steps:  # mirrors sampler.sample, with r_i fitted before the predictor of step i
         t = ts[i]
         a, s = schedule.alpha_sigma(t)
-        x0, eps = to_data_and_noise(denoise(x, t, i).to(x.dtype), x, a, s, ptype)
+        x0, eps = to_data_and_noise(denoise(x, plan.network_time(i), i).to(x.dtype), x, a, s, ptype)
         current = _Output(t=t, lam=log_snr(a, s), x0=x0, eps=eps)
         if i > 0 and plan.steps[i - 1].corrector:
             x = corrector_step(x_before, history, current, schedule.alpha_sigma(ts[i - 1]), (a, s), plan.steps[i - 1])

@@ -35,9 +35,10 @@ __all__ = ["AppliedSchedule", "ScheduleScheduler", "apply_schedule"]
 def pipeline_timesteps(plan: SolverPlan, noise_schedule: NoiseSchedule) -> list[float]:
     """The plan's timesteps as the pipeline hands them to its network: unchanged for VP models; σ(t)·T for flow
     matching, the unit of diffusers' FlowMatch schedulers (Flux's pipeline divides it by 1000 itself)."""
+    times = [plan.network_time(i) for i in range(plan.num_steps)]
     if isinstance(noise_schedule, FlowSchedule):
-        return [noise_schedule.alpha_sigma(t)[1] * noise_schedule.num_train_timesteps for t in plan.timesteps]
-    return [float(t) for t in plan.timesteps]
+        return [noise_schedule.alpha_sigma(t)[1] * noise_schedule.num_train_timesteps for t in times]
+    return [float(t) for t in times]
 
 
 class ScheduleScheduler(SchedulerMixin, ConfigMixin):

@@ -44,6 +44,12 @@ class VPSchedule:
         log_ratio = 0.5 * np.log((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
         return float(np.exp(np.interp(t, np.arange(len(log_ratio)), log_ratio)))
 
+    def time_at(self, sigma_ratio: float) -> float:
+        """The model time whose σ/α is `sigma_ratio` (a diffusers VP scheduler's `sigmas` entry): the inverse of
+        `sigma_ratio`, diffusers' `_sigma_to_t` without its rounding."""
+        log_ratio = 0.5 * np.log((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
+        return float(np.interp(np.log(sigma_ratio), log_ratio, np.arange(len(log_ratio))))
+
     def alpha_sigma(self, t: float | None) -> tuple[float, float]:
         """(α_t, σ_t); t = None is the clean end point (σ = 0)."""
         if t is None:
@@ -59,6 +65,11 @@ class FlowSchedule:
 
     num_train_timesteps: int = 1000
     shift: float = 1.0
+
+    def time_at(self, sigma: float) -> float:
+        """The model time whose (shifted) σ is `sigma` (a diffusers flow scheduler's `sigmas` entry)."""
+        unshifted = sigma / (self.shift - (self.shift - 1.0) * sigma)
+        return unshifted * self.num_train_timesteps
 
     def alpha_sigma(self, t: float | None) -> tuple[float, float]:
         if t is None:

@@ -241,7 +241,7 @@ def sample(
 
         steps = tqdm(steps, desc="sampling", leave=False)
     for i in steps:
-        output = denoise(x, ts[i], i) if runner.needs_model(i) else None
+        output = denoise(x, plan.network_time(i), i) if runner.needs_model(i) else None
         x = runner.step(x, output)
         if callback is not None:
             callback(i, x)

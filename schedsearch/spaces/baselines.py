@@ -102,7 +102,7 @@ def with_dc_ratios(plan: SolverPlan, ratios: Sequence[float]) -> SolverPlan:
         SolverStep(s.order, s.prediction, s.corrector, s.rule, float(r))
         for s, r in zip(plan.steps, ratios, strict=True)
     )
-    return SolverPlan(plan.timesteps, steps, plan.final_timestep, plan.first_step, plan.dc_order)
+    return replace(plan, steps=steps)
 
 
 def fora_cache_plan(layout: str, num_steps: int, interval: int) -> ComponentCachePlan:

@@ -9,6 +9,7 @@ to `RATIO_DECIMALS` so near-identical candidates share a key.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -61,7 +62,7 @@ class CompensationSpace(SearchSpace):
         self.structure = structure
         self.ratio_range = (lo, hi)
         base = unipc_plan(ts, order=order, rule=rule, corrector=True)
-        self.base = SolverPlan(base.timesteps, base.steps, base.final_timestep, base.first_step, dc_order)
+        self.base = replace(base, dc_order=dc_order)
         self.base.validate(structure.num_train_timesteps)
         self.dc_order = dc_order
         self.rule = rule

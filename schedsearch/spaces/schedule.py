@@ -68,6 +68,9 @@ class SolverStep:
             object.__setattr__(self, "dc_ratio", float(self.dc_ratio))
 
 
+ROUNDING_SLACK = 0.02  # network_timesteps may differ from timesteps by 2% of the range (one shifted unit at shift ≤ 20)
+
+
 @dataclass(frozen=True)
 class SolverPlan:
     """Timesteps (model time, continuous allowed, strictly decreasing) and one `SolverStep` each.
@@ -76,6 +79,10 @@ class SolverPlan:
         diffusers' `final_sigmas_type="zero"` and DDIM's `set_alpha_to_one`).
     first_step: "model" evaluates the model at timesteps[0]; "zero_x0" is USF's analytical first step (x0 ≈ 0,
         so ε ≈ x_T / σ_T) and saves one NFE.
+    network_timesteps: the time the network is called with at each step, when it differs from the time the step
+        integrates at (None: the same). diffusers' schedulers round it: Karras/exponential/beta sigmas call the
+        network at round(t(σ)), the flow variants of DPM-Solver++/UniPC at int(σ·T), while every coefficient uses
+        the exact σ. Within 1 of `timesteps`; equal values collapse to None, so they share a content key.
     """
 
     timesteps: tuple[float, ...]
@@ -83,6 +90,7 @@ class SolverPlan:
     final_timestep: float | None = None
     first_step: FirstStep = "model"
     dc_order: int = 2
+    network_timesteps: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         # 999 and 999.0 are one timestep: integers become floats, so they share a content key (anything else is
@@ -90,6 +98,13 @@ class SolverPlan:
         object.__setattr__(self, "timesteps", tuple(float(t) if _is_int(t) else t for t in self.timesteps))
         if _is_int(self.final_timestep):
             object.__setattr__(self, "final_timestep", float(self.final_timestep))
+        if self.network_timesteps is not None:
+            network = tuple(float(t) if _is_int(t) else t for t in self.network_timesteps)
+            object.__setattr__(self, "network_timesteps", None if network == self.timesteps else network)
+
+    def network_time(self, index: int) -> float:
+        """The time the network is called with at step `index`."""
+        return (self.network_timesteps or self.timesteps)[index]
 
     @property
     def num_steps(self) -> int:
@@ -100,8 +115,11 @@ class SolverPlan:
         """Model evaluations per sample (a CFG pair counts once, as in the papers): one per step, minus the AFS."""
         return self.num_steps - (1 if self.first_step == "zero_x0" else 0)
 
-    def validate(self, num_train_timesteps: int | None = None, prefix: str = "solver") -> SolverPlan:
-        """Raise ScheduleError naming the first bad field; return self so calls chain."""
+    def validate(self, num_train_timesteps: int | None = None, prefix: str = "solver", *,
+                 max_timestep: float | None = None) -> SolverPlan:
+        """Raise ScheduleError naming the first bad field; return self so calls chain. Timesteps must lie in
+        [0, max_timestep]: by default num_train_timesteps - 1 (the last DDPM step); rectified flow's pure-noise end
+        t = T (σ = 1), where FlowMatch Euler starts, is allowed by passing max_timestep = T."""
         ts = self.timesteps
         if len(ts) == 0:
             raise ScheduleError(f"{prefix}.timesteps", "is empty", "give at least one timestep")
@@ -120,12 +138,15 @@ class SolverPlan:
                     f"{t} does not decrease from timesteps[{i - 1}] = {ts[i - 1]}",
                     "timesteps must be strictly decreasing (noisy to clean)",
                 )
-        if num_train_timesteps is not None and (ts[0] > num_train_timesteps - 1 or ts[-1] < 0):
+        top = max_timestep if max_timestep is not None else (
+            None if num_train_timesteps is None else num_train_timesteps - 1)
+        if top is not None and (ts[0] > top or ts[-1] < 0):
             raise ScheduleError(
                 f"{prefix}.timesteps",
-                f"spans [{ts[-1]}, {ts[0]}], outside the model's [0, {num_train_timesteps - 1}]",
+                f"spans [{ts[-1]}, {ts[0]}], outside the model's [0, {top:g}]",
                 "rescale the timesteps to this model's training range",
             )
+        self._validate_network_timesteps(prefix, top)
         if self.final_timestep is not None and (not isinstance(self.final_timestep, float)
                                                 or not 0 <= self.final_timestep < ts[-1]):
             raise ScheduleError(
@@ -182,6 +203,23 @@ class SolverPlan:
             )
         return self
 
+    def _validate_network_timesteps(self, prefix: str, top: float | None) -> None:
+        network = self.network_timesteps
+        if network is None:
+            return
+        where = f"{prefix}.network_timesteps"
+        if not isinstance(network, tuple) or len(network) != len(self.timesteps):
+            raise ScheduleError(where, f"must be a list of {len(self.timesteps)} numbers, one per timestep",
+                                "or leave it out to call the network at the timesteps themselves")
+        for i, (t, n) in enumerate(zip(self.timesteps, network, strict=True)):
+            if not isinstance(n, float) or not math.isfinite(n):
+                raise ScheduleError(f"{where}[{i}]", f"{n!r} is not a finite number")
+            # rounding by one unit of the network's time (shifted σ·T for flow) is up to `shift` units of t
+            slack = math.inf if top is None else max(1.5, ROUNDING_SLACK * top)
+            if abs(n - t) > slack or n < 0 or (top is not None and n > top):
+                raise ScheduleError(f"{where}[{i}]", f"{n} is not timesteps[{i}] = {t} rounded (within {slack:g}, "
+                                    "in range)", "it is only the rounding a scheduler applies to the network's time")
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -198,6 +236,10 @@ class Schedule:
         plan = self.solver
         solver = {name: getattr(plan, name) for name in _PLAN_FIELD_ORDER}
         solver["timesteps"] = list(plan.timesteps)
+        if plan.network_timesteps is None:  # absent rather than null: keys of plans without it stay as they were
+            del solver["network_timesteps"]
+        else:
+            solver["network_timesteps"] = list(plan.network_timesteps)
         solver["steps"] = [{name: getattr(s, name) for name in _STEP_FIELD_ORDER} for s in plan.steps]
         data = {"format": FORMAT, "model": self.model, "solver": solver}
         if self.cache is not None:
@@ -216,8 +258,8 @@ class Schedule:
         blob = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def validate(self, num_train_timesteps: int | None = None) -> Schedule:
-        self.solver.validate(num_train_timesteps)
+    def validate(self, num_train_timesteps: int | None = None, *, max_timestep: float | None = None) -> Schedule:
+        self.solver.validate(num_train_timesteps, max_timestep=max_timestep)
         if self.cache is not None:
             first = 1 if self.solver.first_step == "zero_x0" else 0
             self.cache.validate(self.solver.num_steps, first_evaluated_step=first)
@@ -277,6 +319,8 @@ def _solver_from_dict(data: dict[str, Any]) -> SolverPlan:
             )
         steps.append(SolverStep(**step))
     fields = {k: v for k, v in data.items() if k not in ("timesteps", "steps")}
+    if isinstance(fields.get("network_timesteps"), list):
+        fields["network_timesteps"] = tuple(fields["network_timesteps"])
     return SolverPlan(timesteps=tuple(data["timesteps"]), steps=tuple(steps), **fields)
 
 

@@ -1,0 +1,104 @@
+"""A pipeline's own scheduler, with its settings, as a `SolverPlan`: the baseline users actually run.
+
+diffusers' schedulers carry settings a linspace plan ignores: `timestep_spacing` and `steps_offset`, the flow
+`shift` (static or resolution-dependent), Karras/exponential/beta sigmas. We let the scheduler compute its own
+sigmas and timesteps (`set_timesteps`, on a copy) and read them back: the exact σ of every step becomes the plan's
+integration time (`noise_schedule.time_at`), the value the network is called with becomes `network_timesteps` (diffusers
+rounds it), and the solver class and options become the steps' order/rule/corrector. Settings our sampler cannot
+express (DDIM's `clip_sample`, dynamic thresholding, DPM-Solver's `heun` solver type, SDE variants) are refused with
+the setting named rather than approximated.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from schedsearch.errors import UserInputError
+from schedsearch.runtime.noise import FlowSchedule, NoiseSchedule
+from schedsearch.spaces.baselines import ddim_plan, dpm_solver_plan, unipc_plan
+from schedsearch.spaces.schedule import SolverPlan
+
+SUPPORTED = (
+    "DDIMScheduler",
+    "EulerDiscreteScheduler",
+    "FlowMatchEulerDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
+)
+
+
+def _refuse(cls: str, setting: str, value: Any, fix: str) -> UserInputError:
+    return UserInputError("scheduler", f"{cls} with {setting}={value!r} cannot be expressed as a schedsearch plan", fix)
+
+
+def _check_settings(scheduler: Any) -> None:
+    cls, cfg = type(scheduler).__name__, scheduler.config
+    if cls not in SUPPORTED:
+        raise UserInputError("scheduler", f"{cls} is not supported as a baseline plan",
+                             f"supported: {', '.join(SUPPORTED)}; or give the plan as a schedule file")
+    if cfg.get("thresholding"):
+        raise _refuse(cls, "thresholding", True, "dynamic thresholding clips x0 per step; set thresholding=False")
+    if cls == "DDIMScheduler" and cfg.get("clip_sample"):
+        raise _refuse(cls, "clip_sample", True, "load it with clip_sample=False (latent pipelines do)")
+    if cls == "DDIMScheduler" and cfg.get("rescale_betas_zero_snr"):
+        raise _refuse(cls, "rescale_betas_zero_snr", True, "zero terminal SNR needs v-prediction at σ = ∞")
+    if cls == "DPMSolverMultistepScheduler":
+        if cfg.get("algorithm_type") not in ("dpmsolver++", "dpmsolver"):
+            raise _refuse(cls, "algorithm_type", cfg.get("algorithm_type"), "use dpmsolver++ or dpmsolver (ODE)")
+        if cfg.get("solver_type", "midpoint") != "midpoint":
+            raise _refuse(cls, "solver_type", cfg.get("solver_type"), "use the default solver_type='midpoint'")
+        if cfg.get("euler_at_final"):
+            raise _refuse(cls, "euler_at_final", True, "leave it False")
+    if cls == "UniPCMultistepScheduler" and not cfg.get("lower_order_final", True):
+        raise _refuse(cls, "lower_order_final", False, "leave lower_order_final=True (the default)")
+    if cls == "EulerDiscreteScheduler" and cfg.get("prediction_type") not in ("epsilon", "v_prediction"):
+        raise _refuse(cls, "prediction_type", cfg.get("prediction_type"), "epsilon or v_prediction")
+    if cls == "EulerDiscreteScheduler" and cfg.get("timestep_type", "discrete") != "discrete":
+        raise _refuse(cls, "timestep_type", cfg.get("timestep_type"), "use timestep_type='discrete'")
+
+
+def _run_set_timesteps(scheduler: Any, num_steps: int, noise_schedule: NoiseSchedule) -> Any:
+    """A fresh copy of the scheduler with `set_timesteps(num_steps)` run (with the schedule's shift as μ when the
+    scheduler shifts dynamically), so the caller's scheduler is untouched."""
+    copy = type(scheduler).from_config(scheduler.config)
+    kwargs: dict[str, Any] = {}
+    if scheduler.config.get("use_dynamic_shifting") and isinstance(noise_schedule, FlowSchedule):
+        exponential = scheduler.config.get("time_shift_type", "exponential") == "exponential"
+        kwargs["mu"] = math.log(noise_schedule.shift) if exponential else noise_schedule.shift
+    copy.set_timesteps(num_steps, **kwargs)
+    return copy
+
+
+def plan_from_scheduler(scheduler: Any, num_steps: int, noise_schedule: NoiseSchedule) -> SolverPlan:
+    """The plan that runs exactly what `scheduler` (a diffusers scheduler, e.g. `pipe.scheduler`) runs in
+    `num_steps` steps, in the model time of `noise_schedule` (the LoadedModel's). UserInputError when a setting
+    cannot be expressed."""
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or not 1 <= num_steps <= 1000:
+        raise UserInputError("--steps", f"{num_steps!r} is not an integer from 1 to 1000", "give a step count")
+    _check_settings(scheduler)
+    cls, cfg = type(scheduler).__name__, scheduler.config
+    run = _run_set_timesteps(scheduler, num_steps, noise_schedule)
+    network = tuple(float(t) for t in run.timesteps)
+    if cls == "DDIMScheduler":  # integrates at its integer timesteps; ends at ᾱ = 1 (σ = 0) or at ᾱ_0
+        final = None if cfg.get("set_alpha_to_one", True) else 0.0
+        prediction = "data"
+        return ddim_plan(network, prediction, final_timestep=final).validate(noise_schedule.num_train_timesteps)
+    sigmas = [float(s) for s in run.sigmas]
+    times = tuple(noise_schedule.time_at(s) for s in sigmas[:-1])
+    final = None if sigmas[-1] == 0.0 else noise_schedule.time_at(sigmas[-1])
+    if isinstance(noise_schedule, FlowSchedule):  # the network time is σ·T (shifted): back to model time
+        network = tuple(noise_schedule.time_at(t / noise_schedule.num_train_timesteps) for t in network)
+    if cls in ("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler"):  # Euler = DDIM (first-order, data)
+        plan = ddim_plan(times, "data", final_timestep=final)
+    elif cls == "DPMSolverMultistepScheduler":
+        prediction = "data" if cfg.algorithm_type == "dpmsolver++" else "noise"
+        plan = dpm_solver_plan(times, int(cfg.solver_order), prediction, bool(cfg.lower_order_final), final)
+    else:  # UniPC
+        prediction = "data" if cfg.get("predict_x0", True) else "noise"
+        plan = unipc_plan(times, int(cfg.solver_order), cfg.solver_type, prediction,
+                          disable_corrector=cfg.get("disable_corrector") or (), final_timestep=final)
+    from dataclasses import replace
+
+    top = noise_schedule.num_train_timesteps - (0 if isinstance(noise_schedule, FlowSchedule) else 1)
+    return replace(plan, network_timesteps=network).validate(noise_schedule.num_train_timesteps, max_timestep=top)
