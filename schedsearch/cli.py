@@ -19,7 +19,7 @@ from schedsearch.errors import UserInputError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
-SOLVER_BASELINES = ("ddim", "dpmsolver++", "unipc")
+SOLVER_BASELINES = ("ddim", "dpmsolver++", "unipc", "pipeline")
 
 
 def parse_int_list(text: str, field: str) -> list[int]:
@@ -113,17 +113,22 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
         raise CliError("--steps", f"{args.steps} must be at least 1", "e.g. --steps 20")
     if args.fora < 0:
         raise CliError("--fora", f"{args.fora} must be ≥ 0", "0 for no cache, N to recompute every N steps")
-    info = load_model(args.model).info
+    model = load_model(args.model)
+    info = model.info
     ts = baselines.linspace_timesteps(info.num_train_timesteps, args.steps)
-    if args.solver == "ddim":
+    if args.solver == "pipeline":
+        plan = model.pipeline_plan(args.steps)
+    elif args.solver == "ddim":
         plan = baselines.ddim_plan(baselines.leading_timesteps(info.num_train_timesteps, args.steps))
     elif args.solver == "dpmsolver++":
         plan = baselines.dpm_solver_plan(ts, args.order)
     else:
         plan = baselines.unipc_plan(ts, args.order)
     cache = baselines.fora_cache_plan(model_layout(info), plan.num_steps, args.fora) if args.fora else None
-    meta = {"baseline": args.solver, **({"cache": f"FORA N={args.fora}"} if cache else {})}
-    schedule = Schedule(model=info.name, solver=plan, cache=cache, meta=meta).validate(info.num_train_timesteps)
+    solver = type(model.scheduler).__name__ if args.solver == "pipeline" else args.solver
+    meta = {"baseline": solver, **({"cache": f"FORA N={args.fora}"} if cache else {})}
+    schedule = Schedule(model=info.name, solver=plan, cache=cache, meta=meta)
+    schedule = schedule.validate(info.num_train_timesteps, max_timestep=info.max_timestep)
     print(f"wrote {save_schedule(schedule, args.out)} (NFE {plan.nfe}, key {schedule.key})")
     return 0
 
@@ -182,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     smp.set_defaults(run=_cmd_sample)
 
     sch = _parser(sub, "schedule", "write a baseline solver schedule (DDIM, DPM-Solver++, UniPC) as JSON")
-    sch.add_argument("solver", choices=SOLVER_BASELINES, help="the hand-made solver")
+    sch.add_argument("solver", choices=SOLVER_BASELINES,
+                     help="the hand-made solver; 'pipeline': the pipeline's own scheduler with its settings")
     sch.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     sch.add_argument("--steps", type=int, default=20, help="number of solver steps")
     sch.add_argument("--order", type=int, default=2, choices=(1, 2, 3), help="multistep order (DPM-Solver++, UniPC)")

@@ -559,3 +559,39 @@ def test_models_lists_saved_pipelines_under_a_directory_with_their_family(saved,
     assert main(["models", "--dir", str(root)]) == 0
     assert main(["models", "--dir", str(tmp_path / "none")]) == 2
     assert "--dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_default_plan_is_the_pipelines_own_sampling(models, saved, family):
+    """With no schedule, a flow pipeline samples as its own `pipe(...)` call does with its default scheduler
+    (SD3: FlowMatch Euler at shift 3; Flux: the pipeline's linspace sigmas with the dynamic shift)."""
+    model = models[family]
+    cond = embeddings(family, 2)
+    x = initial_noise([0, 1], model.info.sample_shape)
+    plan = model.default_plan(4)
+    assert plan.num_steps == 4 and all(s.order == 1 for s in plan.steps)
+    with torch.no_grad():
+        ours = sample(model.denoiser(cond), x, plan, model.noise_schedule, "flow_prediction")
+        pipe = _pipeline(saved[family])
+        full = {k: v.expand(2, *v.shape[1:]) for k, v in cond.items()}
+        kwargs = dict(num_inference_steps=4, height=16, width=16, output_type="latent")
+        if family == "flux":
+            packed = pipe._pack_latents(x, 2, 4, 8, 8)
+            theirs = pipe._unpack_latents(pipe(latents=packed, guidance_scale=3.5, **full, **kwargs).images, 16, 16,
+                                          pipe.vae_scale_factor)
+        else:
+            theirs = pipe(latents=x, guidance_scale=7.0, **full, **kwargs).images
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_schedule_pipeline_writes_the_pipelines_scheduler(saved, tmp_path, capsys):
+    from schedsearch.cli import main
+    from schedsearch.spaces.schedule import load_schedule
+
+    out = tmp_path / "pipe.json"
+    assert main(["schedule", "pipeline", "--model", f"diffusers:{saved['sd3']}", "--steps", "5", "--out",
+                 str(out)]) == 0
+    schedule = load_schedule(out)
+    assert schedule.meta["baseline"] == "FlowMatchEulerDiscreteScheduler" and schedule.solver.timesteps[0] == 1000.0
+    assert main(["schedule", "pipeline", "--model", "builtin:mnist-dit", "--out", str(tmp_path / "x.json")]) == 2
+    assert "has no pipeline scheduler" in capsys.readouterr().err and not (tmp_path / "x.json").exists()

@@ -232,7 +232,7 @@ def apply_schedule(
     if isinstance(target, LoadedModel):
         if strict and schedule.model != target.info.name:
             raise _mismatch(schedule, target.info.name)
-        schedule.validate(target.info.num_train_timesteps)
+        schedule.validate(target.info.num_train_timesteps, max_timestep=target.info.max_timestep)
         runtime = CacheRuntime(target.network, target.info, schedule.cache) if schedule.cache is not None else None
         undo = (runtime.remove,) if runtime is not None else ()
         return AppliedSchedule(schedule, target, target, runtime=runtime, _undo=undo)
@@ -252,7 +252,7 @@ def apply_schedule(
             "run it with apply_schedule(load_model(...), schedule).sample(...), or use a plan with first_step 'model'",
         )
     model = loaded_model_from_pipeline(target, name=schedule.model, resolution=resolution)
-    schedule.validate(model.info.num_train_timesteps)
+    schedule.validate(model.info.num_train_timesteps, max_timestep=model.info.max_timestep)
     original, config = target.scheduler, target._internal_dict
     undo: list[Callable[[], None]] = []
     runtime = None

@@ -701,7 +701,7 @@ def loaded_model_from_pipeline(
         extra=extra,
     )
     make = _denoiser_factory(pipe, family, network, layout, schedule, class_conditioner)
-    return LoadedModel(info, network, schedule, make, _vae_decoder(pipe))
+    return LoadedModel(info, network, schedule, make, _vae_decoder(pipe), scheduler=pipe.scheduler)
 
 
 __all__ = [

@@ -27,7 +27,7 @@ def check_schedule_for(model: LoadedModel, schedule: Schedule, *, hooks: bool = 
             "model", f"schedule is for {schedule.model!r} but the loaded model is {model.info.name!r}",
             "load the model the schedule was found for, or search again for this one",
         )
-    schedule = schedule.validate(model.info.num_train_timesteps)
+    schedule = schedule.validate(model.info.num_train_timesteps, max_timestep=model.info.max_timestep)
     if hooks and schedule.cache is not None:
         CacheRuntime(model.network, model.info, schedule.cache).remove()
     return schedule

@@ -50,6 +50,13 @@ class ModelInfo:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
+    def max_timestep(self) -> float:
+        """The noisiest model time a plan may start at: T for rectified flow (σ = 1, where FlowMatch Euler starts),
+        T - 1 for DDPM (its last training step)."""
+        flow = self.prediction_type == "flow_prediction"
+        return float(self.num_train_timesteps if flow else self.num_train_timesteps - 1)
+
+    @property
     def num_blocks(self) -> int:
         return sum(g.count for g in self.block_groups)
 
@@ -116,6 +123,7 @@ class LoadedModel:
     noise_schedule: NoiseSchedule
     _make_denoiser: Callable[[Any, float], Callable[[torch.Tensor, float, int], torch.Tensor]]
     _decode: Callable[[torch.Tensor], torch.Tensor]
+    scheduler: Any = None  # the pipeline's own diffusers scheduler (None for the builtin DiT)
 
     def denoiser(
         self, conditions: Any, guidance: float | None = None
@@ -127,8 +135,25 @@ class LoadedModel:
         """Network-space samples -> images in [-1, 1] (identity for pixel models, the VAE for latent ones)."""
         return self._decode(samples)
 
+    def pipeline_plan(self, num_steps: int) -> SolverPlan:
+        """What the pipeline's own scheduler, with its settings, runs in `num_steps` steps (see
+        `runtime.scheduler_plan`); UserInputError when there is none or a setting cannot be expressed."""
+        from schedsearch.runtime.scheduler_plan import pipeline_sigmas, plan_from_scheduler
+
+        if self.scheduler is None:
+            raise UserInputError("--solver", f"{self.info.name} has no pipeline scheduler",
+                                 "use ddim, dpmsolver++ or unipc")
+        sigmas = pipeline_sigmas(self.info.family, self.scheduler, num_steps)
+        return plan_from_scheduler(self.scheduler, num_steps, self.noise_schedule, sigmas)
+
     def default_plan(self, num_steps: int = 20) -> SolverPlan:
-        """DPM-Solver++(2M) on diffusers' linspace timesteps: the common default of diffusers pipelines."""
+        """The pipeline's own scheduler where it can be expressed (what users run); otherwise DPM-Solver++(2M) on
+        diffusers' linspace timesteps (the builtin DiT; PNDM and other schedulers a plan cannot express)."""
+        if self.scheduler is not None:
+            try:
+                return self.pipeline_plan(num_steps)
+            except UserInputError:
+                pass
         return dpm_solver_plan(linspace_timesteps(self.info.num_train_timesteps, num_steps), order=2)
 
 

@@ -58,7 +58,16 @@ def _check_settings(scheduler: Any) -> None:
         raise _refuse(cls, "timestep_type", cfg.get("timestep_type"), "use timestep_type='discrete'")
 
 
-def _run_set_timesteps(scheduler: Any, num_steps: int, noise_schedule: NoiseSchedule) -> Any:
+def pipeline_sigmas(family: str, scheduler: Any, num_steps: int) -> list[float] | None:
+    """The sigmas a family's pipeline passes to `set_timesteps` itself: Flux and Qwen-Image (and ~45 other
+    diffusers pipelines) pass linspace(1, 1/N, N) unless the scheduler uses flow sigmas; others pass none."""
+    if family == "flux" and not scheduler.config.get("use_flow_sigmas"):
+        return [1.0 - i * (1.0 - 1.0 / num_steps) / max(num_steps - 1, 1) for i in range(num_steps)]
+    return None
+
+
+def _run_set_timesteps(scheduler: Any, num_steps: int, noise_schedule: NoiseSchedule,
+                       sigmas: list[float] | None = None) -> Any:
     """A fresh copy of the scheduler with `set_timesteps(num_steps)` run (with the schedule's shift as μ when the
     scheduler shifts dynamically), so the caller's scheduler is untouched."""
     copy = type(scheduler).from_config(scheduler.config)
@@ -66,19 +75,23 @@ def _run_set_timesteps(scheduler: Any, num_steps: int, noise_schedule: NoiseSche
     if scheduler.config.get("use_dynamic_shifting") and isinstance(noise_schedule, FlowSchedule):
         exponential = scheduler.config.get("time_shift_type", "exponential") == "exponential"
         kwargs["mu"] = math.log(noise_schedule.shift) if exponential else noise_schedule.shift
-    copy.set_timesteps(num_steps, **kwargs)
+    if sigmas is not None:
+        copy.set_timesteps(sigmas=sigmas, **kwargs)
+    else:
+        copy.set_timesteps(num_steps, **kwargs)
     return copy
 
 
-def plan_from_scheduler(scheduler: Any, num_steps: int, noise_schedule: NoiseSchedule) -> SolverPlan:
+def plan_from_scheduler(scheduler: Any, num_steps: int, noise_schedule: NoiseSchedule,
+                        sigmas: list[float] | None = None) -> SolverPlan:
     """The plan that runs exactly what `scheduler` (a diffusers scheduler, e.g. `pipe.scheduler`) runs in
-    `num_steps` steps, in the model time of `noise_schedule` (the LoadedModel's). UserInputError when a setting
-    cannot be expressed."""
+    `num_steps` steps, in the model time of `noise_schedule` (the LoadedModel's); `sigmas` as the pipeline passes
+    them to `set_timesteps` (see `pipeline_sigmas`). UserInputError when a setting cannot be expressed."""
     if not isinstance(num_steps, int) or isinstance(num_steps, bool) or not 1 <= num_steps <= 1000:
         raise UserInputError("--steps", f"{num_steps!r} is not an integer from 1 to 1000", "give a step count")
     _check_settings(scheduler)
     cls, cfg = type(scheduler).__name__, scheduler.config
-    run = _run_set_timesteps(scheduler, num_steps, noise_schedule)
+    run = _run_set_timesteps(scheduler, num_steps, noise_schedule, sigmas)
     network = tuple(float(t) for t in run.timesteps)
     if cls == "DDIMScheduler":  # integrates at its integer timesteps; ends at ᾱ = 1 (σ = 0) or at ᾱ_0
         final = None if cfg.get("set_alpha_to_one", True) else 0.0
