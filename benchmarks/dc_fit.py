@@ -52,6 +52,7 @@ def emit(row: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="builtin:mnist-dit", help="builtin:mnist-dit or builtin:mnist-flow")
     parser.add_argument("--calib", type=int, default=10, help="calibration samples (classes i % 10)")
     parser.add_argument("--heldout", type=int, default=16, help="held-out samples for the evaluation")
     parser.add_argument("--teacher-steps", type=int, default=200)
@@ -66,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
-    model = load_model("builtin:mnist-dit")
+    model = load_model(args.model)
     num_train = model.info.num_train_timesteps
     spec = TeacherSpec(args.teacher_solver, args.teacher_steps)
     calib_classes, calib_seeds = [i % 10 for i in range(args.calib)], [1000 + i for i in range(args.calib)]

@@ -4,7 +4,8 @@ our space's heuristics (FORA, ECAD's seeds), DeepCache-style unit refresh, and d
 (FirstBlockCache, PyramidAttentionBroadcast, TaylorSeer, MagCache where they run), whose MACs are counted from
 the computations they actually ran.
 
-    python benchmarks/ecad_vs_baselines.py [--budget 240] [--population 24] [--samples 32]
+    python benchmarks/ecad_vs_baselines.py [--model builtin:mnist-flow] [--budget 240] [--population 24]
+        [--samples 32]
 
 Prints one JSON object, writes benchmarks/results/ecad_vs_baselines.json and docs/pareto_cache_ecad.png.
 """
@@ -86,6 +87,7 @@ def diffusers_points(model, spec, calibration, plan, macs_objective) -> list[dic
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="builtin:mnist-dit", help="builtin:mnist-dit or builtin:mnist-flow")
     parser.add_argument("--budget", type=int, default=240)
     parser.add_argument("--population", type=int, default=24)
     parser.add_argument("--samples", type=int, default=32)
@@ -101,7 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     cache_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="ssecad"))
     store_path = cache_dir / "ecad.db"
-    model = load_model("builtin:mnist-dit")
+    model = load_model(args.model)
     options = {"num_steps": args.steps}
     start = time.perf_counter()
     if not args.no_search:
@@ -172,7 +174,7 @@ def main() -> None:
                                         "our_mac_speedup": top["our_mac_speedup_at_this_psnr"]}
     if args.heldout_samples:
         out["heldout"] = heldout_section(model, store_path, cache_dir, ours, options, args.heldout_samples, full)
-        heldout_figure(out["heldout"], full, Path(__file__).parents[1] / "docs" /
+        heldout_figure(out["heldout"], full, model.info.name, Path(__file__).parents[1] / "docs" /
                        f"pareto_cache_ecad{args.suffix}_seeds.png")
     result = RESULT.with_name(f"{RESULT.stem}{args.suffix}.json")
     if args.no_search:  # keep the last search run's budget and wall time, refresh everything else
@@ -183,7 +185,7 @@ def main() -> None:
     print(text)
     result.write_text(text + "\n")
     figure = Path(__file__).parents[1] / "docs" / f"pareto_cache_ecad{args.suffix}.png"
-    _figure(ours, base_ok, figure, args.steps)
+    _figure(ours, base_ok, figure, args.steps, model.info.name)
     print(f"wrote {result} and {figure}; store kept at {store_path}", file=sys.stderr)
 
 
@@ -240,7 +242,7 @@ def heldout_section(model, store_path: Path, cache_dir: Path, ours, options, sam
     }
 
 
-def heldout_figure(section: dict, full: float, path: Path) -> None:
+def heldout_figure(section: dict, full: float, model_name: str, path: Path) -> None:
     """The held-out comparison as a picture: the front (line) and every baseline (crosses, the published ones
     labelled), each PSNR with its 95% bootstrap interval as a bar."""
     import matplotlib
@@ -267,7 +269,8 @@ def heldout_figure(section: dict, full: float, path: Path) -> None:
     ax.errorbar([], [], color="#888888", marker="X", ls="none", label="other seeds (ECAD's, ours)")
     ax.set_xlabel("MAC speedup over the uncached 20 steps (→ better)")
     ax.set_ylabel("PSNR to the 100-step teacher, dB (↑ better)")
-    ax.set_title(f"On {section['samples']} held-out seeds: PSNR with 95% bootstrap intervals", fontsize=10)
+    ax.set_title(f"{model_name}, {section['samples']} held-out seeds: PSNR with 95% bootstrap intervals",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=130, bbox_inches="tight")
@@ -293,7 +296,7 @@ def _by_origin(baselines: list[dict]) -> dict[str, dict]:
     return out
 
 
-def _figure(ours, baselines, path: Path, steps: int) -> None:
+def _figure(ours, baselines, path: Path, steps: int, model_name: str) -> None:
     import matplotlib
     import pandas as pd
 
@@ -313,7 +316,7 @@ def _figure(ours, baselines, path: Path, steps: int) -> None:
                           "metric.macs": b["macs"]} for b in baselines])
     fig, ax = plt.subplots(figsize=(9.0, 6.0))
     plot_front(frame, "macs", "psnr", OBJECTIVES, baselines=base, ax=ax,
-               title=f"ECAD on builtin:mnist-dit ({steps} DPM-Solver++ steps): PSNR to teacher vs MACs")
+               title=f"ECAD on {model_name} ({steps} DPM-Solver++ steps): PSNR to teacher vs MACs")
     fig.savefig(path, dpi=130, bbox_inches="tight")
 
 

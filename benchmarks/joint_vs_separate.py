@@ -31,6 +31,7 @@ OBJECTIVES = {"psnr": "max", "macs": "min"}
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="builtin:mnist-dit", help="builtin:mnist-dit or builtin:mnist-flow")
     parser.add_argument("--budget", type=int, default=160)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--population", type=int, default=24)
@@ -44,7 +45,7 @@ def main() -> None:
     strategies = dict(item.split("=") for item in args.strategies.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
     cache_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="ssjoint"))
-    model = load_model("builtin:mnist-dit")
+    model = load_model(args.model)
     runs = {seed: _run_seed(model, strategies, seed, args, cache_dir) for seed in seeds}
     allpts = np.vstack([pts for points, _ in runs.values() for pts in points.values()])
     # one reference point for every seed: below the worst PSNR, above the largest MACs
@@ -78,7 +79,7 @@ def main() -> None:
     (Path(__file__).parent / "results" / f"joint_vs_separate{args.suffix}.json").write_text(text + "\n")
     first_points, _ = runs[seeds[0]]
     figure = Path(__file__).parents[1] / "docs" / f"joint_vs_separate{args.suffix}.png"
-    _figure(first_points, strategies, args.budget, figure)
+    _figure(first_points, strategies, args.budget, figure, model.info.name)
 
 
 def _run_seed(model, strategies: dict[str, str], seed: int, args: argparse.Namespace, cache_dir: Path):
@@ -116,7 +117,8 @@ def _stats(values: list[float]) -> dict[str, float]:
             "n": len(values)}
 
 
-def _figure(points: dict[str, np.ndarray], strategies: dict[str, str], budget: int, path: Path) -> None:
+def _figure(points: dict[str, np.ndarray], strategies: dict[str, str], budget: int, path: Path,
+            model_name: str) -> None:
     """Each search's evaluations (faint) and Pareto front (step line) in PSNR vs MACs."""
     import matplotlib
 
@@ -136,7 +138,7 @@ def _figure(points: dict[str, np.ndarray], strategies: dict[str, str], budget: i
                 label=f"{name} ({strategies[name]}, {len(pts)} evaluations)")
     ax.set_xlabel("GMACs per image ↓")
     ax.set_ylabel("PSNR to the 100-step teacher (dB) ↑")
-    ax.set_title(f"Joint vs separate searches at equal budget ({budget}), builtin:mnist-dit")
+    ax.set_title(f"Joint vs separate searches at equal budget ({budget}), {model_name}")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.savefig(path, dpi=130, bbox_inches="tight")

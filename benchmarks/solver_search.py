@@ -27,6 +27,7 @@ from schedsearch.study import build_space, run_search
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="builtin:mnist-dit", help="builtin:mnist-dit or builtin:mnist-flow")
     parser.add_argument("--strategy", default="predictor")
     parser.add_argument("--budget", default="30",
                         help="evaluations per NFE in all (one number, or one per --nfe); a rerun with --work-dir "
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--fid-reference", default="teacher", choices=("real", "teacher"),
                         help="teacher: FID to the 100-step teacher's images (the model's own distribution)")
     parser.add_argument("--work-dir", type=Path, help="keep the store and calibration sets here (reruns resume)")
+    parser.add_argument("--suffix", default="", help="write solver_search_<tag><suffix>.json")
     args = parser.parse_args()
     nfes = [int(v) for v in args.nfe.split(",")]
     budgets = [int(v) for v in args.budget.split(",")]
@@ -46,7 +48,7 @@ def main() -> None:
         parser.error(f"--budget: give one number or one per NFE ({len(nfes)})")
     cache_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="sssolver"))
     store_path = cache_dir / "solver.db"
-    model = load_model("builtin:mnist-dit")
+    model = load_model(args.model)
     spec = default_spec(model.info, samples=args.heldout, split="heldout", fid_reference=args.fid_reference)
     heldout = CalibrationSet.open(spec, cache_dir)
     heldout.root.mkdir(parents=True, exist_ok=True)
@@ -99,7 +101,7 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k != "found_schedule"}), file=sys.stderr, flush=True)
     text = json.dumps(out, indent=1)
     print(text)
-    (Path(__file__).parent / "results" / f"solver_search_{_tag(args)}.json").write_text(text + "\n")
+    (Path(__file__).parent / "results" / f"solver_search_{_tag(args)}{args.suffix}.json").write_text(text + "\n")
 
 
 def _tag(args: argparse.Namespace) -> str:

@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     smp = _parser(sub, "sample", "run a schedule and write a PNG grid (one row per class or prompt)")
     smp.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
-    smp.add_argument("--schedule", type=Path, help="schedule JSON (default: the model's DPM-Solver++ 2M plan)")
+    smp.add_argument("--schedule", type=Path,
+                     help="schedule JSON (default: the pipeline's own scheduler; DPM-Solver++ 2M for the builtin DiT)")
     smp.add_argument("--steps", type=int, default=20, help="steps of the default plan (ignored with --schedule)")
     smp.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9", help="class ids for class-conditional models")
     smp.add_argument("--prompts", help="prompts separated by '|' for text-conditional models")

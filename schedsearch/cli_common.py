@@ -8,7 +8,8 @@ import argparse
 from schedsearch.errors import UserInputError
 
 DEFAULT_MODEL = "builtin:mnist-dit"
-MODEL_HELP = "'builtin:mnist-dit' (shipped) or 'diffusers:<local pipeline dir or cached hub id>'"
+MODEL_HELP = ("'builtin:mnist-dit' or 'builtin:mnist-flow' (shipped) or 'diffusers:<local pipeline dir or cached "
+              "hub id>'")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -120,3 +120,25 @@ def test_train_resume_and_export(tmp_path):
 def test_missing_weights_say_how_to_train_them(tmp_path):
     with pytest.raises(UnavailableError, match="train-builtin flow"):
         load_builtin_mnist_flow(tmp_path)
+
+
+def test_shipped_weights_are_the_manifests_and_draw_their_classes():
+    """The shipped file is the one the manifest describes (hash, size, ≥ 98% accuracy at 28 steps), and a few
+    steps of the default plan already draw digits of the asked classes."""
+    from schedsearch.calibration.manifest import sha256_file
+    from schedsearch.runtime.builtin import ASSETS_DIR, load_builtin_classifier
+    from schedsearch.runtime.models import load_model
+
+    manifest = json.loads((ASSETS_DIR / train_flow.MANIFEST).read_text())
+    weights = ASSETS_DIR / builtin_flow.FLOW_WEIGHTS
+    assert sha256_file(weights) == manifest["training"]["weights_sha256"] == manifest["evaluation"]["weights_sha256"]
+    assert weights.stat().st_size < 10 * 2**20
+    assert manifest["evaluation"]["generated_accuracy"] >= 0.98 and manifest["evaluation"]["n_generated"] >= 1000
+    model = load_model("builtin:mnist-flow")
+    labels = torch.arange(10)
+    x = initial_noise(list(range(10)), model.info.sample_shape)
+    images = model.decode(sample(model.denoiser(labels), x, model.default_plan(8), model.noise_schedule,
+                                 model.info.prediction_type))
+    with torch.no_grad():
+        predicted = load_builtin_classifier()(images).argmax(1)
+    assert (predicted == labels).sum() >= 9

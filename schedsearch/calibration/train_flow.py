@@ -103,6 +103,7 @@ def export_flow(args: argparse.Namespace) -> None:
     assets.mkdir(parents=True, exist_ok=True)
     tmp = assets / (FLOW_WEIGHTS + ".tmp")
     save_file({k: v.half().contiguous() for k, v in weights.items()}, str(tmp))
+    os.chmod(tmp, 0o644)  # a package asset, readable like the others
     os.replace(tmp, assets / FLOW_WEIGHTS)
     losses = [row for row in log if "grid_accuracy" not in row]
     training = {
