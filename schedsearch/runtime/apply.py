@@ -32,6 +32,11 @@ from schedsearch.spaces.schedule import Schedule, SolverPlan
 __all__ = ["AppliedSchedule", "ScheduleScheduler", "apply_schedule"]
 
 
+def _diffusers_sigma(noise_schedule: NoiseSchedule, t: float | None) -> float:
+    alpha, sigma = noise_schedule.alpha_sigma(t)
+    return sigma if isinstance(noise_schedule, FlowSchedule) else sigma / alpha
+
+
 def pipeline_timesteps(plan: SolverPlan, noise_schedule: NoiseSchedule) -> list[float]:
     """The plan's timesteps as the pipeline hands them to its network: unchanged for VP models; σ(t)·T for flow
     matching, the unit of diffusers' FlowMatch schedulers (Flux's pipeline divides it by 1000 itself)."""
@@ -70,6 +75,10 @@ class ScheduleScheduler(SchedulerMixin, ConfigMixin):
         self.base, self.on_reset = base, on_reset
         self.model_timesteps = pipeline_timesteps(plan, noise_schedule)
         self.timesteps = torch.tensor(self.model_timesteps, dtype=torch.float32)
+        # diffusers' `sigmas` (σ for flow, σ/α for VP; the end point last): pipelines read them, e.g. WanPipeline
+        # passes sigmas[i] to its cache context
+        ends = [*plan.timesteps, plan.final_timestep]
+        self.sigmas = torch.tensor([_diffusers_sigma(noise_schedule, t) for t in ends], dtype=torch.float32)
         self.num_inference_steps = plan.num_steps
         self.init_noise_sigma = 1.0  # x_T is N(0, I) in both VP (σ_T ≈ 1) and flow (σ = 1) form
         self.runner: PlanRunner | None = None

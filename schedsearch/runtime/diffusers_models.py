@@ -35,10 +35,14 @@ FAMILY_BY_CLASS = {
     "UNet2DConditionModel": "sd",
     "SD3Transformer2DModel": "sd3",
     "FluxTransformer2DModel": "flux",
+    "WanTransformer3DModel": "wan",
 }
 # the pipelines' own `guidance_scale` defaults
-GUIDANCE_DEFAULTS = {"dit": 4.0, "pixart": 4.5, "sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5}
-FLOW_FAMILIES = ("sd3", "flux")
+GUIDANCE_DEFAULTS = {"dit": 4.0, "pixart": 4.5, "sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5, "wan": 5.0}
+FLOW_FAMILIES = ("sd3", "flux", "wan")
+VIDEO_FAMILIES = ("wan",)
+# Wan's pipeline defaults (WanPipeline.__call__): 480x832, 81 frames; we sample square videos of `resolution`
+WAN_DEFAULT_PIXELS, WAN_DEFAULT_FRAMES = 480, 81
 # Pre-encoded conditions: a dict with these keys (diffusers' own `__call__` argument names), each batched (N, ...),
 # plus `negative_<key>` for the unconditional branch of CFG (batch N or 1). Flux is guidance-distilled: no negatives.
 EMBEDDING_KEYS = {
@@ -47,6 +51,7 @@ EMBEDDING_KEYS = {
     "sdxl": ("prompt_embeds", "pooled_prompt_embeds"),
     "sd3": ("prompt_embeds", "pooled_prompt_embeds"),
     "flux": ("prompt_embeds", "pooled_prompt_embeds"),
+    "wan": ("prompt_embeds",),
 }
 DECODE_BATCH = 4  # VAE decoding at full resolution is memory-bound on CPU
 
@@ -184,12 +189,13 @@ def load_diffusers_model(
     *,
     resolution: int | None = None,
     cache_dir: str | os.PathLike | None = None,
+    num_frames: int | None = None,
     **kwargs: Any,
 ) -> LoadedModel:
     """Load a pipeline from a local directory or the local HF cache (never the network) and adapt it.
 
-    `resolution` (pixels, square) overrides the pipeline's default image size; other keyword arguments go to
-    `DiffusionPipeline.from_pretrained` (e.g. `variant="fp16"`, `revision=`).
+    `resolution` (pixels, square) overrides the pipeline's default image size and `num_frames` a video pipeline's
+    frame count; other keyword arguments go to `DiffusionPipeline.from_pretrained` (e.g. `variant="fp16"`).
     """
     from diffusers import DiffusionPipeline
 
@@ -203,7 +209,8 @@ def load_diffusers_model(
         raise _not_available(path_or_id, _hub_cache(cache_dir), f"loading failed ({err})") from err
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    return loaded_model_from_pipeline(pipe, name=f"diffusers:{path_or_id}", resolution=resolution)
+    return loaded_model_from_pipeline(pipe, name=f"diffusers:{path_or_id}", resolution=resolution,
+                                      num_frames=num_frames)
 
 
 # ---------------------------------------------------------------------------------------------------- info
@@ -240,12 +247,40 @@ def _vae_scale_factor(pipe: Any) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
 
 
-def _latent_layout(pipe: Any, network: torch.nn.Module, family: str, resolution: int | None) -> dict[str, Any]:
+def _wan_layout(pipe: Any, network: torch.nn.Module, resolution: int | None, frames: int | None) -> dict[str, Any]:
+    """Video latents (C, F, H, W) as WanPipeline.prepare_latents makes them: F = (frames - 1) // t + 1 latent
+    frames for a temporal factor t, H = W = pixels // s; tokens after the (1, 2, 2) patch embedding."""
+    spatial = getattr(pipe, "vae_scale_factor_spatial", 8)
+    temporal = getattr(pipe, "vae_scale_factor_temporal", 4)
+    pixels = resolution or WAN_DEFAULT_PIXELS
+    frames = frames or WAN_DEFAULT_FRAMES
+    if (frames - 1) % temporal:
+        raise UserInputError("--frames", f"{frames} frames: frames - 1 must be divisible by {temporal}",
+                             f"use e.g. {(frames - 1) // temporal * temporal + 1}")
+    pt, ph, pw = network.config.patch_size
+    if pixels % (spatial * ph):
+        raise UserInputError("--resolution", f"{pixels} is not a multiple of {spatial * ph}",
+                             f"use e.g. {pixels // (spatial * ph) * spatial * ph}")
+    latent_frames, side = (frames - 1) // temporal + 1, pixels // spatial
+    return {
+        "sample_shape": (network.config.in_channels, latent_frames, side, side),
+        "resolution": pixels,
+        "num_frames": frames,
+        "vae_scale_factor": spatial,
+        "patch_size": ph,
+        "tokens_per_sample": (latent_frames // pt) * (side // ph) * (side // pw),
+    }
+
+
+def _latent_layout(pipe: Any, network: torch.nn.Module, family: str, resolution: int | None,
+                   frames: int | None = None) -> dict[str, Any]:
     """Unpacked latent shape per sample at the pipeline's default (or the given) resolution, and token counts.
 
     Flux's pipeline packs 2x2 latent patches into tokens; we keep the unpacked (C, H, W) layout as the sample shape
     (seeded noise then equals diffusers' `prepare_latents` before packing) and pack only around the network call.
     """
+    if family in VIDEO_FAMILIES:
+        return _wan_layout(pipe, network, resolution, frames)
     scale = _vae_scale_factor(pipe)
     cfg = network.config
     if family == "flux":
@@ -273,6 +308,8 @@ def transformer_block_groups(network: torch.nn.Module, family: str) -> tuple[Blo
         return (BlockGroup("transformer_blocks", len(network.transformer_blocks), ("attn1", "attn2", "ff")),)
     if family == "sd3":
         return (BlockGroup("transformer_blocks", len(network.transformer_blocks), ("attn", "ff", "ff_context")),)
+    if family == "wan":  # self-attention, cross-attention to the text, feed-forward
+        return (BlockGroup("blocks", len(network.blocks), ("attn1", "attn2", "ffn")),)
     if family == "flux":
         return (
             BlockGroup("transformer_blocks", len(network.transformer_blocks), ("attn", "ff", "ff_context")),
@@ -485,6 +522,10 @@ def _forward(network: torch.nn.Module, family: str, layout: dict[str, Any], guid
             return unpack_latents(out, h, w)
 
         return flux
+    if family == "wan":
+        return lambda x, tv, c: network(
+            hidden_states=x, timestep=timesteps(x, tv), encoder_hidden_states=c["prompt_embeds"]
+        ).sample
     raise ValueError(f"family {family!r}: no forward")
 
 
@@ -557,6 +598,10 @@ def encode_prompts(pipe: Any, family: str, prompts: Sequence[str]) -> dict[str, 
     if family == "flux":
         pe, ppe, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device)
         return {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
+    if family == "wan":
+        pe, ne = pipe.encode_prompt(prompt=prompts, negative_prompt=[""] * len(prompts),
+                                    do_classifier_free_guidance=True, device=device)
+        return {"prompt_embeds": pe, "negative_prompt_embeds": ne}
     raise ValueError(f"family {family!r} takes no prompts")
 
 
@@ -645,8 +690,15 @@ def _vae_decoder(pipe: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         if vae is None:
             raise UserInputError("--model", f"{type(pipe).__name__} has no VAE: latents cannot be decoded to images",
                                  "load the pipeline with its VAE")
-        scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
-        latents = samples.to(device=vae.device, dtype=vae.dtype) / scale + shift
+        latents = samples.to(device=vae.device, dtype=vae.dtype)
+        if vae.config.get("latents_mean") is not None:  # Wan: per-channel statistics, as WanPipeline undoes them
+            shape = (1, -1) + (1,) * (latents.dim() - 2)
+            mean = torch.tensor(vae.config.latents_mean, dtype=latents.dtype, device=latents.device).view(shape)
+            std = torch.tensor(vae.config.latents_std, dtype=latents.dtype, device=latents.device).view(shape)
+            latents = latents * std + mean
+        else:
+            scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
+            latents = latents / scale + shift
         images = [vae.decode(chunk).sample for chunk in latents.split(DECODE_BATCH)]
         return torch.cat(images).float().clamp(-1.0, 1.0)
 
@@ -661,6 +713,7 @@ def loaded_model_from_pipeline(
     name: str = "diffusers:<in-memory>",
     resolution: int | None = None,
     *,
+    num_frames: int | None = None,
     class_conditioner: ClassConditioner | None = None,
     num_classes: int | None = None,
     guidance_default: float | None = None,
@@ -675,7 +728,10 @@ def loaded_model_from_pipeline(
     if getattr(pipe, "scheduler", None) is None:
         raise UserInputError("--model", f"{type(pipe).__name__} has no scheduler: its config defines the noise "
                              "schedule", "load the pipeline with its scheduler")
-    layout = _latent_layout(pipe, network, family, resolution)
+    if getattr(pipe, "transformer_2", None) is not None:
+        raise UserInputError("--model", f"{type(pipe).__name__} has two transformers (Wan 2.2's high/low-noise "
+                             "experts), which schedsearch does not search yet", "use a single-transformer pipeline")
+    layout = _latent_layout(pipe, network, family, resolution, num_frames)
     schedule = noise_schedule_of(pipe.scheduler, layout["tokens_per_sample"])
     if family in ("sd", "sdxl"):
         groups = unet_block_groups(network)

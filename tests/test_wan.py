@@ -1,0 +1,159 @@
+"""Wan 2.1 (a video flow-matching DiT) on a tiny random pipeline saved with `save_pretrained` and loaded back:
+video latents (C, F, H, W), the pipeline's own UniPC flow scheduler, pre-encoded prompts, the VAE's per-channel
+latent statistics, cache hooks on its blocks, a search, and the schedule applied inside `pipe(...)`, whose loop
+calls the transformer twice per step (cache_context "cond" then "uncond")."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from schedsearch.runtime.models import initial_noise, load_model  # noqa: E402
+from schedsearch.runtime.sampler import sample  # noqa: E402
+
+TEXT_DIM, TEXT_LEN, FRAMES, PIXELS = 32, 6, 9, 16
+
+
+def _text(tmp) -> tuple:
+    """A character-level CLIP tokenizer and a 1-layer encoder of width TEXT_DIM that takes Wan's 226 tokens: UMT5's
+    tokenizer cannot be built offline, and WanPipeline only needs input ids, a mask and `last_hidden_state`."""
+    import json
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    tokens = ["<|startoftext|>", "<|endoftext|>", *letters, *(ch + "</w>" for ch in letters)]
+    (tmp / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
+    (tmp / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=226)
+    config = CLIPTextConfig(vocab_size=len(tokens), hidden_size=TEXT_DIM, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=226, bos_token_id=0, eos_token_id=1,
+                            pad_token_id=1)
+    return tokenizer, CLIPTextModel(config).eval()
+
+
+def build_wan(tmp):
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True])
+    transformer = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=TEXT_DIM, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    )
+    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  flow_shift=3.0)
+    tokenizer, text_encoder = _text(tmp)
+    return diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                                 transformer=transformer)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wan")
+    path = root / "pipe"
+    build_wan(root).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(saved):
+    torch.set_num_threads(1)
+    return load_model(f"diffusers:{saved}", resolution=PIXELS, num_frames=FRAMES)
+
+
+def embeddings(n: int) -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {"prompt_embeds": torch.randn(n, TEXT_LEN, TEXT_DIM, generator=g),
+            "negative_prompt_embeds": torch.randn(1, TEXT_LEN, TEXT_DIM, generator=g)}
+
+
+def test_info_is_a_video_flow_model(model):
+    info = model.info
+    assert (info.family, info.prediction_type, info.conditioning) == ("wan", "flow_prediction", "prompt")
+    assert info.sample_shape == (16, 3, 2, 2)  # 9 frames -> 3 latent frames, 16 px -> 2
+    assert info.block_groups[0].path == "blocks" and info.block_groups[0].components == ("attn1", "attn2", "ffn")
+    assert info.extra["tokens_per_sample"] == 3 and info.extra["num_frames"] == FRAMES
+    assert model.noise_schedule.shift == 3.0  # the UniPC flow scheduler's flow_shift
+
+
+def test_default_plan_is_the_pipelines_own_call(model, saved):
+    """UniPC on flow sigmas as WanPipeline runs it, with CFG as two calls per step, equals our batched sampler."""
+    x = initial_noise([0, 1], model.info.sample_shape)
+    cond = embeddings(2)
+    with torch.no_grad():
+        ours = sample(model.denoiser(cond, guidance=5.0), x, model.default_plan(4), model.noise_schedule,
+                      "flow_prediction")
+        pipe = diffusers.WanPipeline.from_pretrained(saved)
+        pipe.set_progress_bar_config(disable=True)
+        theirs = pipe(prompt_embeds=cond["prompt_embeds"],
+                      negative_prompt_embeds=cond["negative_prompt_embeds"].expand(2, -1, -1), latents=x,
+                      num_inference_steps=4, guidance_scale=5.0, height=PIXELS, width=PIXELS, num_frames=FRAMES,
+                      output_type="latent").frames
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_undoes_the_latent_statistics(model, saved):
+    """Decoding is WanPipeline's own: latents · std + mean per channel, then the VAE (compared with output "pt")."""
+    x = initial_noise([0], model.info.sample_shape)
+    video = model.decode(x)
+    assert video.shape == (1, 3, FRAMES, PIXELS, PIXELS) and video.abs().max() <= 1.0
+    pipe = diffusers.WanPipeline.from_pretrained(saved)
+    vae = pipe.vae
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        expected = vae.decode(x / (1.0 / std) + mean).sample.clamp(-1, 1)
+    torch.testing.assert_close(video, expected)
+
+
+def test_prompts_go_through_the_pipelines_encoder(model):
+    x = initial_noise([0, 1], model.info.sample_shape)
+    with torch.no_grad():
+        out = sample(model.denoiser(["a cat", "a dog"], guidance=5.0), x, model.default_plan(2),
+                     model.noise_schedule, "flow_prediction")
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_cached_schedule_in_the_pipeline_equals_our_sampler(model, saved):
+    """A FORA schedule on the pipeline's own UniPC plan (rounded network times included), applied to the stock
+    WanPipeline (a cache per call: "cond", "uncond"), equals our sampler's batched CFG with one cache."""
+    from schedsearch.runtime.apply import apply_schedule
+    from schedsearch.runtime.models import model_layout
+    from schedsearch.spaces import baselines
+    from schedsearch.spaces.schedule import Schedule
+
+    plan = model.default_plan(4)
+    assert plan.network_timesteps is not None  # UniPC flow calls the network at int(σ·T)
+    schedule = Schedule(model.info.name, plan, baselines.fora_cache_plan(model_layout(model.info), 4, 2))
+    x = initial_noise([0, 1], model.info.sample_shape)
+    cond = embeddings(2)
+    pipe = diffusers.WanPipeline.from_pretrained(saved)
+    pipe.set_progress_bar_config(disable=True)
+    with apply_schedule(pipe, schedule, resolution=PIXELS), torch.no_grad():
+        theirs = pipe(prompt_embeds=cond["prompt_embeds"],
+                      negative_prompt_embeds=cond["negative_prompt_embeds"].expand(2, -1, -1), latents=x,
+                      num_inference_steps=4, guidance_scale=5.0, height=PIXELS, width=PIXELS, num_frames=FRAMES,
+                      output_type="latent").frames
+    with apply_schedule(model, schedule) as applied:
+        ours = applied.sample(cond, [0, 1], 5.0, decode=False)
+    with apply_schedule(model, Schedule(model.info.name, plan)) as applied:
+        uncached = applied.sample(cond, [0, 1], 5.0, decode=False)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    assert (uncached - ours).abs().max() > 1e-4  # the cache plan did something
+
+
+def test_cache_search_runs_on_wan(model, tmp_path):
+    """ECAD's cache search (block skipping on) with PSNR on whole videos and MACs counted on the real forward."""
+    from schedsearch.search.base import Budget
+    from schedsearch.study import run_search
+
+    result = run_search(model=model, space="cache", strategy="ecad", objectives=["psnr", "macs"], study="wan",
+                        store=tmp_path / "r.db", budget=Budget(evaluations=4), samples=2, prompts=["a cat", "a dog"],
+                        cache_dir=tmp_path / "cache", batch_size=2, space_options={"num_steps": 4},
+                        strategy_options={"population": 4}, progress=False, validate=False)
+    assert result.evaluations >= 4 and result.failed == 0
