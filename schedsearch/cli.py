@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from schedsearch.cli_common import DEFAULT_MODEL, MODEL_HELP, CliError, HelpFormatter
+from schedsearch.cli_common import CliError, HelpFormatter, add_model_arguments, model_kwargs
 from schedsearch.errors import UserInputError
 
 EXIT_BAD_INPUT = 2
@@ -79,7 +79,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise CliError("--seed", f"{args.seed} must be ≥ 0", "e.g. --seed 0")
     if args.out.suffix.lower() != ".png":
         raise CliError("--out", f"{args.out} is not a .png path", "give a file name ending in .png")
-    model = load_model(args.model)
+    model = load_model(args.model, **model_kwargs(args))
     schedule = _schedule_for(args, model)
     if model.info.conditioning == "class":
         classes = parse_int_list(args.classes, "--classes")
@@ -113,7 +113,7 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
         raise CliError("--steps", f"{args.steps} must be at least 1", "e.g. --steps 20")
     if args.fora < 0:
         raise CliError("--fora", f"{args.fora} must be ≥ 0", "0 for no cache, N to recompute every N steps")
-    model = load_model(args.model)
+    model = load_model(args.model, **model_kwargs(args))
     info = model.info
     ts = baselines.linspace_timesteps(info.num_train_timesteps, args.steps)
     if args.solver == "pipeline":
@@ -138,7 +138,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     from schedsearch.runtime.models import load_model
 
-    print(json.dumps(load_model(args.model).info.as_dict(), indent=2))
+    print(json.dumps(load_model(args.model, **model_kwargs(args)).info.as_dict(), indent=2))
     return 0
 
 
@@ -170,11 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(run=_cmd_models)
 
     info = _parser(sub, "info", "what the search spaces see of a model (steps, blocks, components)")
-    info.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    add_model_arguments(info)
     info.set_defaults(run=_cmd_info)
 
     smp = _parser(sub, "sample", "run a schedule and write a PNG grid (one row per class or prompt)")
-    smp.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    add_model_arguments(smp)
     smp.add_argument("--schedule", type=Path,
                      help="schedule JSON (default: the pipeline's own scheduler; DPM-Solver++ 2M for the builtin DiT)")
     smp.add_argument("--steps", type=int, default=20, help="steps of the default plan (ignored with --schedule)")
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     sch = _parser(sub, "schedule", "write a baseline solver schedule (DDIM, DPM-Solver++, UniPC) as JSON")
     sch.add_argument("solver", choices=SOLVER_BASELINES,
                      help="the hand-made solver; 'pipeline': the pipeline's own scheduler with its settings")
-    sch.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    add_model_arguments(sch)
     sch.add_argument("--steps", type=int, default=20, help="number of solver steps")
     sch.add_argument("--order", type=int, default=2, choices=(1, 2, 3), help="multistep order (DPM-Solver++, UniPC)")
     sch.add_argument("--fora", type=int, default=0, metavar="N", help="add a FORA cache plan: recompute every N "

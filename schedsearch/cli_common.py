@@ -4,6 +4,7 @@ the default model. Light on purpose (argparse and schedsearch.errors only): `--h
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from schedsearch.errors import UserInputError
 
@@ -23,3 +24,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class CliError(UserInputError):
     """Bad input at the command line: printed as `error: ...`, exit code 2."""
+
+
+def add_model_arguments(parser: Any) -> None:
+    """--model and, for pipelines whose output size can be chosen, --resolution and --frames."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    parser.add_argument("--resolution", type=int, help="pipelines: image/video side in pixels (default: the "
+                        "pipeline's); part of the calibration set, so studies at two sizes never mix")
+    parser.add_argument("--frames", type=int, help="video pipelines: frames per video (default: the pipeline's)")
+
+
+def model_kwargs(args: Any) -> dict[str, int]:
+    """The size options given, as `load_model` keyword arguments."""
+    out = {"resolution": getattr(args, "resolution", None), "num_frames": getattr(args, "frames", None)}
+    for name, flag in (("resolution", "--resolution"), ("num_frames", "--frames")):
+        if out[name] is not None and out[name] < 1:
+            raise CliError(flag, f"{out[name]} must be at least 1", f"e.g. {flag} 480, or leave it out")
+    return {k: v for k, v in out.items() if v is not None}

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from schedsearch.cli_common import DEFAULT_MODEL, MODEL_HELP, CliError
+from schedsearch.cli_common import CliError, add_model_arguments, model_kwargs
 from schedsearch.methods import METHODS, PRESET_NAMES, SPACE_NAMES
 
 
@@ -50,7 +50,7 @@ def study_config(args: argparse.Namespace) -> Any:
         prompts = read_prompts(args.prompts)
     strategy_options = {} if args.shift_seeds is None else {"shift_seeds": args.shift_seeds}
     return StudyConfig(
-        model=args.model, space=args.space, strategy=args.strategy,
+        model=args.model, **model_kwargs(args), space=args.space, strategy=args.strategy,
         objectives=tuple(parse_objective_list(args.objectives)), study=args.study, store=args.store,
         budget=_budget(args), preset=args.preset, samples=args.samples, seed=args.seed, guidance=args.guidance,
         prompts=prompts, fid_reference=args.fid_reference, low_fidelity_samples=args.low_fidelity_samples,
@@ -193,7 +193,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise CliError("--samples", f"{args.samples} must be at least 1", "e.g. --samples 256")
     if args.batch_size < 1:
         raise CliError("--batch-size", f"{args.batch_size} must be at least 1", "e.g. --batch-size 64")
-    model = load_model(args.model)
+    model = load_model(args.model, **model_kwargs(args))
     check_schedule_for(model, schedule)
     prompts = read_prompts(args.prompts) if args.prompts is not None else None
     spec = default_spec(model.info, samples=args.samples, split=args.split, guidance=args.guidance, prompts=prompts,
@@ -240,7 +240,7 @@ def add_study_commands(sub: Any, parser: Callable[..., argparse.ArgumentParser])
     strategies = "; ".join(f"{m.name}: {m.title}" + (f" (on {'/'.join(m.spaces)})" if m.spaces else "")
                            for m in METHODS.values())
     s = parser(sub, "search", "run (or --resume) a schedule search; every evaluation is stored as it ends")
-    s.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    add_model_arguments(s)
     s.add_argument("--space", required=True, choices=SPACE_NAMES,
                    help="cache: ECAD's recompute mask; cachequant: a unit's refresh steps; dc: DC-Solver's ratios; "
                         "solver: S³'s solver schedule; joint: solver × cache × compensation")
@@ -296,7 +296,7 @@ def add_study_commands(sub: Any, parser: Callable[..., argparse.ArgumentParser])
     e.set_defaults(run=_cmd_export)
 
     v = parser(sub, "evaluate", "score one schedule file on the calibration set")
-    v.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    add_model_arguments(v)
     v.add_argument("--schedule", type=Path, required=True, help="schedule JSON to score")
     v.add_argument("--objectives", required=True, help="comma-separated, e.g. fid,class_alignment,psnr,macs")
     v.add_argument("--samples", type=int, default=256, help="calibration samples")

@@ -51,9 +51,10 @@ PRESETS = {
 
 # Fields that define what a study computes: stored with it, and compared on --resume.
 STUDY_FIELDS = ("model", "space", "strategy", "preset", "samples", "seed", "guidance", "fid_reference",
-                "low_fidelity_samples", "space_options", "strategy_options")
+                "low_fidelity_samples", "space_options", "strategy_options", "resolution", "num_frames")
 # How a field is spelled on the command line, for messages.
-_FLAGS = {"space_options": "--no-block-skip (space options)", "strategy_options": "--shift-seeds (strategy options)"}
+_FLAGS = {"space_options": "--no-block-skip (space options)", "strategy_options": "--shift-seeds (strategy options)",
+          "num_frames": "--frames"}
 
 
 def _frozen(options: Mapping[str, Any] | None, name: str) -> Mapping[str, Any]:
@@ -69,6 +70,8 @@ class StudyConfig:
     """One study, as run by `schedsearch search` / `run_search`.
 
     model: a model name, "builtin:mnist-dit" (default) or "diffusers:<local path or cached id>".
+    resolution / num_frames: a pipeline's output size in pixels (square) and a video pipeline's frame count
+        (default: the pipeline's); the builtin models have one size.
     space: "cache" | "cachequant" | "dc" | "joint" | "solver" (`schedsearch.spaces`).
     strategy: a method of `schedsearch.methods` ("ecad", "predictor", "dp", "dc-fit", "nsga2", "tpe",
         "optuna-nsga2"); some work on one space only.
@@ -102,6 +105,8 @@ class StudyConfig:
     store: Path
     budget: Budget
     model: str = "builtin:mnist-dit"
+    resolution: int | None = None
+    num_frames: int | None = None
     preset: str = "quick"
     samples: int | None = None
     seed: int = 0
@@ -143,6 +148,8 @@ class StudyConfig:
         if not self.objectives:
             raise UserInputError("--objectives", "none given", "name a quality and a cost, e.g. psnr,macs")
         _positive_int(self.samples, "--samples")
+        _positive_int(self.resolution, "--resolution")
+        _positive_int(self.num_frames, "--frames")
         _positive_int(self.batch_size, "--batch-size")
         _positive_int(self.workers, "--workers")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
@@ -164,6 +171,12 @@ class StudyConfig:
         if self.space_options.get("block_skip") is False and self.space not in ("cache", "joint"):
             raise UserInputError("--no-block-skip", f"applies to --space cache or joint, not {self.space}",
                                  "drop it")
+
+    @property
+    def model_kwargs(self) -> dict[str, int]:
+        """The size options given, as `load_model` keyword arguments."""
+        sizes = {"resolution": self.resolution, "num_frames": self.num_frames}
+        return {k: v for k, v in sizes.items() if v is not None}
 
     @property
     def resolved_samples(self) -> int:

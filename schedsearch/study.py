@@ -51,7 +51,7 @@ def run_search(config: StudyConfig | None = None, *, model: Any = None, store: A
         raise TypeError(f"run_search: give a StudyConfig or its fields, not both ({', '.join(fields)})")
     method = get_method(config.strategy)
     _check_existence(config, store if isinstance(store, ResultStore) else None)
-    loaded = loaded or load_model(config.model)
+    loaded = loaded or load_model(config.model, **config.model_kwargs)
     space = build_space(config.space, loaded.info, config.preset, config.space_options)
     spec = default_spec(loaded.info, samples=config.resolved_samples, split="search", guidance=config.guidance,
                         prompts=config.prompts, teacher_steps=config.preset_settings.teacher_steps,

@@ -169,7 +169,7 @@ def test_predicted_latency_table_is_measured_once_and_orders_schedules(model, tm
 def test_more_samples_than_prompts_cycles_the_prompts_with_new_seeds():
     """--samples 5 with 2 prompts is 5 samples (prompts in turn, each with its own seed), not silently 2."""
     info = SimpleNamespace(name="diffusers:tiny", conditioning="prompt", num_classes=None, guidance_default=4.5,
-                           num_train_timesteps=1000, default_plan=None)
+                           num_train_timesteps=1000, default_plan=None, sample_shape=(4, 8, 8))
     spec = default_spec(info, samples=5, prompts=["a cat", "a dog"], teacher_steps=4)
     assert list(spec.conditions) == ["a cat", "a dog", "a cat", "a dog", "a cat"]
     assert list(spec.seeds) == [0, 1, 2, 3, 4]

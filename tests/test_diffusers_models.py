@@ -545,17 +545,18 @@ def test_models_lists_saved_pipelines_under_a_directory_with_their_family(saved,
     from schedsearch.runtime.models import available_models
 
     root = next(iter(saved.values())).parent
-    wan = tmp_path / "wan"
-    wan.mkdir()
-    (wan / "model_index.json").write_text('{"_class_name": "WanPipeline", "transformer": '
-                                          '["diffusers", "WanTransformer3DModel"], "scheduler": ["diffusers", '
-                                          '"UniPCMultistepScheduler"]}')
+    hunyuan = tmp_path / "hunyuan"
+    hunyuan.mkdir()
+    (hunyuan / "model_index.json").write_text('{"_class_name": "HunyuanVideoPipeline", "transformer": '
+                                              '["diffusers", "HunyuanVideoTransformer3DModel"], "scheduler": '
+                                              '["diffusers", "FlowMatchEulerDiscreteScheduler"]}')
     rows = {row["where"]: row for row in available_models(str(root))}
     for family, path in saved.items():
         assert rows[str(path)]["family"] == family and rows[str(path)]["status"] == "local"
         assert rows[str(path)]["name"] == f"diffusers:{path}"
-    unsupported = {row["where"]: row for row in available_models(str(tmp_path))}[str(wan)]
-    assert unsupported["family"] == "unsupported (WanTransformer3DModel)" and unsupported["status"] == "not supported"
+    unsupported = {row["where"]: row for row in available_models(str(tmp_path))}[str(hunyuan)]
+    assert unsupported["family"] == "unsupported (HunyuanVideoTransformer3DModel)"
+    assert unsupported["status"] == "not supported"
     assert main(["models", "--dir", str(root)]) == 0
     assert main(["models", "--dir", str(tmp_path / "none")]) == 2
     assert "--dir" in capsys.readouterr().err

@@ -157,3 +157,40 @@ def test_cache_search_runs_on_wan(model, tmp_path):
                         cache_dir=tmp_path / "cache", batch_size=2, space_options={"num_steps": 4},
                         strategy_options={"population": 4}, progress=False, validate=False)
     assert result.evaluations >= 4 and result.failed == 0
+
+
+def test_calibration_sets_of_two_sizes_never_share_a_teacher(model, saved):
+    """The same pipeline at two frame counts (or resolutions) has two calibration hashes: a teacher of one size is
+    never reused for the other."""
+    from schedsearch.calibration.calibration_set import CalibrationSpec, default_spec
+
+    longer = load_model(f"diffusers:{saved}", resolution=PIXELS, num_frames=FRAMES + 4)
+    a = default_spec(model.info, samples=2, prompts=["a cat"])
+    b = default_spec(longer.info, samples=2, prompts=["a cat"])
+    assert a.sample_shape == (16, 3, 2, 2) and b.sample_shape == (16, 4, 2, 2) and a.hash != b.hash
+    assert CalibrationSpec.from_dict(b.to_dict()).hash == b.hash
+
+
+def test_cli_takes_the_video_size(saved, tmp_path, capsys):
+    """--resolution and --frames reach the pipeline; a video grid is one row per sample, its frames in a row; a
+    study at another size is refused on --resume by name; the builtin models refuse a size."""
+    from PIL import Image
+
+    from schedsearch.cli import main
+
+    model = f"diffusers:{saved}"
+    size = ["--resolution", str(PIXELS), "--frames", str(FRAMES)]
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--model", model, *size, "--prompts", "a cat|a dog", "--n-per-class", "1", "--steps",
+                 "2", "--out", str(out)]) == 0
+    assert Image.open(out).size == (FRAMES * (PIXELS + 2) + 2, 2 * (PIXELS + 2) + 2)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    common = ["search", "--model", model, "--space", "cache", "--strategy", "ecad", "--objectives", "psnr,macs",
+              "--budget", "2", "--samples", "2", "--prompts", str(prompts), "--study", "v", "--store",
+              str(tmp_path / "r.db"), "--cache-dir", str(tmp_path / "cache"), "--no-validate", "--quiet"]
+    assert main([*common, *size]) == 0
+    capsys.readouterr()
+    assert main([*common, "--resolution", str(PIXELS), "--frames", str(FRAMES + 4), "--resume"]) == 2
+    assert "--frames" in capsys.readouterr().err
+    assert main(["info", "--model", "builtin:mnist-flow", "--frames", "9"]) == 2

@@ -45,6 +45,10 @@ class CalibrationSpec:
     teacher: Schedule
     split: Split = "search"
     fid_reference: Literal["real", "teacher"] = "teacher"
+    # the per-sample shape where a model can be loaded at several sizes (diffusers pipelines: resolution, frames),
+    # so a teacher of one size is never reused for another; None for the fixed-size builtin models (their hashes
+    # predate the field and stay as they were)
+    sample_shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.conditions) != len(self.seeds) or not self.seeds:
@@ -66,6 +70,7 @@ class CalibrationSpec:
             "teacher": self.teacher.to_dict(),
             "split": self.split,
             "fid_reference": self.fid_reference,
+            **({} if self.sample_shape is None else {"sample_shape": list(self.sample_shape)}),
         }
 
     @property
@@ -79,14 +84,16 @@ class CalibrationSpec:
         if not 1 <= n <= len(self):
             raise ValueError(f"samples: {n} is not in [1, {len(self)}] (the calibration set's size)")
         return CalibrationSpec(self.model, self.conditions[:n], self.seeds[:n], self.guidance, self.teacher,
-                               self.split, self.fid_reference)
+                               self.split, self.fid_reference, self.sample_shape)
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> CalibrationSpec:
         if data.get("format") != FORMAT:
             raise ValueError(f"calibration manifest: format {data.get('format')!r} is not {FORMAT!r}")
+        shape = data.get("sample_shape")
         return CalibrationSpec(data["model"], tuple(data["conditions"]), tuple(data["seeds"]), float(data["guidance"]),
-                               Schedule.from_dict(data["teacher"]), data["split"], data["fid_reference"])
+                               Schedule.from_dict(data["teacher"]), data["split"], data["fid_reference"],
+                               None if shape is None else tuple(shape))
 
 
 def teacher_schedule(model_name: str, num_train_timesteps: int, steps: int = 100) -> Schedule:
@@ -147,6 +154,7 @@ def default_spec(
         teacher=teacher_schedule(info.name, info.num_train_timesteps, teacher_steps),
         split=split,
         fid_reference=fid_reference or ("real" if builtin else "teacher"),
+        sample_shape=None if builtin else tuple(int(v) for v in info.sample_shape),
     )
 
 

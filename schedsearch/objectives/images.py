@@ -13,9 +13,13 @@ def to_unit_interval(images: torch.Tensor) -> torch.Tensor:
 
 
 def save_grid(images: torch.Tensor, path: Path | str, nrow: int = 8) -> Path:
-    """Write images in [-1, 1] as one PNG grid, atomically (a killed run leaves no half-written file)."""
+    """Write images in [-1, 1] as one PNG grid, atomically (a killed run leaves no half-written file). Videos
+    (N, C, F, H, W) are drawn one per row, their F frames left to right (`nrow` is then F)."""
     from torchvision.utils import save_image
 
+    if images.dim() == 5:
+        n, c, frames, h, w = images.shape
+        images, nrow = images.permute(0, 2, 1, 3, 4).reshape(n * frames, c, h, w), frames
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")

@@ -228,6 +228,10 @@ def load_builtin_mnist_flow(assets_dir: Path | None = None) -> LoadedModel:
 def load_model(name: str, **kwargs: Any) -> LoadedModel:
     """Load by registry name. The `builtin:` models ship with the package; `diffusers:<path or id>` reads a local
     pipeline directory or the local Hugging Face cache and never downloads."""
+    if name in BUILTIN_MODELS and any(v is not None for v in kwargs.values()):
+        given = next(k for k, v in kwargs.items() if v is not None)
+        flag = {"num_frames": "--frames"}.get(given, "--" + given.replace("_", "-"))
+        raise UserInputError(flag, f"{name} has one size (1×28×28 images)", "drop it")
     if name == BUILTIN_MNIST_DIT:
         return load_builtin_mnist_dit()
     if name == BUILTIN_MNIST_FLOW:
