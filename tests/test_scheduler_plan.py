@@ -146,3 +146,26 @@ def test_unsupported_scheduler_is_named(dit):
 
     with pytest.raises(UserInputError, match="PNDMScheduler is not supported"):
         plan_from_scheduler(PNDMScheduler(**BETAS), 8, dit[1])
+
+
+def test_euler_start_scale_round_trips_and_is_bounded(dit):
+    """Euler with linspace spacing starts from σ_max·ε in x/α: the plan's noise_scale, kept in the JSON only when
+    it is not 1, and refused outside [0.5, 1.5]."""
+    import dataclasses
+
+    from schedsearch.spaces.errors import ScheduleError
+
+    sdxl_like = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear")
+    plan = plan_from_scheduler(sdxl_like, 8, VPScheduleOf(sdxl_like))
+    assert 0.99 < plan.noise_scale < 1.0
+    again = Schedule.from_dict(Schedule("m", plan).to_dict()).solver
+    assert again.noise_scale == plan.noise_scale
+    with pytest.raises(ScheduleError, match="noise_scale"):
+        dataclasses.replace(plan, noise_scale=3.0).validate()
+
+
+def VPScheduleOf(scheduler):
+    from schedsearch.runtime.diffusers_models import noise_schedule_of
+
+    return noise_schedule_of(scheduler, 0)

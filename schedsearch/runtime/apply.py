@@ -80,7 +80,8 @@ class ScheduleScheduler(SchedulerMixin, ConfigMixin):
         ends = [*plan.timesteps, plan.final_timestep]
         self.sigmas = torch.tensor([_diffusers_sigma(noise_schedule, t) for t in ends], dtype=torch.float32)
         self.num_inference_steps = plan.num_steps
-        self.init_noise_sigma = 1.0  # x_T is N(0, I) in both VP (σ_T ≈ 1) and flow (σ = 1) form
+        # x_T is N(0, I) in both VP (σ_T ≈ 1) and flow (σ = 1) form, times the plan's noise_scale (Euler's start)
+        self.init_noise_sigma = float(plan.noise_scale)
         self.runner: PlanRunner | None = None
         self._begin_index: int | None = None
 

@@ -235,6 +235,8 @@ def sample(
     runner = PlanRunner(plan, noise_schedule, prediction_type)
     ts = plan.timesteps
     x = x_start if x_start.is_floating_point() else x_start.float()
+    if plan.noise_scale != 1.0:
+        x = x * plan.noise_scale
     steps = range(len(ts))
     if progress:
         from tqdm.auto import tqdm

@@ -102,8 +102,11 @@ def plan_from_scheduler(scheduler: Any, num_steps: int, noise_schedule: NoiseSch
     final = None if sigmas[-1] == 0.0 else noise_schedule.time_at(sigmas[-1])
     if isinstance(noise_schedule, FlowSchedule):  # the network time is σ·T (shifted): back to model time
         network = tuple(noise_schedule.time_at(t / noise_schedule.num_train_timesteps) for t in network)
+    scale = 1.0
     if cls in ("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler"):  # Euler = DDIM (first-order, data)
         plan = ddim_plan(times, "data", final_timestep=final)
+        if cls == "EulerDiscreteScheduler":  # its start, init_noise_sigma·ε in x/α, as a scale of our VP start
+            scale = float(run.init_noise_sigma) / math.sqrt(sigmas[0] ** 2 + 1.0)
     elif cls == "DPMSolverMultistepScheduler":
         prediction = "data" if cfg.algorithm_type == "dpmsolver++" else "noise"
         plan = dpm_solver_plan(times, int(cfg.solver_order), prediction, bool(cfg.lower_order_final), final)
@@ -114,4 +117,5 @@ def plan_from_scheduler(scheduler: Any, num_steps: int, noise_schedule: NoiseSch
     from dataclasses import replace
 
     top = noise_schedule.num_train_timesteps - (0 if isinstance(noise_schedule, FlowSchedule) else 1)
-    return replace(plan, network_timesteps=network).validate(noise_schedule.num_train_timesteps, max_timestep=top)
+    plan = replace(plan, network_timesteps=network, noise_scale=scale)
+    return plan.validate(noise_schedule.num_train_timesteps, max_timestep=top)

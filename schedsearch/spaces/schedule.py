@@ -83,6 +83,9 @@ class SolverPlan:
         integrates at (None: the same). diffusers' schedulers round it: Karras/exponential/beta sigmas call the
         network at round(t(σ)), the flow variants of DPM-Solver++/UniPC at int(σ·T), while every coefficient uses
         the exact σ. Within 1 of `timesteps`; equal values collapse to None, so they share a content key.
+    noise_scale: the start is `noise_scale`·ε instead of ε (the VP marginal at σ_T ≈ 1). diffusers' Euler with
+        linspace/trailing spacing starts from σ_max·ε in its x/α variable, i.e. σ_max/√(σ_max²+1)·ε here
+        (0.9977 for SD's scaled-linear betas); 1.0 is left out of the JSON, so existing keys stay.
     """
 
     timesteps: tuple[float, ...]
@@ -91,6 +94,7 @@ class SolverPlan:
     first_step: FirstStep = "model"
     dc_order: int = 2
     network_timesteps: tuple[float, ...] | None = None
+    noise_scale: float = 1.0
 
     def __post_init__(self) -> None:
         # 999 and 999.0 are one timestep: integers become floats, so they share a content key (anything else is
@@ -147,6 +151,10 @@ class SolverPlan:
                 "rescale the timesteps to this model's training range",
             )
         self._validate_network_timesteps(prefix, top)
+        if (not isinstance(self.noise_scale, (int, float)) or isinstance(self.noise_scale, bool)
+                or not 0.5 <= self.noise_scale <= 1.5):
+            raise ScheduleError(f"{prefix}.noise_scale", f"{self.noise_scale!r} is not a number in [0.5, 1.5]",
+                                "it only matches a scheduler's starting scale; leave it out for 1.0")
         if self.final_timestep is not None and (not isinstance(self.final_timestep, float)
                                                 or not 0 <= self.final_timestep < ts[-1]):
             raise ScheduleError(
@@ -240,6 +248,8 @@ class Schedule:
             del solver["network_timesteps"]
         else:
             solver["network_timesteps"] = list(plan.network_timesteps)
+        if plan.noise_scale == 1.0:  # likewise
+            del solver["noise_scale"]
         solver["steps"] = [{name: getattr(s, name) for name in _STEP_FIELD_ORDER} for s in plan.steps]
         data = {"format": FORMAT, "model": self.model, "solver": solver}
         if self.cache is not None:

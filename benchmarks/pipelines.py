@@ -1,0 +1,150 @@
+"""Every supported pipeline family on its tiny random config (the test suite's, saved with `save_pretrained` and
+loaded back): how close the all-recompute default plan is to the stock `pipe(...)` call, what the cache hooks cost
+when they change nothing, analytic against counted MACs, and the seconds of a quick ECAD study.
+
+    python benchmarks/pipelines.py [--rounds 5]
+
+Prints one JSON object (a row per family) and writes benchmarks/results/pipelines.json. The tiny pipelines come
+from the tests (tests/test_diffusers_models.py, tests/test_wan.py), so the benchmark and the suite measure the same
+objects. Equivalence is in float32 at 4 steps with the pipeline's own default scheduler; `dit` has no entry there
+(DiTPipeline draws its own noise and takes no latents).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+
+import test_diffusers_models as tdm
+import test_wan
+
+from schedsearch.objectives.cost import analytic_macs_table, measured_macs_table
+from schedsearch.runtime.cache_hooks import CacheRuntime
+from schedsearch.runtime.models import initial_noise, load_model, model_layout
+from schedsearch.runtime.sampler import sample
+from schedsearch.search.base import Budget
+from schedsearch.spaces.cache_plan import ComponentCachePlan
+from schedsearch.study import run_search
+
+FAMILIES = ["dit", "pixart", "sd", "sdxl", "sd3", "flux", "wan"]
+STEPS = 4
+SIZE = {"flux": {"resolution": 16}, "wan": {"resolution": test_wan.PIXELS, "num_frames": test_wan.FRAMES}}
+PROMPTED = {"sd": ["a cat", "a dog"], "wan": ["a cat", "a dog"]}  # the tiny pipelines that have a text encoder
+
+
+def conditions(family: str):
+    return test_wan.embeddings(2) if family == "wan" else tdm.conditions(family, 2)
+
+
+def equivalence(family: str, model, path: Path) -> dict:
+    if family == "dit":
+        return {"equivalence": None, "equivalence_note": "DiTPipeline takes no latents"}
+    cond = conditions(family)
+    x = initial_noise([0, 1], model.info.sample_shape)
+    plan = model.default_plan(STEPS)
+    with torch.no_grad():
+        ours = sample(model.denoiser(cond), x, plan, model.noise_schedule, model.info.prediction_type)
+        pipe = tdm._pipeline(path)
+        if family == "wan":
+            full = {k: v.expand(len(x), *v.shape[1:]) for k, v in cond.items()}
+            theirs = pipe(latents=x, guidance_scale=5.0, height=test_wan.PIXELS, width=test_wan.PIXELS,
+                          num_frames=test_wan.FRAMES, num_inference_steps=STEPS, output_type="latent", **full).frames
+        else:
+            theirs = tdm.stock_call(family, pipe, x, cond, STEPS)
+    return {"equivalence": float((ours - theirs).abs().max()), "scheduler": type(pipe.scheduler).__name__,
+            "network_timesteps_rounded": plan.network_timesteps is not None}
+
+
+def hook_overhead(model, rounds: int) -> dict:
+    """All-recompute plan through the hooks against the unhooked model, interleaved A/B."""
+    cond = conditions(model.info.family)
+    x = initial_noise([0, 1], model.info.sample_shape)
+    plan = model.default_plan(STEPS)
+    denoise = model.denoiser(cond)
+
+    def run() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            sample(denoise, x, plan, model.noise_schedule, model.info.prediction_type)
+        return time.perf_counter() - start
+
+    full = ComponentCachePlan.full(model_layout(model.info), STEPS)
+    plain, hooked = [], []
+    run()
+    for _ in range(rounds):
+        plain.append(run())
+        runtime = CacheRuntime(model.network, model.info, full)
+        try:
+            hooked.append(run())
+        finally:
+            runtime.remove()
+    return {"hook_overhead_ratio": statistics.median(hooked) / statistics.median(plain)}
+
+
+def macs(model) -> dict:
+    cond = conditions(model.info.family)
+    x = initial_noise([0], model.info.sample_shape)
+    one = {k: v[:1] for k, v in cond.items()} if isinstance(cond, dict) else cond[:1]
+    denoise = model.denoiser(one, guidance=1.0)
+    counted = measured_macs_table(model.network, model.info, lambda: denoise(x, 500.0, 0), batch=1).full
+    # the analytic table assumes the family's production text length (e.g. Flux 512); give it the tiny one's
+    text = cond["prompt_embeds"].shape[1] if isinstance(cond, dict) else tdm.TEXT_LEN
+    try:
+        analytic = analytic_macs_table(model.network, model.info, encoder_tokens=text).full
+    except NotImplementedError:
+        return {"macs_counted": counted, "macs_analytic": None}
+    return {"macs_counted": counted, "macs_analytic": analytic, "macs_analytic_over_counted": analytic / counted}
+
+
+def quick_study(family: str, model, work: Path) -> dict:
+    if model.info.conditioning == "prompt" and family not in PROMPTED:
+        return {"ecad_seconds": None, "ecad_note": "the tiny pipeline has no text encoder"}
+    start = time.perf_counter()
+    result = run_search(model=model, space="cache", strategy="ecad", objectives=["psnr", "macs"], study=family,
+                        store=work / f"{family}.db", budget=Budget(evaluations=8), samples=2,
+                        prompts=PROMPTED.get(family), cache_dir=work / "cache", batch_size=2,
+                        space_options={"num_steps": STEPS}, strategy_options={"population": 4}, progress=False,
+                        validate=False)
+    return {"ecad_seconds": round(time.perf_counter() - start, 2), "ecad_evaluations": result.evaluations,
+            "ecad_failed": result.failed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved A/B rounds of the hook overhead")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="sspipes"))
+    rows = []
+    for family in FAMILIES:
+        path = work / family
+        pipe = test_wan.build_wan(work) if family == "wan" else tdm.build_pipeline(family, work)
+        pipe.save_pretrained(path)
+        model = load_model(f"diffusers:{path}", **SIZE.get(family, {}))
+        row = {"family": family, "denoiser": type(model.network).__name__}
+        parts = ((equivalence, (family, model, path)), (hook_overhead, (model, args.rounds)), (macs, (model,)),
+                 (quick_study, (family, model, work)))
+        for part, part_args in parts:
+            try:
+                row |= part(*part_args)
+            except Exception as exc:  # a family that fails a part is reported, not hidden
+                row.setdefault("errors", []).append(f"{type(exc).__name__}: {exc}")
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    out = {"steps": STEPS, "dtype": "float32", "rows": rows}
+    text = json.dumps(out, indent=1)
+    print(text)
+    (Path(__file__).parent / "results" / "pipelines.json").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
