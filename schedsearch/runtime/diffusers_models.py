@@ -32,13 +32,15 @@ from schedsearch.runtime.noise import FlowSchedule, NoiseSchedule, VPSchedule
 FAMILY_BY_CLASS = {
     "DiTTransformer2DModel": "dit",
     "PixArtTransformer2DModel": "pixart",
+    "SanaTransformer2DModel": "sana",
     "UNet2DConditionModel": "sd",
     "SD3Transformer2DModel": "sd3",
     "FluxTransformer2DModel": "flux",
     "WanTransformer3DModel": "wan",
 }
 # the pipelines' own `guidance_scale` defaults
-GUIDANCE_DEFAULTS = {"dit": 4.0, "pixart": 4.5, "sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5, "wan": 5.0}
+GUIDANCE_DEFAULTS = {"dit": 4.0, "pixart": 4.5, "sana": 4.5, "sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5,
+                     "wan": 5.0}
 FLOW_FAMILIES = ("sd3", "flux", "wan")
 VIDEO_FAMILIES = ("wan",)
 # Wan's pipeline defaults (WanPipeline.__call__): 480x832, 81 frames; we sample square videos of `resolution`
@@ -47,6 +49,7 @@ WAN_DEFAULT_PIXELS, WAN_DEFAULT_FRAMES = 480, 81
 # plus `negative_<key>` for the unconditional branch of CFG (batch N or 1). Flux is guidance-distilled: no negatives.
 EMBEDDING_KEYS = {
     "pixart": ("prompt_embeds", "prompt_attention_mask"),  # the mask is optional (default: all tokens)
+    "sana": ("prompt_embeds", "prompt_attention_mask"),
     "sd": ("prompt_embeds",),
     "sdxl": ("prompt_embeds", "pooled_prompt_embeds"),
     "sd3": ("prompt_embeds", "pooled_prompt_embeds"),
@@ -304,7 +307,7 @@ def transformer_block_groups(network: torch.nn.Module, family: str) -> tuple[Blo
     """Cacheable units of transformer families (names used by the cache hooks: keep them stable)."""
     if family == "dit":
         return (BlockGroup("transformer_blocks", len(network.transformer_blocks), ("attn1", "ff")),)
-    if family == "pixart":
+    if family in ("pixart", "sana"):  # Sana: linear self-attention, cross-attention, GLUMBConv feed-forward
         return (BlockGroup("transformer_blocks", len(network.transformer_blocks), ("attn1", "attn2", "ff")),)
     if family == "sd3":
         return (BlockGroup("transformer_blocks", len(network.transformer_blocks), ("attn", "ff", "ff_context")),)
@@ -416,8 +419,9 @@ def prediction_type_of(scheduler: Any) -> str:
 
 
 def _model_time(family: str, schedule: NoiseSchedule) -> Callable[[float], float]:
-    """Sampler time t -> the timestep value the network is called with (see the module docstring)."""
-    if family not in FLOW_FAMILIES:
+    """Sampler time t -> the timestep value the network is called with (see the module docstring); flow-ness
+    comes from the scheduler (Sana runs either way)."""
+    if not isinstance(schedule, FlowSchedule):
         return float
     unit = 1.0 if family == "flux" else float(schedule.num_train_timesteps)  # Flux pipeline passes timestep / 1000
     return lambda t: schedule.alpha_sigma(t)[1] * unit
@@ -484,6 +488,15 @@ def _forward(network: torch.nn.Module, family: str, layout: dict[str, Any], guid
             return _split_learned_sigma(out, channels)
 
         return pixart
+    if family == "sana":
+        scale = float(network.config.get("timestep_scale", 1.0))  # SanaPipeline multiplies t by it
+
+        def sana(x: torch.Tensor, tv: float, c: Conds) -> torch.Tensor:
+            out = network(x, encoder_hidden_states=c["prompt_embeds"],
+                          encoder_attention_mask=c["prompt_attention_mask"], timestep=timesteps(x, tv) * scale).sample
+            return _split_learned_sigma(out, channels)
+
+        return sana
     if family == "sd":
         return lambda x, tv, c: network(x, timesteps(x, tv), encoder_hidden_states=c["prompt_embeds"]).sample
     if family == "sdxl":
@@ -547,7 +560,7 @@ def _from_embeddings(family: str, embeds: Mapping[str, torch.Tensor], need_uncon
         raise ValueError(f"conditions for {family}: the dict needs 'prompt_embeds'; keys: {keys} and negative_<key>")
     n = len(embeds["prompt_embeds"])
     embeds = dict(embeds)
-    if family == "pixart":  # attend to every token unless a mask says otherwise
+    if family in ("pixart", "sana"):  # attend to every token unless a mask says otherwise
         for prefix in ("", "negative_"):
             if prefix + "prompt_embeds" in embeds and prefix + "prompt_attention_mask" not in embeds:
                 embeds[prefix + "prompt_attention_mask"] = torch.ones(embeds[prefix + "prompt_embeds"].shape[:2])
@@ -571,9 +584,15 @@ def encode_prompts(pipe: Any, family: str, prompts: Sequence[str]) -> dict[str, 
         )
     prompts = list(prompts)
     device = pipe._execution_device
-    if family == "pixart":
+    if family in ("pixart", "sana"):
+        extra = {}
+        if family == "sana":  # the pipeline's call prefixes prompts with its default complex human instruction
+            import inspect
+
+            chi = inspect.signature(type(pipe).__call__).parameters.get("complex_human_instruction")
+            extra = {"complex_human_instruction": chi.default} if chi is not None else {}
         pe, pm, ne, nm = pipe.encode_prompt(
-            prompts, do_classifier_free_guidance=True, negative_prompt="", device=device
+            prompts, do_classifier_free_guidance=True, negative_prompt="", device=device, **extra
         )
         return {
             "prompt_embeds": pe,
