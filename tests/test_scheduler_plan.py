@@ -67,6 +67,7 @@ VP = [
     ("euler-karras-leading", lambda: EulerDiscreteScheduler(**BETAS, use_karras_sigmas=True,
                                                             timestep_spacing="leading", steps_offset=1)),
     ("ddim-leading-offset", lambda: DDIMScheduler(**BETAS, clip_sample=False, steps_offset=1)),
+    ("ddim-clip-sample", lambda: DDIMScheduler(**BETAS, clip_sample=True, clip_sample_range=0.8)),
 ]
 
 
@@ -130,7 +131,7 @@ def test_plan_survives_the_schedule_file(dit):
 
 
 @pytest.mark.parametrize(("scheduler", "setting"), [
-    (lambda: DDIMScheduler(**BETAS), "clip_sample"),
+    (lambda: DDIMScheduler(**BETAS, thresholding=True), "thresholding"),
     (lambda: DPMSolverMultistepScheduler(**BETAS, thresholding=True), "thresholding"),
     (lambda: DPMSolverMultistepScheduler(**BETAS, algorithm_type="sde-dpmsolver++"), "algorithm_type"),
     (lambda: DPMSolverMultistepScheduler(**BETAS, solver_type="heun"), "solver_type"),
@@ -169,3 +170,16 @@ def VPScheduleOf(scheduler):
     from schedsearch.runtime.diffusers_models import noise_schedule_of
 
     return noise_schedule_of(scheduler, 0)
+
+
+def test_clipping_matters(dit):
+    """Guards the clip_sample case: the same DDIM without clipping lands far from diffusers' clipped run."""
+    denoise, schedule = dit
+    x = initial_noise([11, 12], (1, 28, 28)).double()
+    clipped = plan_from_scheduler(DDIMScheduler(**BETAS, clip_sample_range=0.8), 8, schedule)
+    assert clipped.clip_x0 == 0.8 and Schedule.from_dict(Schedule("m", clipped).to_dict()).solver == clipped
+    import dataclasses
+
+    unclipped = sample(denoise, x.clone(), dataclasses.replace(clipped, clip_x0=None), schedule)
+    theirs = run_diffusers(DDIMScheduler(**BETAS, clip_sample_range=0.8), 8, denoise, x.clone())
+    assert (unclipped - theirs).abs().max().item() > 10 * TOL

@@ -32,6 +32,7 @@ class _Output:
     lam: float
     x0: torch.Tensor
     eps: torch.Tensor
+    clipped: bool = False  # x0 clipped to the plan's clip_x0 range; eps left as the model gave it (DDIM's clip_sample)
 
     def value(self, prediction: str) -> torch.Tensor:
         return self.x0 if prediction == "data" else self.eps
@@ -96,6 +97,9 @@ def predictor_step(
     lam_t = log_snr(a_t, s_t)
     h = lam_t - newest.lam
     hh = -h if data else h
+    if step.order == 1 and data and newest.clipped:
+        # diffusers' DDIM with clip_sample: the clipped x0 beside the model's own ε (not the ε implied by x0)
+        return a_t * m0 + s_t * newest.eps
     x_t = _base_step(x, m0, a_s, s_s, a_t, s_t, hh, data)
     if step.order == 1:
         return x_t
@@ -202,7 +206,10 @@ class PlanRunner:
             x0, eps = torch.zeros_like(x), x / s
         else:
             x0, eps = to_data_and_noise(model_output.to(x.dtype), x, a, s, self.prediction_type)
-        current = _Output(t=t, lam=log_snr(a, s), x0=x0, eps=eps)
+        clip = plan.clip_x0
+        if clip is not None:
+            x0 = x0.clamp(-clip, clip)
+        current = _Output(t=t, lam=log_snr(a, s), x0=x0, eps=eps, clipped=clip is not None)
         if i > 0 and plan.steps[i - 1].corrector:
             x = corrector_step(
                 self.x_before, history, current, schedule.alpha_sigma(plan.timesteps[i - 1]), (a, s), plan.steps[i - 1]

@@ -4,14 +4,16 @@ diffusers' schedulers carry settings a linspace plan ignores: `timestep_spacing`
 `shift` (static or resolution-dependent), Karras/exponential/beta sigmas. We let the scheduler compute its own
 sigmas and timesteps (`set_timesteps`, on a copy) and read them back: the exact σ of every step becomes the plan's
 integration time (`noise_schedule.time_at`), the value the network is called with becomes `network_timesteps` (diffusers
-rounds it), and the solver class and options become the steps' order/rule/corrector. Settings our sampler cannot
-express (DDIM's `clip_sample`, dynamic thresholding, DPM-Solver's `heun` solver type, SDE variants) are refused with
+rounds it), and the solver class and options become the steps' order/rule/corrector (DDIM's `clip_sample` becomes
+the plan's `clip_x0`). Settings our sampler cannot
+express (dynamic thresholding, DPM-Solver's `heun` solver type, SDE variants) are refused with
 the setting named rather than approximated.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 from schedsearch.errors import UserInputError
@@ -39,8 +41,6 @@ def _check_settings(scheduler: Any) -> None:
                              f"supported: {', '.join(SUPPORTED)}; or give the plan as a schedule file")
     if cfg.get("thresholding"):
         raise _refuse(cls, "thresholding", True, "dynamic thresholding clips x0 per step; set thresholding=False")
-    if cls == "DDIMScheduler" and cfg.get("clip_sample"):
-        raise _refuse(cls, "clip_sample", True, "load it with clip_sample=False (latent pipelines do)")
     if cls == "DDIMScheduler" and cfg.get("rescale_betas_zero_snr"):
         raise _refuse(cls, "rescale_betas_zero_snr", True, "zero terminal SNR needs v-prediction at σ = ∞")
     if cls == "DPMSolverMultistepScheduler":
@@ -95,8 +95,9 @@ def plan_from_scheduler(scheduler: Any, num_steps: int, noise_schedule: NoiseSch
     network = tuple(float(t) for t in run.timesteps)
     if cls == "DDIMScheduler":  # integrates at its integer timesteps; ends at ᾱ = 1 (σ = 0) or at ᾱ_0
         final = None if cfg.get("set_alpha_to_one", True) else 0.0
-        prediction = "data"
-        return ddim_plan(network, prediction, final_timestep=final).validate(noise_schedule.num_train_timesteps)
+        clip = float(cfg.get("clip_sample_range", 1.0)) if cfg.get("clip_sample") else None
+        plan = replace(ddim_plan(network, "data", final_timestep=final), clip_x0=clip)
+        return plan.validate(noise_schedule.num_train_timesteps)
     sigmas = [float(s) for s in run.sigmas]
     times = tuple(noise_schedule.time_at(s) for s in sigmas[:-1])
     final = None if sigmas[-1] == 0.0 else noise_schedule.time_at(sigmas[-1])
@@ -114,8 +115,6 @@ def plan_from_scheduler(scheduler: Any, num_steps: int, noise_schedule: NoiseSch
         prediction = "data" if cfg.get("predict_x0", True) else "noise"
         plan = unipc_plan(times, int(cfg.solver_order), cfg.solver_type, prediction,
                           disable_corrector=cfg.get("disable_corrector") or (), final_timestep=final)
-    from dataclasses import replace
-
     top = noise_schedule.num_train_timesteps - (0 if isinstance(noise_schedule, FlowSchedule) else 1)
     plan = replace(plan, network_timesteps=network, noise_scale=scale)
     return plan.validate(noise_schedule.num_train_timesteps, max_timestep=top)

@@ -86,6 +86,9 @@ class SolverPlan:
     noise_scale: the start is `noise_scale`·ε instead of ε (the VP marginal at σ_T ≈ 1). diffusers' Euler with
         linspace/trailing spacing starts from σ_max·ε in its x/α variable, i.e. σ_max/√(σ_max²+1)·ε here
         (0.9977 for SD's scaled-linear betas); 1.0 is left out of the JSON, so existing keys stay.
+    clip_x0: clip every data estimate to [-clip_x0, clip_x0] (DDIM's `clip_sample` with `clip_sample_range`); a
+        first-order data step then combines the clipped x0 with the model's own ε, as diffusers' DDIM does. None
+        (left out of the JSON) for no clipping, the latent pipelines' setting.
     """
 
     timesteps: tuple[float, ...]
@@ -95,6 +98,7 @@ class SolverPlan:
     dc_order: int = 2
     network_timesteps: tuple[float, ...] | None = None
     noise_scale: float = 1.0
+    clip_x0: float | None = None
 
     def __post_init__(self) -> None:
         # 999 and 999.0 are one timestep: integers become floats, so they share a content key (anything else is
@@ -155,6 +159,11 @@ class SolverPlan:
                 or not 0.5 <= self.noise_scale <= 1.5):
             raise ScheduleError(f"{prefix}.noise_scale", f"{self.noise_scale!r} is not a number in [0.5, 1.5]",
                                 "it only matches a scheduler's starting scale; leave it out for 1.0")
+        clip = self.clip_x0
+        if clip is not None and (not isinstance(clip, (int, float)) or isinstance(clip, bool)
+                                 or not math.isfinite(clip) or clip <= 0):
+            raise ScheduleError(f"{prefix}.clip_x0", f"{clip!r} is not a finite number > 0",
+                                "DDIM's clip_sample_range (1.0 for images in [-1, 1]), or leave it out")
         if self.final_timestep is not None and (not isinstance(self.final_timestep, float)
                                                 or not 0 <= self.final_timestep < ts[-1]):
             raise ScheduleError(
@@ -250,6 +259,8 @@ class Schedule:
             solver["network_timesteps"] = list(plan.network_timesteps)
         if plan.noise_scale == 1.0:  # likewise
             del solver["noise_scale"]
+        if plan.clip_x0 is None:
+            del solver["clip_x0"]
         solver["steps"] = [{name: getattr(s, name) for name in _STEP_FIELD_ORDER} for s in plan.steps]
         data = {"format": FORMAT, "model": self.model, "solver": solver}
         if self.cache is not None:
