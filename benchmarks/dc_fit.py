@@ -31,6 +31,7 @@ from schedsearch.calibration.dc_fit import (
 from schedsearch.runtime.models import initial_noise, load_model
 from schedsearch.runtime.sampler import sample
 from schedsearch.spaces.baselines import with_dc_ratios
+from schedsearch.spaces.schedule import DC_RATIO_RANGE
 
 OUT = Path(__file__).resolve().parent / "results" / "dc_fit.json"
 
@@ -145,7 +146,11 @@ def main() -> None:
             plan = student_plan(num_train, n)
 
             def mse_of(ratios: tuple[float, ...], plan=plan, denoise=denoise, x=x, teacher=teacher) -> float:
-                out = sample(denoise, x, with_dc_ratios(plan, ratios), model.noise_schedule)
+                # a cascade prediction outside the range a plan accepts (extrapolation) is clipped into it
+                lo, hi = DC_RATIO_RANGE
+                ratios = tuple(min(max(r, lo), hi) for r in ratios)
+                out = sample(denoise, x, with_dc_ratios(plan, ratios), model.noise_schedule,
+                             model.info.prediction_type)
                 return float((out.double() - teacher.final.double()).square().mean())
 
             row = {
@@ -156,6 +161,8 @@ def main() -> None:
                 "mse_unipc": mse_of((1.0,) * n),
                 "mse_dc_fitted": mse_of(fits[(n, g)].ratios),
                 "mse_dc_cascade_loo": mse_of(loo_pred[(n, g)]),
+                "cascade_loo_ratios_clipped": sum(not DC_RATIO_RANGE[0] <= r <= DC_RATIO_RANGE[1]
+                                                  for r in loo_pred[(n, g)]),
                 "mse_dc_cascade_all": mse_of(cpr.predict(n, g)),
             }
             row["improvement_fitted"] = 1.0 - row["mse_dc_fitted"] / row["mse_unipc"]

@@ -203,8 +203,9 @@ def test_features_are_what_the_runtime_reuses(builtin_model):
             builtin_model.noise_schedule,
         )
         module = builtin_model.network.get_submodule(f"{UNIT[0]}.{UNIT[1]}")
-        cached = module._diffusers_hook.get_hook(UNIT_HOOK).shared["residual"]["batch"]
-    torch.testing.assert_close(feats[0], cached)
+        hidden_residual, encoder_residual = module._diffusers_hook.get_hook(UNIT_HOOK).shared["residual"]["batch"]
+    torch.testing.assert_close(feats[0], hidden_residual)
+    assert encoder_residual is None  # DiT blocks carry one stream
 
 
 def test_unit_checks(builtin_model):

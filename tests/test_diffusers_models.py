@@ -608,3 +608,48 @@ def test_schedule_pipeline_writes_the_pipelines_scheduler(saved, tmp_path, capsy
     assert schedule.meta["baseline"] == "FlowMatchEulerDiscreteScheduler" and schedule.solver.timesteps[0] == 1000.0
     assert main(["schedule", "pipeline", "--model", "builtin:mnist-dit", "--out", str(tmp_path / "x.json")]) == 2
     assert "has no pipeline scheduler" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_unit_cache_carries_both_streams_of_mm_dit_blocks(models, family):
+    """A unit over every double-stream block, refreshed at step 0 only: at step 1 what leaves the unit is what
+    enters it plus the step-0 residual, for the image stream and (where the last block returns it) the text stream.
+    Before, unit caching refused MM-DiT blocks, so CacheQuant's space and DeepCache-style baselines failed there."""
+    from schedsearch.runtime.cache_hooks import CacheRuntime
+    from schedsearch.spaces.cache_plan import UnitCachePlan
+
+    model = models[family]
+    blocks = model.network.transformer_blocks
+    n = len(blocks)
+    seen: dict[str, list] = {"in": [], "out": []}
+
+    def grab_in(module, args, kwargs):
+        seen["in"].append((kwargs["hidden_states"].clone(), kwargs["encoder_hidden_states"].clone()))
+
+    def grab_out(module, args, kwargs, output):
+        encoder, hidden = output  # JointTransformerBlock / FluxTransformerBlock: (encoder_hidden_states, hidden)
+        seen["out"].append((hidden.clone(), None if encoder is None else encoder.clone()))
+
+    handles = [blocks[0].register_forward_pre_hook(grab_in, with_kwargs=True),
+               blocks[n - 1].register_forward_hook(grab_out, with_kwargs=True)]
+    plan = UnitCachePlan("transformer_blocks", 0, n, refresh_steps=(0,), num_steps=2)
+    x = initial_noise([0, 1], model.info.sample_shape)
+    try:
+        with CacheRuntime(model.network, model.info, plan) as runtime, torch.no_grad():
+            sample(runtime.wrap(model.denoiser(embeddings(family, 2))), x, dm_plan(), model.noise_schedule,
+                   model.info.prediction_type)
+    finally:
+        for h in handles:
+            h.remove()
+    (h0, e0), (h1, e1) = seen["in"]
+    (o0, oe0), (o1, oe1) = seen["out"]
+    torch.testing.assert_close(o1, h1 + (o0 - h0))
+    if oe0 is not None:  # Flux's double blocks return the text stream; SD3's last (context-pre-only) block does not
+        torch.testing.assert_close(oe1, e1 + (oe0 - e0))
+    assert (o1 - o0).abs().max() > 0  # the step-1 input differs, so this is not a replay of step 0
+
+
+def dm_plan():
+    from schedsearch.spaces.baselines import dpm_solver_plan
+
+    return dpm_solver_plan([900.0, 500.0], 2)

@@ -138,40 +138,84 @@ class BlockSkipHook(ModelHook):
 
 class UnitReuseHook(ModelHook):
     """DeepCache/FORA-style unit: on non-refresh steps the first block of the unit returns input + cached residual
-    and the others pass their input through; on refresh steps the unit runs and its residual is stored."""
+    and the others pass their input through; on refresh steps the unit runs and its residual is stored. MM-DiT
+    blocks (SD3, Flux) carry two streams: both residuals are kept, each located with diffusers'
+    `TransformerBlockRegistry` as for block skipping; a last block that returns no text stream (SD3's
+    context-pre-only block) leaves the text stream as it came in, since nothing reads it after that block."""
 
     _is_stateful = True
 
-    def __init__(self, context: StepContext, refresh: np.ndarray, shared: dict[str, Any], first: bool, last: bool):
+    def __init__(self, context: StepContext, refresh: np.ndarray, shared: dict[str, Any], first: bool, last: bool,
+                 metadata: TransformerBlockMetadata | None = None):
         super().__init__()
         self.context, self.refresh, self.shared, self.first, self.last = context, refresh, shared, first, last
+        self.meta = metadata
         self.keep = np.append(~refresh[1:], False)  # store the residual only if the next step reuses it
 
-    @staticmethod
-    def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
-        return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    def _inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        meta = self.meta
+        if meta is None:
+            return (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]), None
+        hidden = meta._get_parameter_from_args_kwargs(meta.hidden_states_argument_name, args, kwargs)
+        if meta.return_encoder_hidden_states_index is None:
+            return hidden, None
+        return hidden, meta._get_parameter_from_args_kwargs(meta.encoder_hidden_states_argument_name, args, kwargs)
+
+    def _outputs(self, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(output, torch.Tensor):
+            return output, None
+        meta = self.meta
+        if meta is None:
+            raise TypeError("unit caching: the block returned a tuple and diffusers' TransformerBlockRegistry does "
+                            "not describe it")
+        encoder = None if meta.return_encoder_hidden_states_index is None else output[
+            meta.return_encoder_hidden_states_index]
+        return output[meta.return_hidden_states_index], encoder
+
+    def _as_output(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
+        """(hidden, encoder) in the block's own return format."""
+        meta = self.meta
+        if meta is None or meta.return_encoder_hidden_states_index is None:
+            return hidden
+        out: list[Any] = [None, None]
+        out[meta.return_hidden_states_index] = hidden
+        out[meta.return_encoder_hidden_states_index] = encoder
+        return tuple(out)
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         ctx, key = self.context, self.context.branch
-        hidden = self._hidden_states(args, kwargs)
+        hidden, encoder = self._inputs(args, kwargs)
         if not self.refresh[ctx.step_index]:
             residuals = self.shared.setdefault("residual", {})
             if key not in residuals:
                 raise RuntimeError(f"unit cache: step {ctx.step_index} reuses a unit that was never computed")
-            return hidden + residuals[key] if self.first else hidden
+            if self.first:
+                hidden_residual, encoder_residual = residuals[key]
+                hidden = hidden + hidden_residual
+                encoder = encoder if encoder_residual is None or encoder is None else encoder + encoder_residual
+            return self._as_output(hidden, encoder)
         keep = self.keep[ctx.step_index]
         if self.first and keep:
-            self.shared.setdefault("input", {})[key] = hidden
+            self.shared.setdefault("input", {})[key] = (hidden, encoder)
         output = self.fn_ref.original_forward(*args, **kwargs)
-        if not isinstance(output, torch.Tensor):
-            raise TypeError("unit caching needs blocks that return one hidden-states tensor (DiT / PixArt blocks)")
         if self.last and keep:
-            self.shared.setdefault("residual", {})[key] = output - self.shared["input"].pop(key)
+            out_hidden, out_encoder = self._outputs(output)
+            in_hidden, in_encoder = self.shared["input"].pop(key)
+            encoder_residual = None if out_encoder is None or in_encoder is None else out_encoder - in_encoder
+            self.shared.setdefault("residual", {})[key] = (out_hidden - in_hidden, encoder_residual)
         return output
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.shared.clear()
         return module
+
+
+def _registered_metadata(module: torch.nn.Module) -> TransformerBlockMetadata | None:
+    """diffusers' description of a block's inputs and outputs (None for blocks it does not register)."""
+    try:
+        return TransformerBlockRegistry.get(type(module))
+    except ValueError:
+        return None
 
 
 class CacheRuntime:
@@ -260,7 +304,8 @@ class CacheRuntime:
         shared: dict[str, Any] = {}
         for b in range(plan.start, plan.end):
             module = self.network.get_submodule(f"{plan.group}.{b}")
-            hook = UnitReuseHook(self.context, refresh, shared, first=b == plan.start, last=b == plan.end - 1)
+            hook = UnitReuseHook(self.context, refresh, shared, first=b == plan.start, last=b == plan.end - 1,
+                                 metadata=_registered_metadata(module))
             self._register(module, hook, UNIT_HOOK)
 
     def _attach_deepcache(self, plan: UnitCachePlan) -> None:
