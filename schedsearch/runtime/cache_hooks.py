@@ -79,6 +79,41 @@ class ComponentReuseHook(ModelHook):
         return module
 
 
+def _stream_inputs(meta: TransformerBlockMetadata | None, args: tuple,
+                   kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A block's (hidden, encoder hidden) inputs as diffusers' registry names them (encoder None for one stream;
+    an unregistered block's first argument as the hidden states)."""
+    if meta is None:
+        return (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]), None
+    hidden = meta._get_parameter_from_args_kwargs(meta.hidden_states_argument_name, args, kwargs)
+    if meta.return_encoder_hidden_states_index is None:
+        return hidden, None
+    return hidden, meta._get_parameter_from_args_kwargs(meta.encoder_hidden_states_argument_name, args, kwargs)
+
+
+def _stream_outputs(meta: TransformerBlockMetadata | None, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A block's (hidden, encoder hidden) outputs; a tensor is the hidden states alone."""
+    if isinstance(output, torch.Tensor):
+        return output, None
+    if meta is None:
+        raise TypeError("cache: the block returned a tuple and diffusers' TransformerBlockRegistry does not "
+                        "describe it")
+    encoder = None if meta.return_encoder_hidden_states_index is None else output[
+        meta.return_encoder_hidden_states_index]
+    return output[meta.return_hidden_states_index], encoder
+
+
+def _as_block_output(meta: TransformerBlockMetadata | None, hidden: torch.Tensor,
+                     encoder: torch.Tensor | None) -> Any:
+    """(hidden, encoder) in the block's own return format."""
+    if meta is None or meta.return_encoder_hidden_states_index is None:
+        return hidden
+    out: list[Any] = [None, None]
+    out[meta.return_hidden_states_index] = hidden
+    out[meta.return_encoder_hidden_states_index] = encoder
+    return tuple(out)
+
+
 class BlockSkipHook(ModelHook):
     """`skip_reused_blocks`: at a step that reuses every component of this block, return its input plus the residual
     from the last step it ran (hidden states, and encoder hidden states of MM-DiT blocks, located with diffusers'
@@ -92,28 +127,13 @@ class BlockSkipHook(ModelHook):
         self.keep = np.append(skip[1:], False)  # store a residual only if the next step skips the block
         self.cache = _BranchCache()
 
-    def _inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        meta = self.meta
-        hidden = meta._get_parameter_from_args_kwargs(meta.hidden_states_argument_name, args, kwargs)
-        if meta.return_encoder_hidden_states_index is None:
-            return hidden, None
-        return hidden, meta._get_parameter_from_args_kwargs(meta.encoder_hidden_states_argument_name, args, kwargs)
-
-    def _outputs(self, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if isinstance(output, torch.Tensor):
-            return output, None
-        meta = self.meta
-        encoder = None if meta.return_encoder_hidden_states_index is None else output[
-            meta.return_encoder_hidden_states_index]
-        return output[meta.return_hidden_states_index], encoder
-
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         ctx = self.context
-        hidden, encoder = self._inputs(args, kwargs)
+        hidden, encoder = _stream_inputs(self.meta, args, kwargs)
         if not self.skip[ctx.step_index]:
             output = self.fn_ref.original_forward(*args, **kwargs)
             if self.keep[ctx.step_index]:
-                out_hidden, out_encoder = self._outputs(output)
+                out_hidden, out_encoder = _stream_outputs(self.meta, output)
                 encoder_residual = None if out_encoder is None or encoder is None else out_encoder - encoder
                 self.cache.values[ctx.branch] = (out_hidden - hidden, encoder_residual)
             else:
@@ -122,14 +142,8 @@ class BlockSkipHook(ModelHook):
         if ctx.branch not in self.cache.values:
             raise RuntimeError(f"block skip: step {ctx.step_index} skips a block that never ran")
         hidden_residual, encoder_residual = self.cache.values[ctx.branch]
-        if self.meta.return_encoder_hidden_states_index is None:
-            return hidden + hidden_residual
-        out: list[Any] = [None, None]
-        out[self.meta.return_hidden_states_index] = hidden + hidden_residual
-        out[self.meta.return_encoder_hidden_states_index] = (
-            encoder if encoder_residual is None else encoder + encoder_residual
-        )
-        return tuple(out)
+        encoder = encoder if encoder_residual is None else encoder + encoder_residual
+        return _as_block_output(self.meta, hidden + hidden_residual, encoder)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.cache = _BranchCache()
@@ -152,39 +166,9 @@ class UnitReuseHook(ModelHook):
         self.meta = metadata
         self.keep = np.append(~refresh[1:], False)  # store the residual only if the next step reuses it
 
-    def _inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        meta = self.meta
-        if meta is None:
-            return (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]), None
-        hidden = meta._get_parameter_from_args_kwargs(meta.hidden_states_argument_name, args, kwargs)
-        if meta.return_encoder_hidden_states_index is None:
-            return hidden, None
-        return hidden, meta._get_parameter_from_args_kwargs(meta.encoder_hidden_states_argument_name, args, kwargs)
-
-    def _outputs(self, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if isinstance(output, torch.Tensor):
-            return output, None
-        meta = self.meta
-        if meta is None:
-            raise TypeError("unit caching: the block returned a tuple and diffusers' TransformerBlockRegistry does "
-                            "not describe it")
-        encoder = None if meta.return_encoder_hidden_states_index is None else output[
-            meta.return_encoder_hidden_states_index]
-        return output[meta.return_hidden_states_index], encoder
-
-    def _as_output(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
-        """(hidden, encoder) in the block's own return format."""
-        meta = self.meta
-        if meta is None or meta.return_encoder_hidden_states_index is None:
-            return hidden
-        out: list[Any] = [None, None]
-        out[meta.return_hidden_states_index] = hidden
-        out[meta.return_encoder_hidden_states_index] = encoder
-        return tuple(out)
-
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         ctx, key = self.context, self.context.branch
-        hidden, encoder = self._inputs(args, kwargs)
+        hidden, encoder = _stream_inputs(self.meta, args, kwargs)
         if not self.refresh[ctx.step_index]:
             residuals = self.shared.setdefault("residual", {})
             if key not in residuals:
@@ -193,13 +177,13 @@ class UnitReuseHook(ModelHook):
                 hidden_residual, encoder_residual = residuals[key]
                 hidden = hidden + hidden_residual
                 encoder = encoder if encoder_residual is None or encoder is None else encoder + encoder_residual
-            return self._as_output(hidden, encoder)
+            return _as_block_output(self.meta, hidden, encoder)
         keep = self.keep[ctx.step_index]
         if self.first and keep:
             self.shared.setdefault("input", {})[key] = (hidden, encoder)
         output = self.fn_ref.original_forward(*args, **kwargs)
         if self.last and keep:
-            out_hidden, out_encoder = self._outputs(output)
+            out_hidden, out_encoder = _stream_outputs(self.meta, output)
             in_hidden, in_encoder = self.shared["input"].pop(key)
             encoder_residual = None if out_encoder is None or in_encoder is None else out_encoder - in_encoder
             self.shared.setdefault("residual", {})[key] = (out_hidden - in_hidden, encoder_residual)
