@@ -14,6 +14,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from schedsearch.runtime.models import initial_noise, load_model  # noqa: E402
 from schedsearch.runtime.sampler import sample  # noqa: E402
+from schedsearch.spaces.schedule import Schedule  # noqa: E402
 
 TEXT_DIM, TEXT_LEN, FRAMES, PIXELS = 32, 6, 9, 16
 
@@ -194,3 +195,20 @@ def test_cli_takes_the_video_size(saved, tmp_path, capsys):
     assert main([*common, "--resolution", str(PIXELS), "--frames", str(FRAMES + 4), "--resume"]) == 2
     assert "--frames" in capsys.readouterr().err
     assert main(["info", "--model", "builtin:mnist-flow", "--frames", "9"]) == 2
+
+
+def test_fid_scores_videos_frame_by_frame(model, tmp_path):
+    """FID on a video model: the teacher's videos and a schedule's are both scored as frames (EfficientNet-Lite0
+    features, reference = the teacher), so the distance of the teacher's own schedule to itself is 0."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from schedsearch.calibration.calibration_set import CalibrationSet, default_spec
+    from schedsearch.evaluation.local import LocalEvaluator
+
+    spec = default_spec(model.info, samples=2, prompts=["a cat", "a dog"], teacher_steps=3)
+    calibration = CalibrationSet.open(spec, tmp_path).build(model, progress=False)
+    evaluator = LocalEvaluator(model, calibration, ["fid", "psnr"], batch_size=2)
+    with pytest.warns(UserWarning, match="singular"):
+        teacher = evaluator.evaluate_one(spec.teacher).metrics
+        other = evaluator.evaluate_one(Schedule(model.info.name, model.default_plan(2))).metrics
+    assert teacher["fid"] < 1e-3 and other["fid"] > 10 * max(teacher["fid"], 1e-4)  # sqrtm of a singular covariance
+    assert other["psnr"] < teacher["psnr"]

@@ -228,6 +228,7 @@ class CalibrationSet:
     def reference_stats(self, extractor: Any, batch_size: int = 256) -> Any:
         """FID reference statistics for one feature extractor, computed once and cached beside the teacher."""
         from schedsearch.objectives.fid import FeatureStats, FeatureStatsAccumulator
+        from schedsearch.objectives.images import frames
 
         path = self.root / f"fid_ref_{self.spec.fid_reference}_{extractor.name}.npz"
         if path.is_file():
@@ -237,7 +238,7 @@ class CalibrationSet:
             acc.update(extractor.features(torch.from_numpy(_real_images(self.spec.model))))
         else:
             for start in range(0, len(self.spec), batch_size):
-                acc.update(extractor.features(self.teacher(start, min(len(self.spec), start + batch_size))))
+                acc.update(extractor.features(frames(self.teacher(start, min(len(self.spec), start + batch_size)))))
         stats = acc.result()
         stats.save(path)
         return stats

@@ -115,6 +115,7 @@ class FrechetDistance(ImageObjective):
 
     def accumulator(self) -> Accumulator:
         from schedsearch.objectives.fid import FeatureStatsAccumulator, stats_distance
+        from schedsearch.objectives.images import frames
 
         reference, extractor, name = self.reference(), self.extractor, self.name
 
@@ -123,7 +124,7 @@ class FrechetDistance(ImageObjective):
                 self.acc = FeatureStatsAccumulator()
 
             def update(self, batch: ScoreBatch) -> None:
-                self.acc.update(extractor.features(batch.images))
+                self.acc.update(extractor.features(frames(batch.images)))
 
             def result(self) -> dict[str, float]:
                 stats = self.acc.result()
