@@ -135,7 +135,7 @@ def test_cached_schedule_in_the_pipeline_equals_our_sampler(model, saved):
     cond = embeddings(2)
     pipe = diffusers.WanPipeline.from_pretrained(saved)
     pipe.set_progress_bar_config(disable=True)
-    with apply_schedule(pipe, schedule, resolution=PIXELS), torch.no_grad():
+    with apply_schedule(pipe, schedule, resolution=PIXELS, num_frames=FRAMES), torch.no_grad():
         theirs = pipe(prompt_embeds=cond["prompt_embeds"],
                       negative_prompt_embeds=cond["negative_prompt_embeds"].expand(2, -1, -1), latents=x,
                       num_inference_steps=4, guidance_scale=5.0, height=PIXELS, width=PIXELS, num_frames=FRAMES,

@@ -227,14 +227,15 @@ def _mismatch(schedule: Schedule, actual: str) -> ScheduleError:
 
 
 def apply_schedule(
-    target: Any, schedule: Schedule, *, strict: bool = True, resolution: int | None = None
+    target: Any, schedule: Schedule, *, strict: bool = True, resolution: int | None = None,
+    num_frames: int | None = None,
 ) -> AppliedSchedule:
     """Attach `schedule` to a diffusers pipeline (its scheduler and denoiser) or to a `LoadedModel`.
 
     strict: the schedule's model name must match (`diffusers:<path or hub id>` against `pipe.name_or_path`, or the
         loaded model's name); False skips the check (timesteps and cache shape are still validated).
     resolution: for pipelines, the image size (pixels) that will be generated if not the pipeline's default; flow
-        models' shift depends on it.
+        models' shift depends on it; `num_frames` likewise for video pipelines.
     Pipelines then run the schedule when called with `num_inference_steps=schedule.solver.num_steps`; a LoadedModel's
     `AppliedSchedule.sample(conditions, seeds, guidance)` runs it. USF's analytical first step ("zero_x0") saves a
     model call that a pipeline's loop always makes, so such plans run on a LoadedModel only.
@@ -261,7 +262,7 @@ def apply_schedule(
             "every timestep",
             "run it with apply_schedule(load_model(...), schedule).sample(...), or use a plan with first_step 'model'",
         )
-    model = loaded_model_from_pipeline(target, name=schedule.model, resolution=resolution)
+    model = loaded_model_from_pipeline(target, name=schedule.model, resolution=resolution, num_frames=num_frames)
     schedule.validate(model.info.num_train_timesteps, max_timestep=model.info.max_timestep)
     original, config = target.scheduler, target._internal_dict
     undo: list[Callable[[], None]] = []

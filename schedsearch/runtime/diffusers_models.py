@@ -37,14 +37,17 @@ FAMILY_BY_CLASS = {
     "SD3Transformer2DModel": "sd3",
     "FluxTransformer2DModel": "flux",
     "WanTransformer3DModel": "wan",
+    "HunyuanVideoTransformer3DModel": "hunyuan_video",
 }
 # the pipelines' own `guidance_scale` defaults
 GUIDANCE_DEFAULTS = {"dit": 4.0, "pixart": 4.5, "sana": 4.5, "sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5,
-                     "wan": 5.0}
-FLOW_FAMILIES = ("sd3", "flux", "wan")
-VIDEO_FAMILIES = ("wan",)
-# Wan's pipeline defaults (WanPipeline.__call__): 480x832, 81 frames; we sample square videos of `resolution`
-WAN_DEFAULT_PIXELS, WAN_DEFAULT_FRAMES = 480, 81
+                     "wan": 5.0, "hunyuan_video": 6.0}
+FLOW_FAMILIES = ("sd3", "flux", "wan", "hunyuan_video")
+VIDEO_FAMILIES = ("wan", "hunyuan_video")
+# guidance-distilled families: guidance is a network input (×1000 for HunyuanVideo), never a CFG pair
+DISTILLED_GUIDANCE_SCALE = {"flux": 1.0, "hunyuan_video": 1000.0}
+# the video pipelines' defaults (height, frames; we sample square videos of `resolution`)
+VIDEO_DEFAULTS = {"wan": (480, 81), "hunyuan_video": (720, 129)}
 # Pre-encoded conditions: a dict with these keys (diffusers' own `__call__` argument names), each batched (N, ...),
 # plus `negative_<key>` for the unconditional branch of CFG (batch N or 1). Flux is guidance-distilled: no negatives.
 EMBEDDING_KEYS = {
@@ -55,6 +58,7 @@ EMBEDDING_KEYS = {
     "sd3": ("prompt_embeds", "pooled_prompt_embeds"),
     "flux": ("prompt_embeds", "pooled_prompt_embeds"),
     "wan": ("prompt_embeds",),
+    "hunyuan_video": ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds"),
 }
 DECODE_BATCH = 4  # VAE decoding at full resolution is memory-bound on CPU
 
@@ -250,17 +254,21 @@ def _vae_scale_factor(pipe: Any) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
 
 
-def _wan_layout(pipe: Any, network: torch.nn.Module, resolution: int | None, frames: int | None) -> dict[str, Any]:
-    """Video latents (C, F, H, W) as WanPipeline.prepare_latents makes them: F = (frames - 1) // t + 1 latent
-    frames for a temporal factor t, H = W = pixels // s; tokens after the (1, 2, 2) patch embedding."""
+def _video_layout(pipe: Any, network: torch.nn.Module, family: str, resolution: int | None,
+                  frames: int | None) -> dict[str, Any]:
+    """Video latents (C, F, H, W) as the Wan / HunyuanVideo pipelines' prepare_latents make them:
+    F = (frames - 1) // t + 1 latent frames for a temporal factor t, H = W = pixels // s; tokens after the patch
+    embedding (Wan: patch_size (1, 2, 2); HunyuanVideo: patch_size_t, patch_size)."""
     spatial = getattr(pipe, "vae_scale_factor_spatial", 8)
     temporal = getattr(pipe, "vae_scale_factor_temporal", 4)
-    pixels = resolution or WAN_DEFAULT_PIXELS
-    frames = frames or WAN_DEFAULT_FRAMES
+    default_pixels, default_frames = VIDEO_DEFAULTS[family]
+    pixels = resolution or default_pixels
+    frames = frames or default_frames
     if (frames - 1) % temporal:
         raise UserInputError("--frames", f"{frames} frames: frames - 1 must be divisible by {temporal}",
                              f"use e.g. {(frames - 1) // temporal * temporal + 1}")
-    pt, ph, pw = network.config.patch_size
+    cfg = network.config
+    pt, ph, pw = cfg.patch_size if family == "wan" else (cfg.patch_size_t, cfg.patch_size, cfg.patch_size)
     if pixels % (spatial * ph):
         raise UserInputError("--resolution", f"{pixels} is not a multiple of {spatial * ph}",
                              f"use e.g. {pixels // (spatial * ph) * spatial * ph}")
@@ -283,7 +291,7 @@ def _latent_layout(pipe: Any, network: torch.nn.Module, family: str, resolution:
     (seeded noise then equals diffusers' `prepare_latents` before packing) and pack only around the network call.
     """
     if family in VIDEO_FAMILIES:
-        return _wan_layout(pipe, network, resolution, frames)
+        return _video_layout(pipe, network, family, resolution, frames)
     scale = _vae_scale_factor(pipe)
     cfg = network.config
     if family == "flux":
@@ -313,7 +321,7 @@ def transformer_block_groups(network: torch.nn.Module, family: str) -> tuple[Blo
         return (BlockGroup("transformer_blocks", len(network.transformer_blocks), ("attn", "ff", "ff_context")),)
     if family == "wan":  # self-attention, cross-attention to the text, feed-forward
         return (BlockGroup("blocks", len(network.blocks), ("attn1", "attn2", "ffn")),)
-    if family == "flux":
+    if family in ("flux", "hunyuan_video"):  # double-stream blocks, then single-stream blocks
         return (
             BlockGroup("transformer_blocks", len(network.transformer_blocks), ("attn", "ff", "ff_context")),
             BlockGroup(
@@ -539,6 +547,21 @@ def _forward(network: torch.nn.Module, family: str, layout: dict[str, Any], guid
         return lambda x, tv, c: network(
             hidden_states=x, timestep=timesteps(x, tv), encoder_hidden_states=c["prompt_embeds"]
         ).sample
+    if family == "hunyuan_video":
+        use_guidance = bool(network.config.guidance_embeds)
+
+        def hunyuan(x: torch.Tensor, tv: float, c: Conds) -> torch.Tensor:
+            scaled = guidance * DISTILLED_GUIDANCE_SCALE[family]  # the pipeline passes guidance_scale × 1000
+            return network(
+                hidden_states=x,
+                timestep=torch.full((len(x),), tv, dtype=x.dtype, device=x.device),
+                encoder_hidden_states=c["prompt_embeds"],
+                encoder_attention_mask=c["prompt_attention_mask"],
+                pooled_projections=c["pooled_prompt_embeds"],
+                guidance=torch.full((len(x),), scaled, dtype=x.dtype, device=x.device) if use_guidance else None,
+            ).sample
+
+        return hunyuan
     raise ValueError(f"family {family!r}: no forward")
 
 
@@ -560,7 +583,7 @@ def _from_embeddings(family: str, embeds: Mapping[str, torch.Tensor], need_uncon
         raise ValueError(f"conditions for {family}: the dict needs 'prompt_embeds'; keys: {keys} and negative_<key>")
     n = len(embeds["prompt_embeds"])
     embeds = dict(embeds)
-    if family in ("pixart", "sana"):  # attend to every token unless a mask says otherwise
+    if family in ("pixart", "sana", "hunyuan_video"):  # attend to every token unless a mask says otherwise
         for prefix in ("", "negative_"):
             if prefix + "prompt_embeds" in embeds and prefix + "prompt_attention_mask" not in embeds:
                 embeds[prefix + "prompt_attention_mask"] = torch.ones(embeds[prefix + "prompt_embeds"].shape[:2])
@@ -669,8 +692,8 @@ def _denoiser_factory(
     model_time = _model_time(family, schedule)
 
     def make(conditions: Any, guidance: float) -> Denoise:
-        # Flux is guidance-distilled: guidance is a network input, never a CFG pair
-        cfg = family != "flux" and guidance != 1.0
+        # Flux / HunyuanVideo are guidance-distilled: guidance is a network input, never a CFG pair
+        cfg = family not in DISTILLED_GUIDANCE_SCALE and guidance != 1.0
         cond, uncond = _conditions(pipe, family, network, layout, conditions, cfg, class_conditioner)
         cond = _to(cond, network.device, network.dtype)
         both = None
