@@ -29,6 +29,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ema-decay", type=float, default=0.999, help="dit/flow: EMA decay of the exported weights")
     parser.add_argument("--ckpt-every", type=int, default=200, help="dit/flow: steps between checkpoints")
     parser.add_argument("--grid-every", type=int, default=1000, help="dit/flow: steps between sample grids")
+    parser.add_argument("--grid-per-class", type=int, default=8, help="dit/flow: samples per class in each grid")
     parser.add_argument("--classifier-steps", type=int, default=1500, help="classifier: training steps")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

@@ -98,7 +98,7 @@ def test_flow_loss_is_velocity_mse_at_logit_normal_sigmas():
 def test_train_resume_and_export(tmp_path):
     work, assets = tmp_path / "work", tmp_path / "assets"
     common = ["--work-dir", str(work), "--batch-size", "4", "--ckpt-every", "2", "--grid-every", "1000",
-              "--threads", "1"]
+              "--grid-per-class", "1", "--threads", "1"]
     train_builtin.main(["flow", "--steps", "1", *common])
     first = torch.load(work / "flow_ckpt.pt", weights_only=True)
     train_builtin.main(["flow", "--steps", "2", *common])  # resumes from step 1

@@ -545,17 +545,17 @@ def test_models_lists_saved_pipelines_under_a_directory_with_their_family(saved,
     from schedsearch.runtime.models import available_models
 
     root = next(iter(saved.values())).parent
-    hunyuan = tmp_path / "hunyuan"
-    hunyuan.mkdir()
-    (hunyuan / "model_index.json").write_text('{"_class_name": "HunyuanVideoPipeline", "transformer": '
-                                              '["diffusers", "HunyuanVideoTransformer3DModel"], "scheduler": '
-                                              '["diffusers", "FlowMatchEulerDiscreteScheduler"]}')
+    ltx = tmp_path / "ltx"
+    ltx.mkdir()
+    (ltx / "model_index.json").write_text('{"_class_name": "LTXPipeline", "transformer": '
+                                          '["diffusers", "LTXVideoTransformer3DModel"], "scheduler": '
+                                          '["diffusers", "FlowMatchEulerDiscreteScheduler"]}')
     rows = {row["where"]: row for row in available_models(str(root))}
     for family, path in saved.items():
         assert rows[str(path)]["family"] == family and rows[str(path)]["status"] == "local"
         assert rows[str(path)]["name"] == f"diffusers:{path}"
-    unsupported = {row["where"]: row for row in available_models(str(tmp_path))}[str(hunyuan)]
-    assert unsupported["family"] == "unsupported (HunyuanVideoTransformer3DModel)"
+    unsupported = {row["where"]: row for row in available_models(str(tmp_path))}[str(ltx)]
+    assert unsupported["family"] == "unsupported (LTXVideoTransformer3DModel)"
     assert unsupported["status"] == "not supported"
     assert main(["models", "--dir", str(root)]) == 0
     assert main(["models", "--dir", str(tmp_path / "none")]) == 2

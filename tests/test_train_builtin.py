@@ -30,6 +30,8 @@ def test_train_resume_and_export(tmp_path):
         "2",
         "--grid-every",
         "1000",
+        "--grid-per-class",
+        "1",
         "--threads",
         "1",
     ]

@@ -182,7 +182,8 @@ def train_loop(
 
 
 def train_dit(args: argparse.Namespace) -> None:
-    train_loop(build_dit, diffusion_loss, lambda m, p: sample_grid(m, p), "dit", DIT_WEIGHTS, args)
+    train_loop(build_dit, diffusion_loss, lambda m, p: sample_grid(m, p, n_per_class=args.grid_per_class), "dit",
+               DIT_WEIGHTS, args)
 
 
 def train_classifier(args: argparse.Namespace) -> None:

@@ -84,7 +84,8 @@ def flow_grid(model: torch.nn.Module, path: Path, n_per_class: int = 8) -> dict[
 def train_flow(args: argparse.Namespace) -> None:
     from schedsearch.calibration.train_builtin import train_loop
 
-    train_loop(build_flow, flow_loss, flow_grid, "flow", FLOW_WEIGHTS, args)
+    train_loop(build_flow, flow_loss, lambda m, p: flow_grid(m, p, n_per_class=args.grid_per_class), "flow",
+               FLOW_WEIGHTS, args)
 
 
 def export_flow(args: argparse.Namespace) -> None:
