@@ -2,6 +2,7 @@
 family adapter (checked against diffusers' own StableDiffusion3Pipeline loop and DPM-Solver++ flow scheduler)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -142,3 +143,39 @@ def test_shipped_weights_are_the_manifests_and_draw_their_classes():
     with torch.no_grad():
         predicted = load_builtin_classifier()(images).argmax(1)
     assert (predicted == labels).sum() >= 9
+
+
+SPACES_AND_STRATEGIES = [  # every space, with each of its seed methods and a general strategy
+    ("cache", "ecad", "psnr,macs"), ("cache", "nsga2", "psnr,macs"), ("joint", "ecad", "psnr,macs"),
+    ("solver", "predictor", "psnr,nfe"), ("solver", "tpe", "psnr,nfe"), ("dc", "dc-fit", "mse,nfe"),
+    ("dc", "optuna-nsga2", "mse,nfe"), ("cachequant", "dp", "psnr,macs"),
+]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from schedsearch.runtime.models import load_model
+
+    return load_model("builtin:mnist-flow")
+
+
+@pytest.mark.parametrize(("space", "strategy", "objectives"), SPACES_AND_STRATEGIES,
+                         ids=[f"{s}-{m}" for s, m, _ in SPACES_AND_STRATEGIES])
+def test_every_space_and_strategy_runs_on_the_flow_model(shipped, tmp_path_factory, space, strategy, objectives):
+    """Each space with its seed method (and a general strategy) on the shipped flow model: no failures, and the
+    found schedules are scored (CacheQuant's DP needs units on the joint-attention blocks)."""
+    from schedsearch.results.store import ResultStore
+    from schedsearch.search.base import Budget
+    from schedsearch.study import run_search
+
+    root = tmp_path_factory.getbasetemp() / "flow_studies"  # one calibration cache for every combination
+    options = {"population": 4} if strategy in ("ecad", "nsga2") else {}
+    result = run_search(model=shipped, space=space, strategy=strategy, objectives=objectives, study=strategy,
+                        store=root / f"{space}-{strategy}.db", budget=Budget(evaluations=4), samples=2,
+                        cache_dir=root / "cache", batch_size=4, strategy_options=options, progress=False,
+                        validate=False, space_options={"num_steps": 6} if space in ("cache", "cachequant") else {})
+    assert result.failed == 0 and result.evaluations >= 1
+    with ResultStore(root / f"{space}-{strategy}.db") as store:
+        records = [r for r in store.records(strategy) if r.status == "ok"]
+    quality = objectives.split(",")[0]
+    assert records and all(math.isfinite(r.metrics[quality]) for r in records)
