@@ -25,6 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 
 import test_diffusers_models as tdm
+import test_hunyuan_video
+import test_sana
 import test_wan
 
 from schedsearch.objectives.cost import analytic_macs_table, measured_macs_table
@@ -35,14 +37,17 @@ from schedsearch.search.base import Budget
 from schedsearch.spaces.cache_plan import ComponentCachePlan
 from schedsearch.study import run_search
 
-FAMILIES = ["dit", "pixart", "sd", "sdxl", "sd3", "flux", "wan"]
+FAMILIES = ["dit", "pixart", "sana", "sd", "sdxl", "sd3", "flux", "wan", "hunyuan_video"]
 STEPS = 4
-SIZE = {"flux": {"resolution": 16}, "wan": {"resolution": test_wan.PIXELS, "num_frames": test_wan.FRAMES}}
+SIZE = {"flux": {"resolution": 16}, "sana": {"resolution": test_sana.PIXELS},
+        "wan": {"resolution": test_wan.PIXELS, "num_frames": test_wan.FRAMES},
+        "hunyuan_video": {"resolution": test_hunyuan_video.PIXELS, "num_frames": test_hunyuan_video.FRAMES}}
+OWN_TEST = {"sana": test_sana, "wan": test_wan, "hunyuan_video": test_hunyuan_video}  # builders, embeddings
 PROMPTED = {"sd": ["a cat", "a dog"], "wan": ["a cat", "a dog"]}  # the tiny pipelines that have a text encoder
 
 
 def conditions(family: str):
-    return test_wan.embeddings(2) if family == "wan" else tdm.conditions(family, 2)
+    return OWN_TEST[family].embeddings(2) if family in OWN_TEST else tdm.conditions(family, 2)
 
 
 def equivalence(family: str, model, path: Path) -> dict:
@@ -54,7 +59,11 @@ def equivalence(family: str, model, path: Path) -> dict:
     with torch.no_grad():
         ours = sample(model.denoiser(cond), x, plan, model.noise_schedule, model.info.prediction_type)
         pipe = tdm._pipeline(path)
-        if family == "wan":
+        if family == "sana":
+            theirs = test_sana._stock(path, x, cond, STEPS)[0].images
+        elif family == "hunyuan_video":
+            theirs = test_hunyuan_video._call(pipe, x, cond, STEPS)
+        elif family == "wan":
             full = {k: v.expand(len(x), *v.shape[1:]) for k, v in cond.items()}
             theirs = pipe(latents=x, guidance_scale=5.0, height=test_wan.PIXELS, width=test_wan.PIXELS,
                           num_frames=test_wan.FRAMES, num_inference_steps=STEPS, output_type="latent", **full).frames
@@ -127,7 +136,14 @@ def main() -> None:
     rows = []
     for family in FAMILIES:
         path = work / family
-        pipe = test_wan.build_wan(work) if family == "wan" else tdm.build_pipeline(family, work)
+        if family == "wan":
+            pipe = test_wan.build_wan(work)
+        elif family == "sana":
+            pipe = test_sana.build_sana()
+        elif family == "hunyuan_video":
+            pipe = test_hunyuan_video.build_hunyuan()
+        else:
+            pipe = tdm.build_pipeline(family, work)
         pipe.save_pretrained(path)
         model = load_model(f"diffusers:{path}", **SIZE.get(family, {}))
         row = {"family": family, "denoiser": type(model.network).__name__}
