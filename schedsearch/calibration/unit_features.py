@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from schedsearch.runtime.cache_hooks import DEEPCACHE_GROUP, CachePlanMismatchError
+from schedsearch.runtime.cache_hooks import DEEPCACHE_GROUP, CachePlanMismatchError, block_metadata, stream_inputs
 from schedsearch.runtime.models import LoadedModel, initial_noise
 from schedsearch.runtime.sampler import sample
 from schedsearch.search.dynamic import cachequant_dp, feasible_interval
@@ -35,29 +35,14 @@ def _default_conditions(model: LoadedModel, n: int) -> list[int]:
     return [i % model.info.num_classes for i in range(n)]
 
 
-def _block_metadata(module: torch.nn.Module) -> Any:
-    """diffusers' description of a transformer block's inputs and outputs (which argument and which output index is
-    the image stream), or None for a module it does not describe (a UNet branch). Dual-stream blocks (Flux, SD3)
-    return (text, image) pairs; SD3's last block returns (None, image)."""
-    from diffusers.hooks._helpers import TransformerBlockRegistry
-
-    try:
-        return TransformerBlockRegistry.get(type(module))
-    except ValueError:
-        return None
-
-
 def _hidden_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    meta = _block_metadata(module)
-    if meta is not None:
-        return meta._get_parameter_from_args_kwargs(meta.hidden_states_argument_name, args, kwargs)
-    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    return stream_inputs(block_metadata(module), args, kwargs)[0]
 
 
 def _hidden_output(module: torch.nn.Module, output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
-    meta = _block_metadata(module)
+    meta = block_metadata(module)
     if meta is not None and isinstance(output, (tuple, list)):
         return output[meta.return_hidden_states_index]
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):

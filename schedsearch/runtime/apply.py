@@ -32,17 +32,12 @@ from schedsearch.spaces.schedule import Schedule, SolverPlan
 __all__ = ["AppliedSchedule", "ScheduleScheduler", "apply_schedule"]
 
 
-def _diffusers_sigma(noise_schedule: NoiseSchedule, t: float | None) -> float:
-    alpha, sigma = noise_schedule.alpha_sigma(t)
-    return sigma if isinstance(noise_schedule, FlowSchedule) else sigma / alpha
-
-
 def pipeline_timesteps(plan: SolverPlan, noise_schedule: NoiseSchedule) -> list[float]:
     """The plan's timesteps as the pipeline hands them to its network: unchanged for VP models; σ(t)·T for flow
     matching, the unit of diffusers' FlowMatch schedulers (Flux's pipeline divides it by 1000 itself)."""
     times = [plan.network_time(i) for i in range(plan.num_steps)]
     if isinstance(noise_schedule, FlowSchedule):
-        return [noise_schedule.alpha_sigma(t)[1] * noise_schedule.num_train_timesteps for t in times]
+        return [noise_schedule.diffusers_sigma(t) * noise_schedule.num_train_timesteps for t in times]
     return [float(t) for t in times]
 
 
@@ -78,7 +73,7 @@ class ScheduleScheduler(SchedulerMixin, ConfigMixin):
         # diffusers' `sigmas` (σ for flow, σ/α for VP; the end point last): pipelines read them, e.g. WanPipeline
         # passes sigmas[i] to its cache context
         ends = [*plan.timesteps, plan.final_timestep]
-        self.sigmas = torch.tensor([_diffusers_sigma(noise_schedule, t) for t in ends], dtype=torch.float32)
+        self.sigmas = torch.tensor([noise_schedule.diffusers_sigma(t) for t in ends], dtype=torch.float32)
         self.num_inference_steps = plan.num_steps
         # x_T is N(0, I) in both VP (σ_T ≈ 1) and flow (σ = 1) form, times the plan's noise_scale (Euler's start)
         self.init_noise_sigma = float(plan.noise_scale)

@@ -79,7 +79,7 @@ class ComponentReuseHook(ModelHook):
         return module
 
 
-def _stream_inputs(meta: TransformerBlockMetadata | None, args: tuple,
+def stream_inputs(meta: TransformerBlockMetadata | None, args: tuple,
                    kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A block's (hidden, encoder hidden) inputs as diffusers' registry names them (encoder None for one stream;
     an unregistered block's first argument as the hidden states)."""
@@ -129,7 +129,7 @@ class BlockSkipHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         ctx = self.context
-        hidden, encoder = _stream_inputs(self.meta, args, kwargs)
+        hidden, encoder = stream_inputs(self.meta, args, kwargs)
         if not self.skip[ctx.step_index]:
             output = self.fn_ref.original_forward(*args, **kwargs)
             if self.keep[ctx.step_index]:
@@ -168,7 +168,7 @@ class UnitReuseHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         ctx, key = self.context, self.context.branch
-        hidden, encoder = _stream_inputs(self.meta, args, kwargs)
+        hidden, encoder = stream_inputs(self.meta, args, kwargs)
         if not self.refresh[ctx.step_index]:
             residuals = self.shared.setdefault("residual", {})
             if key not in residuals:
@@ -194,8 +194,10 @@ class UnitReuseHook(ModelHook):
         return module
 
 
-def _registered_metadata(module: torch.nn.Module) -> TransformerBlockMetadata | None:
-    """diffusers' description of a block's inputs and outputs (None for blocks it does not register)."""
+def block_metadata(module: torch.nn.Module) -> TransformerBlockMetadata | None:
+    """diffusers' description of a block's inputs and outputs (which argument and which output index is each
+    stream), or None for a module it does not register (a UNet branch). Dual-stream blocks (Flux, SD3) return
+    (text, image) pairs; SD3's last block returns (None, image)."""
     try:
         return TransformerBlockRegistry.get(type(module))
     except ValueError:
@@ -289,7 +291,7 @@ class CacheRuntime:
         for b in range(plan.start, plan.end):
             module = self.network.get_submodule(f"{plan.group}.{b}")
             hook = UnitReuseHook(self.context, refresh, shared, first=b == plan.start, last=b == plan.end - 1,
-                                 metadata=_registered_metadata(module))
+                                 metadata=block_metadata(module))
             self._register(module, hook, UNIT_HOOK)
 
     def _attach_deepcache(self, plan: UnitCachePlan) -> None:

@@ -42,7 +42,6 @@ FAMILY_BY_CLASS = {
 # the pipelines' own `guidance_scale` defaults
 GUIDANCE_DEFAULTS = {"dit": 4.0, "pixart": 4.5, "sana": 4.5, "sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5,
                      "wan": 5.0, "hunyuan_video": 6.0}
-FLOW_FAMILIES = ("sd3", "flux", "wan", "hunyuan_video")
 VIDEO_FAMILIES = ("wan", "hunyuan_video")
 # guidance-distilled families: guidance is a network input (×1000 for HunyuanVideo), never a CFG pair
 DISTILLED_GUIDANCE_SCALE = {"flux": 1.0, "hunyuan_video": 1000.0}
@@ -554,7 +553,7 @@ def _forward(network: torch.nn.Module, family: str, layout: dict[str, Any], guid
             scaled = guidance * DISTILLED_GUIDANCE_SCALE[family]  # the pipeline passes guidance_scale × 1000
             return network(
                 hidden_states=x,
-                timestep=torch.full((len(x),), tv, dtype=x.dtype, device=x.device),
+                timestep=timesteps(x, tv),  # float32, as the pipeline's float32 latents give it
                 encoder_hidden_states=c["prompt_embeds"],
                 encoder_attention_mask=c["prompt_attention_mask"],
                 pooled_projections=c["pooled_prompt_embeds"],

@@ -7,6 +7,7 @@ x_t = α_t x_0 + σ_t ε, λ_t = log(α_t / σ_t). Any model whose forward proce
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -39,15 +40,24 @@ class VPSchedule:
     def num_train_timesteps(self) -> int:
         return len(self.alphas_cumprod)
 
+    @functools.cached_property
+    def _log_ratio(self) -> np.ndarray:
+        """log(σ/α) at the integer timesteps: the table both directions interpolate."""
+        return 0.5 * np.log((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
+
     def sigma_ratio(self, t: float) -> float:
         """σ_t / α_t (diffusers' "sigma" for VP models)."""
-        log_ratio = 0.5 * np.log((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
+        log_ratio = self._log_ratio
         return float(np.exp(np.interp(t, np.arange(len(log_ratio)), log_ratio)))
+
+    def diffusers_sigma(self, t: float | None) -> float:
+        """A diffusers VP scheduler's `sigmas` entry at model time t (σ/α; 0 at the clean end t = None)."""
+        return 0.0 if t is None else self.sigma_ratio(t)
 
     def time_at(self, sigma_ratio: float) -> float:
         """The model time whose σ/α is `sigma_ratio` (a diffusers VP scheduler's `sigmas` entry): the inverse of
-        `sigma_ratio`, diffusers' `_sigma_to_t` without its rounding."""
-        log_ratio = 0.5 * np.log((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
+        `diffusers_sigma`, diffusers' `_sigma_to_t` without its rounding."""
+        log_ratio = self._log_ratio
         return float(np.interp(np.log(sigma_ratio), log_ratio, np.arange(len(log_ratio))))
 
     def alpha_sigma(self, t: float | None) -> tuple[float, float]:
@@ -66,8 +76,13 @@ class FlowSchedule:
     num_train_timesteps: int = 1000
     shift: float = 1.0
 
+    def diffusers_sigma(self, t: float | None) -> float:
+        """A diffusers flow scheduler's `sigmas` entry at model time t: the shifted σ (0 at t = None)."""
+        return self.alpha_sigma(t)[1]
+
     def time_at(self, sigma: float) -> float:
-        """The model time whose (shifted) σ is `sigma` (a diffusers flow scheduler's `sigmas` entry)."""
+        """The model time whose (shifted) σ is `sigma` (a diffusers flow scheduler's `sigmas` entry): the inverse of
+        `diffusers_sigma`."""
         unshifted = sigma / (self.shift - (self.shift - 1.0) * sigma)
         return unshifted * self.num_train_timesteps
 
