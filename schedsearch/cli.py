@@ -14,19 +14,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from schedsearch.cli_common import CliError, HelpFormatter, add_model_arguments, model_kwargs
+from schedsearch.cli_common import CliError, HelpFormatter, add_model_arguments, model_kwargs, parse_int_list
 from schedsearch.errors import UserInputError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 SOLVER_BASELINES = ("ddim", "dpmsolver++", "unipc", "pipeline")
-
-
-def parse_int_list(text: str, field: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise CliError(field, f"{text!r} is not a comma-separated list of integers", "e.g. 0,1,2") from exc
 
 
 def _cmd_models(args: argparse.Namespace) -> int:

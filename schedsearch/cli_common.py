@@ -41,3 +41,10 @@ def model_kwargs(args: Any) -> dict[str, int]:
         if out[name] is not None and out[name] < 1:
             raise CliError(flag, f"{out[name]} must be at least 1", f"e.g. {flag} 480, or leave it out")
     return {k: v for k, v in out.items() if v is not None}
+
+
+def parse_int_list(text: str, field: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise CliError(field, f"{text!r} is not a comma-separated list of integers", "e.g. 0,1,2") from exc

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from schedsearch.cli_common import CliError, add_model_arguments, model_kwargs
+from schedsearch.cli_common import CliError, add_model_arguments, model_kwargs, parse_int_list
 from schedsearch.methods import METHODS, PRESET_NAMES, SPACE_NAMES
 
 
@@ -49,12 +49,17 @@ def study_config(args: argparse.Namespace) -> Any:
 
         prompts = read_prompts(args.prompts)
     strategy_options = {} if args.shift_seeds is None else {"shift_seeds": args.shift_seeds}
+    space_options: dict[str, Any] = {"block_skip": False} if args.no_block_skip else {}
+    if args.policies is not None:
+        space_options["kinds"] = [k.strip() for k in args.policies.split(",") if k.strip()]
+    if args.steps_range is not None:
+        space_options["steps_range"] = parse_int_list(args.steps_range, "--steps-range")
     return StudyConfig(
         model=args.model, **model_kwargs(args), space=args.space, strategy=args.strategy,
         objectives=tuple(parse_objective_list(args.objectives)), study=args.study, store=args.store,
         budget=_budget(args), preset=args.preset, samples=args.samples, seed=args.seed, guidance=args.guidance,
         prompts=prompts, fid_reference=args.fid_reference, low_fidelity_samples=args.low_fidelity_samples,
-        space_options={"block_skip": False} if args.no_block_skip else {}, strategy_options=strategy_options,
+        space_options=space_options, strategy_options=strategy_options,
         batch_size=args.batch_size, cache_dir=args.cache_dir, workers=args.workers, ray_address=args.ray_address,
         validate=not args.no_validate, progress=not args.quiet, resume=args.resume,
     )
@@ -243,7 +248,8 @@ def add_study_commands(sub: Any, parser: Callable[..., argparse.ArgumentParser])
     add_model_arguments(s)
     s.add_argument("--space", required=True, choices=SPACE_NAMES,
                    help="cache: ECAD's recompute mask; cachequant: a unit's refresh steps; dc: DC-Solver's ratios; "
-                        "solver: S³'s solver schedule; joint: solver × cache × compensation")
+                        "solver: S³'s solver schedule; joint: solver × cache × compensation; policy: the knobs of "
+                        "the runtime caches of diffusers and cache-dit, with the number of steps")
     s.add_argument("--strategy", required=True, choices=list(METHODS), help=strategies)
     s.add_argument("--objectives", required=True, help="comma-separated, first = quality, e.g. psnr,macs")
     s.add_argument("--budget", type=int, help="the study's total number of evaluations, counting those of earlier "
@@ -272,6 +278,11 @@ def add_study_commands(sub: Any, parser: Callable[..., argparse.ArgumentParser])
                    help="FID against real images (builtin default) or the teacher's images (default otherwise)")
     s.add_argument("--no-block-skip", action="store_true",
                    help="cache/joint: ECAD's space exactly, without the bit that skips fully reused blocks whole")
+    s.add_argument("--policies", help="policy: comma-separated runtime caches to tune (default "
+                   "first_block_cache,mag_cache,taylorseer_cache; also pyramid_attention_broadcast, faster_cache, "
+                   "dbcache: cache-dit's)")
+    s.add_argument("--steps-range", help="policy: LOW,HIGH number of steps searched beside the cache's knobs "
+                   "(default: the preset's, 8,20 quick); runtime defaults are compared at HIGH")
     s.add_argument("--shift-seeds", action=argparse.BooleanOptionalAction, default=None,
                    help="cache + ecad: also seed each whole-stack refresh (FORA, DP) with one refresh moved a "
                         "step (default: on, off with --preset quick)")

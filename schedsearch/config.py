@@ -31,6 +31,7 @@ class Preset:
     nfe_range: tuple[int, int]  # solver / joint spaces
     dc_nfe: int  # NFE of the dc space
     teacher_steps: int  # steps of the teacher run that fidelity objectives compare with
+    policy_steps: tuple[int, int]  # step range of the policy space; its high end is where runtime defaults run
 
     def space_defaults(self, space: str) -> dict[str, Any]:
         return {
@@ -39,14 +40,16 @@ class Preset:
             "cachequant": {"num_steps": self.num_steps},
             "dc": {"nfe": self.dc_nfe},
             "joint": {"nfe_range": self.nfe_range},
+            "policy": {"steps_range": self.policy_steps},
         }.get(space, {})
 
 
 PRESETS = {
     # every strategy on the builtin model on 2 CPU cores in minutes: few samples, 10-step cache plans
-    "quick": Preset(samples=32, num_steps=10, nfe_range=(4, 6), dc_nfe=5, teacher_steps=100),
+    "quick": Preset(samples=32, num_steps=10, nfe_range=(4, 6), dc_nfe=5, teacher_steps=100, policy_steps=(8, 20)),
     # the seed methods' settings
-    "paper": Preset(samples=1000, num_steps=20, nfe_range=(4, 10), dc_nfe=5, teacher_steps=100),
+    "paper": Preset(samples=1000, num_steps=20, nfe_range=(4, 10), dc_nfe=5, teacher_steps=100,
+                    policy_steps=(10, 28)),
 }
 
 # Fields that define what a study computes: stored with it, and compared on --resume.
@@ -171,6 +174,33 @@ class StudyConfig:
         if self.space_options.get("block_skip") is False and self.space not in ("cache", "joint"):
             raise UserInputError("--no-block-skip", f"applies to --space cache or joint, not {self.space}",
                                  "drop it")
+        self._check_policy_options()
+
+    def _check_policy_options(self) -> None:
+        """--policies / --steps-range: only for the policy space, known kinds, a valid range (before any work)."""
+        from schedsearch.spaces.policy_plan import CACHE_DIT_KINDS, POLICY_KINDS
+
+        kinds, steps = self.space_options.get("kinds"), self.space_options.get("steps_range")
+        if self.space != "policy":
+            for name, flag in (("kinds", "--policies"), ("steps_range", "--steps-range")):
+                if name in self.space_options:
+                    raise UserInputError(flag, f"applies to --space policy, not {self.space}", "drop it")
+            return
+        if kinds is not None:
+            bad = [k for k in kinds if k not in POLICY_KINDS]
+            if not kinds or bad or isinstance(kinds, str):
+                raise UserInputError("--policies", f"unknown {bad or kinds!r}",
+                                     f"use a comma-separated subset of {', '.join(POLICY_KINDS)}")
+            if set(kinds) & set(CACHE_DIT_KINDS):
+                from schedsearch.runtime.cache_dit_runtime import require_cache_dit
+
+                require_cache_dit("--policies")
+        if steps is not None:
+            ok = (isinstance(steps, (list, tuple)) and len(steps) == 2
+                  and all(isinstance(v, int) and not isinstance(v, bool) for v in steps) and 2 <= steps[0] <= steps[1])
+            if not ok:
+                raise UserInputError("--steps-range", f"{steps!r} is not LOW,HIGH with 2 ≤ LOW ≤ HIGH",
+                                     "e.g. --steps-range 8,20")
 
     @property
     def model_kwargs(self) -> dict[str, int]:

@@ -23,13 +23,47 @@ from schedsearch.spaces.base import SearchSpace
 __all__ = ["PRESETS", "StudyConfig", "build_space", "heldout_study", "run_search", "study_exists", "validate_front"]
 
 
-def build_space(name: str, info: Any, preset: str = "quick", options: Mapping[str, Any] | None = None) -> SearchSpace:
-    """Space `name` for a model (its `ModelInfo`), with the preset's defaults under `options`."""
+def build_space(name: str, info: Any, preset: str = "quick", options: Mapping[str, Any] | None = None, *,
+                model: Any = None, conditions: Sequence[Any] = (), guidance: float | None = None) -> SearchSpace:
+    """Space `name` for a model (its `ModelInfo`), with the preset's defaults under `options`.
+
+    The policy space also needs the loaded `model`: its pipeline's scheduler at every step count, and what its
+    policies need from it (MagCache's ratios, calibrated on a run with the first `conditions` at `guidance`)."""
+    import dataclasses
+
     from schedsearch.runtime.models import model_structure
     from schedsearch.spaces.registry import make_space
 
     defaults = PRESETS[check_preset(preset)].space_defaults(name)
-    return make_space(name, model_structure(info), **{**defaults, **dict(options or {})})
+    options = {**defaults, **dict(options or {})}
+    structure = model_structure(info)
+    if name == "policy":
+        structure = dataclasses.replace(structure, extra=_policy_model_side(model, options, conditions, guidance))
+    return make_space(name, structure, **options)
+
+
+def _policy_model_side(model: Any, options: Mapping[str, Any], conditions: Sequence[Any],
+                       guidance: float | None) -> dict[str, Any]:
+    from schedsearch.runtime.policy_runtime import model_fixed_params
+    from schedsearch.spaces.policy import DEFAULT_KINDS
+
+    if model is None:
+        raise UserInputError("--space", "policy needs the loaded model (its scheduler and calibrated ratios)",
+                             "call build_space(..., model=loaded_model)")
+    try:
+        lo, hi = (int(v) for v in options.get("steps_range", (10, 20)))
+        default_steps = int(options.get("default_steps", hi))
+    except (TypeError, ValueError) as exc:
+        raise UserInputError("space_options.steps_range", f"{options.get('steps_range')!r} is not (low, high)",
+                             "e.g. steps_range=[8, 20]") from exc
+    if not 2 <= lo <= hi <= 1000:
+        raise UserInputError("space_options.steps_range", f"({lo}, {hi}) is not 2 ≤ low ≤ high ≤ 1000",
+                             "e.g. steps_range=[8, 20]")
+    kinds = tuple(options.get("kinds", DEFAULT_KINDS))
+    plans = {n: model.default_plan(n) for n in range(lo, hi + 1)}
+    calibrate_on = list(conditions[:4]) or ([0, 1, 2, 3] if model.info.conditioning == "class" else [])
+    fixed = model_fixed_params(model, kinds, default_steps, calibrate_on, guidance)
+    return {"plans": plans, "policy_fixed": fixed}
 
 
 def run_search(config: StudyConfig | None = None, *, model: Any = None, store: Any = None,
@@ -52,10 +86,11 @@ def run_search(config: StudyConfig | None = None, *, model: Any = None, store: A
     method = get_method(config.strategy)
     _check_existence(config, store if isinstance(store, ResultStore) else None)
     loaded = loaded or load_model(config.model, **config.model_kwargs)
-    space = build_space(config.space, loaded.info, config.preset, config.space_options)
     spec = default_spec(loaded.info, samples=config.resolved_samples, split="search", guidance=config.guidance,
                         prompts=config.prompts, teacher_steps=config.preset_settings.teacher_steps,
                         fid_reference=config.fid_reference)
+    space = build_space(config.space, loaded.info, config.preset, config.space_options, model=loaded,
+                        conditions=spec.conditions, guidance=spec.guidance)
     cache_dir = config.cache_dir or default_cache_dir()
     calibration = CalibrationSet.open(spec, cache_dir)
     evaluator = _evaluator(config, loaded, calibration, cache_dir)
@@ -170,7 +205,7 @@ def score_baselines(space: SearchSpace, store: ResultStore, study: str, evaluato
     of their front: what the study's front is compared with, on held-out seeds too."""
     from schedsearch.search.fixed import score_schedules
 
-    schedules = [s for _, s in space.baselines()]
+    schedules = [s for _, s in space.comparisons()]
     if not schedules:
         return []
     score_schedules(baselines_study(study), schedules, objectives, evaluator, store)

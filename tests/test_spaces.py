@@ -358,7 +358,7 @@ def test_joint_space_parts() -> None:
 
 
 def test_registry() -> None:
-    assert set(SPACES) == {"solver", "cache", "cachequant", "dc", "joint"}
+    assert set(SPACES) == {"solver", "cache", "cachequant", "dc", "joint", "policy"}
     assert isinstance(make_space("dc", BUILTIN, nfe=7), CompensationSpace)
     with pytest.raises(UserInputError, match=r"--space: unknown 'nope'.*cachequant"):
         make_space("nope", BUILTIN)

@@ -3,6 +3,7 @@ every image objective, add the cost objectives. No Ray needed; the Ray evaluator
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import time
@@ -15,7 +16,7 @@ import torch
 
 from schedsearch.calibration.calibration_set import CalibrationSet
 from schedsearch.errors import SchedsearchError
-from schedsearch.objectives.base import CostObjective, ImageObjective, Objective, ScoreBatch
+from schedsearch.objectives.base import CostObjective, ImageObjective, Objective, ScoreBatch, spread
 from schedsearch.objectives.registry import ObjectiveContext, build_objectives
 from schedsearch.runtime.models import LoadedModel
 from schedsearch.spaces.schedule import Schedule
@@ -93,24 +94,49 @@ class LocalEvaluator:
 
         spec = self.calibration.spec.head(self.samples)
         image_objectives = [o for o in self.objectives if isinstance(o, ImageObjective)]
+        cost_objectives = [o for o in self.objectives if isinstance(o, CostObjective)]
         accumulators = [o.accumulator() for o in image_objectives]
         needs_teacher = any(o.needs_teacher for o in image_objectives)
+        adaptive = schedule.policy is not None
         metrics: dict[str, float] = {}
-        if accumulators:
-            for part, images in run_batches(self.model, schedule, spec.conditions, spec.seeds, spec.guidance,
-                                            self.batch_size):
-                if not bool(images.isfinite().all()):
-                    raise NonFiniteOutputError(f"schedule {schedule.key} produced NaN/inf images")
-                teacher = self.calibration.teacher(part.start, part.stop) if needs_teacher else None
-                batch = ScoreBatch(images.float(), spec.conditions[part], spec.seeds[part], teacher)
-                for acc in accumulators:
-                    acc.update(batch)
-            for acc in accumulators:
-                metrics.update(acc.result())
-        for objective in self.objectives:
-            if isinstance(objective, CostObjective):
+        observations: list[Any] = []
+        seconds: list[float] = []
+        # A runtime policy decides per batch (a residual difference of the whole batch); deployed, it sees one
+        # prompt at a time, so it is scored one sample per batch, and what each sample's run computed is its cost.
+        batch_size = 1 if adaptive else self.batch_size
+        with self._observer(adaptive) as observer:
+            if accumulators or adaptive:
+                batches = run_batches(self.model, schedule, spec.conditions, spec.seeds, spec.guidance, batch_size)
+                start = time.perf_counter()
+                for part, images in batches:
+                    if observer is not None:
+                        observations.append(observer.take())
+                        seconds.append(time.perf_counter() - start)
+                    if not bool(images.isfinite().all()):
+                        raise NonFiniteOutputError(f"schedule {schedule.key} produced NaN/inf images")
+                    if accumulators:
+                        teacher = self.calibration.teacher(part.start, part.stop) if needs_teacher else None
+                        batch = ScoreBatch(images.float(), spec.conditions[part], spec.seeds[part], teacher)
+                        for acc in accumulators:
+                            acc.update(batch)
+                    start = time.perf_counter()
+        for acc in accumulators:
+            metrics.update(acc.result())
+        for objective in cost_objectives:
+            if adaptive:
+                metrics.update(objective.observed(schedule, observations))
+            else:
                 metrics[objective.name] = objective.value(schedule)
+        if adaptive:  # measured wall time per sample (batch of one): noisy on a shared machine, kept beside
+            metrics.update(spread("measured_s", seconds))
         bad = [k for k, v in metrics.items() if math.isnan(v)]
         if bad:
             raise NonFiniteOutputError(f"objective(s) {bad} are NaN for schedule {schedule.key}")
         return metrics
+
+    def _observer(self, adaptive: bool) -> Any:
+        if not adaptive:
+            return contextlib.nullcontext()
+        from schedsearch.objectives.cost import UnitObserver
+
+        return UnitObserver(self.model.network, self.model.info)

@@ -34,7 +34,7 @@ PRESET_NAMES = ("quick", "paper")
 RECIPE_OPTIONS_OF = {"ecad": ("shift_seeds",)}
 RECIPE_OPTIONS = {name for names in RECIPE_OPTIONS_OF.values() for name in names}
 # The names of `schedsearch.spaces.registry.SPACES`, here without importing the spaces (numpy) for `--help`.
-SPACE_NAMES = ("cache", "cachequant", "dc", "joint", "solver")
+SPACE_NAMES = ("cache", "cachequant", "dc", "joint", "policy", "solver")
 
 
 class Method:

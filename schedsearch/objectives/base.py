@@ -19,6 +19,7 @@ from schedsearch.errors import UnavailableError
 if TYPE_CHECKING:
     import torch
 
+    from schedsearch.objectives.cost import Observation
     from schedsearch.spaces.schedule import Schedule
 
 Direction = Literal["min", "max"]
@@ -78,6 +79,21 @@ class CostObjective(Objective):
     @abstractmethod
     def value(self, schedule: Schedule) -> float:
         """The cost of one sample's run of `schedule` (per image), without running it."""
+
+    def observed(self, schedule: Schedule, per_sample: Sequence[Observation]) -> dict[str, float]:
+        """The cost of a run whose reuse was decided while it ran (a runtime policy), from what each sample's run
+        computed (`objectives.cost.Observation`, one per sample): the mean under `name` and the 90th percentile
+        under `<name>.p90`, since adaptive policies cost more on some prompts than on others. Objectives whose
+        value does not depend on what ran (NFE) return `value(schedule)`."""
+        return {self.name: self.value(schedule)}
+
+
+def spread(name: str, values: Sequence[float]) -> dict[str, float]:
+    """Mean of per-sample costs under `name`, their 90th percentile under `<name>.p90`."""
+    import numpy as np
+
+    array = np.asarray(values, dtype=float)
+    return {name: float(array.mean()), f"{name}.p90": float(np.percentile(array, 90))}
 
 
 CI_LEVEL = 0.95

@@ -487,6 +487,11 @@ class Observation:
             total += sum(table.slots[n] * rows.get(n, 0) for n in table.slots)
         return total / full_batch * multiplier
 
+    def per_sample(self, table: CostTable, samples: int) -> float:
+        """Cost per sample of this observation of `samples` samples' run, every batch row counted (a CFG pair
+        twice, as `MACs` counts it); for a per-call table measured at batch B (latency), divide by B after."""
+        return self.cost(table, full_batch=samples)
+
     def recompute_fraction(self) -> float:
         slots = [n for n in self.calls[0] if n.count(".") >= 2] if self.calls else []
         ran = sum(rows[n] > 0 for rows in self.calls for n in slots)
@@ -499,40 +504,60 @@ def _leaves(module: torch.nn.Module, exclude: tuple[torch.nn.Module | None, ...]
     return [m for m in module.modules() if id(m) not in skipped and any(True for _ in m.parameters(False))]
 
 
-def observe_units(network: torch.nn.Module, info: ModelInfo, run: Callable[[], Any]) -> Observation:
-    """Run `run()` and record, per network call, how many batch rows each cost unit processed.
+class UnitObserver:
+    """Records, per network call, how many batch rows each cost unit processed, while attached (a context manager).
 
     A unit counts as run when its first parameterised submodule runs (a reused or skipped output never reaches it):
     the base by the first one outside all blocks (the patch embedding), a block's overhead by the last one
     outside its components (its adaLN linear: DiT also calls block 0's timestep MLP for its final layer), a
-    component by its first. Rows, not calls, are counted, so a
-    cache that drops the unconditional half of a CFG batch (FasterCache) is accounted too; whole-block skips
-    (FirstBlockCache, MagCache) drop the block overhead as well as the components."""
-    units: dict[str, torch.nn.Module] = {}
-    blocks = [(f"{g.path}.{b}", g.components) for g in info.block_groups for b in range(g.count)]
-    block_modules = tuple(network.get_submodule(b) for b, _ in blocks)
-    units[""] = _leaves(network, block_modules)[0]
-    for (block, components), module in zip(blocks, block_modules, strict=True):
-        parts = tuple(getattr(module, c, None) for c in components)
-        units[block] = _leaves(module, parts)[-1]
-        for c, part in zip(components, parts, strict=True):
-            if part is not None:
-                units[f"{block}.{c}"] = _leaves(part)[0]
-    calls: list[dict[str, int]] = []
-    handles = [network.register_forward_pre_hook(lambda *_: calls.append(dict.fromkeys(units, 0)))]
-    for name, leaf in units.items():
+    component by its first. Rows, not calls, are counted, so a cache that drops the unconditional half of a CFG
+    batch (FasterCache) is accounted too; whole-block skips (FirstBlockCache, MagCache) drop the block overhead as
+    well as the components. `take()` returns what ran since the last take: one run's (or one sample's) calls."""
 
-        def mark(_: torch.nn.Module, args: tuple, name: str = name) -> None:
-            rows = int(args[0].shape[0]) if args and torch.is_tensor(args[0]) and args[0].ndim else 1
-            calls[-1][name] = max(calls[-1][name], rows)
+    def __init__(self, network: torch.nn.Module, info: ModelInfo) -> None:
+        self.network = network
+        units: dict[str, torch.nn.Module] = {}
+        blocks = [(f"{g.path}.{b}", g.components) for g in info.block_groups for b in range(g.count)]
+        block_modules = tuple(network.get_submodule(b) for b, _ in blocks)
+        units[""] = _leaves(network, block_modules)[0]
+        for (block, components), module in zip(blocks, block_modules, strict=True):
+            parts = tuple(getattr(module, c, None) for c in components)
+            units[block] = _leaves(module, parts)[-1]
+            for c, part in zip(components, parts, strict=True):
+                if part is not None:
+                    units[f"{block}.{c}"] = _leaves(part)[0]
+        self.units = units
+        self.calls: list[dict[str, int]] = []
+        self._handles: list[Any] = []
 
-        handles.append(leaf.register_forward_pre_hook(mark))
-    try:
-        run()
-    finally:
-        for handle in handles:
+    def __enter__(self) -> UnitObserver:
+        units, calls = self.units, self.calls
+        self._handles = [self.network.register_forward_pre_hook(lambda *_: calls.append(dict.fromkeys(units, 0)))]
+        for name, leaf in units.items():
+
+            def mark(_: torch.nn.Module, args: tuple, name: str = name) -> None:
+                rows = int(args[0].shape[0]) if args and torch.is_tensor(args[0]) and args[0].ndim else 1
+                calls[-1][name] = max(calls[-1][name], rows)
+
+            self._handles.append(leaf.register_forward_pre_hook(mark))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
             handle.remove()
-    return Observation(tuple(calls))
+        self._handles = []
+
+    def take(self) -> Observation:
+        observed = Observation(tuple(self.calls))
+        self.calls.clear()
+        return observed
+
+
+def observe_units(network: torch.nn.Module, info: ModelInfo, run: Callable[[], Any]) -> Observation:
+    """Run `run()` and record, per network call, how many batch rows each cost unit processed (`UnitObserver`)."""
+    with UnitObserver(network, info) as observer:
+        run()
+    return observer.take()
 
 
 def calibrate_base(table: CostTable, measured_full_s: float, evaluations: int) -> CostTable:

@@ -16,14 +16,17 @@ from schedsearch.objectives.base import (
     ObjectiveUnavailableError,
     ScoreBatch,
     mean_interval,
+    spread,
 )
 from schedsearch.objectives.features import FeatureExtractor, default_extractor_name, get_extractor
 from schedsearch.objectives.registry import ObjectiveContext, register_objective
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import torch
 
-    from schedsearch.objectives.cost import CostTable
+    from schedsearch.objectives.cost import CostTable, Observation
     from schedsearch.objectives.fid import FeatureStats
     from schedsearch.runtime.models import LoadedModel
     from schedsearch.spaces.schedule import Schedule
@@ -200,8 +203,14 @@ class MACs(CostObjective):
     def value(self, schedule: Schedule) -> float:
         from schedsearch.objectives.cost import schedule_cost
 
+        _refuse_policy(schedule, self.name)
         multiplier = 2.0 if self.model.info.guidance_default != 1.0 else 1.0
         return schedule_cost(self.table(), schedule.solver, self.model.info, schedule.cache, multiplier=multiplier)
+
+    def observed(self, schedule: Schedule, per_sample: Sequence[Observation]) -> dict[str, float]:
+        """Every batch row that ran, counted (a CFG pair twice): the same units as `value`."""
+        table = self.table()
+        return spread(self.name, [o.per_sample(table, 1) for o in per_sample])
 
 
 class PredictedLatency(CostObjective):
@@ -258,8 +267,24 @@ class PredictedLatency(CostObjective):
     def value(self, schedule: Schedule) -> float:
         from schedsearch.objectives.cost import schedule_cost
 
+        _refuse_policy(schedule, self.name)
         seconds = schedule_cost(self.table(), schedule.solver, self.model.info, schedule.cache)
         return seconds / self.batch if math.isfinite(seconds) else float("nan")
+
+    def observed(self, schedule: Schedule, per_sample: Sequence[Observation]) -> dict[str, float]:
+        """Each unit's share of the table's call (rows that ran / rows of a full call of one sample: 2 with CFG,
+        as the table's probe ran), summed over the run, per image of the table's batch."""
+        table = self.table()
+        rows = 2 if self.model.info.guidance_default != 1.0 else 1
+        return spread(self.name, [o.cost(table, full_batch=rows) / self.batch for o in per_sample])
+
+
+def _refuse_policy(schedule: Schedule, name: str) -> None:
+    """A runtime policy decides while it runs: its cost is observed (`observed`), never predicted as if it
+    computed everything."""
+    if schedule.policy is not None:
+        raise ValueError(f"{name}: schedule {schedule.key} has a runtime policy ({schedule.policy.kind}); its cost "
+                         "is what it ran, observed during its evaluation (CostObjective.observed)")
 
 
 def _device_tag(model: LoadedModel) -> str:

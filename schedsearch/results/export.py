@@ -9,6 +9,7 @@ a reader (or a killed export) sees the old front or the new one, never a mix, an
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import json
 import os
@@ -165,7 +166,7 @@ def export_front(
             }
             if checked is not None:  # re-scored on the held-out split (run_search's validate step)
                 meta["heldout_metrics"] = {name: checked[name] for name in sorted(checked)}
-            schedule = Schedule(model=schedule.model, solver=schedule.solver, cache=schedule.cache, meta=meta)
+            schedule = dataclasses.replace(schedule, meta=meta)
             name = f"{rank:0{width}d}_{record.key}.json"
             (tmp / name).write_text(schedule.to_json())
             entries.append(

@@ -92,8 +92,12 @@ class DiffusersCache:
       made with `calibrate_mag_ratios`) and `num_inference_steps` = network calls per run.
     """
 
-    def __init__(self, network: torch.nn.Module, kind: str, *, cond_first: bool = True, **params: Any) -> None:
+    def __init__(self, network: torch.nn.Module, kind: str, *, cond_first: bool = True,
+                 timestep_map: Callable[[float], float] | None = None, **params: Any) -> None:
+        """`timestep_map`: model time -> the timestep a stock pipeline reports to the timestep callbacks (PAB's and
+        FasterCache's windows): σ·T for flow matching (`policy_runtime.network_timestep`); identity by default."""
         self.network, self.kind, self.timestep = network, kind, None
+        self._timestep_map = timestep_map or float
         self._last_step: int | None = None
         if kind == "first_block_cache":
             self.config: Any = FirstBlockCacheConfig(**params)
@@ -138,7 +142,7 @@ class DiffusersCache:
                     f"mag_cache: step {step_index} but num_inference_steps={self.config.num_inference_steps}; "
                     "set it to the run's number of network calls (its ratios are indexed by call)"
                 )
-            self._last_step, self.timestep = step_index, t
+            self._last_step, self.timestep = step_index, self._timestep_map(t)
             with CacheMixin.cache_context(self.network, "batch", step_index=step_index, timestep=t):
                 return denoise(x, t, step_index)
 

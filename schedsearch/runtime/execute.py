@@ -1,4 +1,4 @@
-"""Run a whole `Schedule` (solver plan + cache plan) on a loaded model, batch by batch.
+"""Run a whole `Schedule` (solver plan + cache plan or runtime policy) on a loaded model, batch by batch.
 
 Streaming on purpose: callers score each batch and drop it, so a study's memory does not grow with its samples.
 """
@@ -12,6 +12,7 @@ import torch
 
 from schedsearch.runtime.cache_hooks import CacheRuntime
 from schedsearch.runtime.models import LoadedModel, initial_noise
+from schedsearch.runtime.policy_runtime import PolicyRuntime
 from schedsearch.runtime.sampler import sample
 from schedsearch.spaces.errors import ScheduleError
 from schedsearch.spaces.schedule import Schedule
@@ -30,7 +31,21 @@ def check_schedule_for(model: LoadedModel, schedule: Schedule, *, hooks: bool = 
     schedule = schedule.validate(model.info.num_train_timesteps, max_timestep=model.info.max_timestep)
     if hooks and schedule.cache is not None:
         CacheRuntime(model.network, model.info, schedule.cache).remove()
+    if hooks and schedule.policy is not None:
+        attach_runtime(model, schedule).remove()
     return schedule
+
+
+def attach_runtime(model: LoadedModel, schedule: Schedule) -> CacheRuntime | PolicyRuntime | None:
+    """Attach what the schedule reuses computation with: its static cache plan's hooks or its runtime policy."""
+    if schedule.cache is not None:
+        return CacheRuntime(model.network, model.info, schedule.cache)
+    if schedule.policy is not None:
+        try:
+            return PolicyRuntime(model, schedule.policy, schedule.solver)
+        except ValueError as exc:  # the runtime's own check of its config against this network
+            raise ScheduleError("policy", str(exc), "choose another policy kind for this model") from exc
+    return None
 
 
 def run_batches(
@@ -42,7 +57,7 @@ def run_batches(
     batch_size: int = 64,
     progress: bool = False,
     *,
-    runtime: CacheRuntime | None = None,
+    runtime: CacheRuntime | PolicyRuntime | None = None,
     decode: bool = True,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield (slice of the inputs, images) per batch: decoded in [-1, 1], or the final latents with `decode=False`;
@@ -59,9 +74,9 @@ def run_batches(
         batch_size = max(batch_size, len(seeds))
     elif len(conditions) != len(seeds):
         raise ValueError(f"conditions ({len(conditions)}) and seeds ({len(seeds)}) must have the same length")
-    owned = runtime is None and schedule.cache is not None
+    owned = runtime is None and (schedule.cache is not None or schedule.policy is not None)
     if owned:
-        runtime = CacheRuntime(model.network, model.info, schedule.cache)
+        runtime = attach_runtime(model, schedule)
     try:
         for start in range(0, len(seeds), batch_size):
             part = slice(start, min(len(seeds), start + batch_size))

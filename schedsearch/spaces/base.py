@@ -114,6 +114,11 @@ class SearchSpace(ABC):
     def baselines(self) -> list[tuple[str, Schedule]]:
         """Hand-made schedules of this space (named), to compare with and to seed initial populations."""
 
+    def comparisons(self) -> list[tuple[str, Schedule]]:
+        """What a study's front is compared with (`<study>@baselines`): the baselines, and schedules the space
+        cannot express but a user would try instead (the policy space: fewer steps, no cache)."""
+        return self.baselines()
+
     def sample(self, rng: np.random.Generator) -> Schedule:
         return self.decode(self.genome.random(rng))
 

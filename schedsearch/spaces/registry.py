@@ -10,6 +10,7 @@ from schedsearch.spaces.cache_interval import CacheIntervalSpace
 from schedsearch.spaces.cache_mask import CacheMaskSpace
 from schedsearch.spaces.compensation import CompensationSpace
 from schedsearch.spaces.joint import JointSpace
+from schedsearch.spaces.policy import PolicySpace
 from schedsearch.spaces.solver import SolverSpace
 
 SPACES: dict[str, type[SearchSpace]] = {
@@ -18,6 +19,7 @@ SPACES: dict[str, type[SearchSpace]] = {
     "cachequant": CacheIntervalSpace,
     "dc": CompensationSpace,
     "joint": JointSpace,
+    "policy": PolicySpace,
 }
 
 __all__ = ["SPACES", "make_space"]

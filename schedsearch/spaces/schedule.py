@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from schedsearch.spaces.cache_plan import CachePlan, cache_plan_from_dict
 from schedsearch.spaces.errors import ScheduleError
+from schedsearch.spaces.policy_plan import RuntimePolicy, policy_from_dict
 
 FORMAT = "schedsearch.schedule/v1"
 MAX_ORDER = 3
@@ -240,12 +241,15 @@ class SolverPlan:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Everything an inference run needs beyond the model: found once, run many times."""
+    """Everything an inference run needs beyond the model: found once, run many times. A run reuses computation
+    by a static `cache` plan (decided offline, step by step) or by a runtime `policy` (a rule-based cache that
+    decides while it runs), not both."""
 
     model: str
     solver: SolverPlan
     cache: CachePlan | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    policy: RuntimePolicy | None = None
 
     def to_dict(self) -> dict[str, Any]:
         # Field by field rather than dataclasses.asdict: `key` runs once per candidate and asdict's deep copy was
@@ -265,6 +269,8 @@ class Schedule:
         data = {"format": FORMAT, "model": self.model, "solver": solver}
         if self.cache is not None:
             data["cache"] = self.cache.to_dict()
+        if self.policy is not None:  # absent otherwise: keys of schedules without one stay as they were
+            data["policy"] = self.policy.to_dict()
         data["meta"] = dict(self.meta)
         return data
 
@@ -284,6 +290,11 @@ class Schedule:
         if self.cache is not None:
             first = 1 if self.solver.first_step == "zero_x0" else 0
             self.cache.validate(self.solver.num_steps, first_evaluated_step=first)
+        if self.policy is not None:
+            self.policy.validate()
+            if self.cache is not None:
+                raise ScheduleError("policy", "a schedule has a static cache plan or a runtime policy, not both",
+                                    "drop one of them")
         return self
 
     @staticmethod
@@ -301,8 +312,10 @@ class Schedule:
         if not isinstance(solver, dict):
             raise ScheduleError("solver", "missing or not an object")
         cache = cache_plan_from_dict(data["cache"]) if data.get("cache") is not None else None
+        policy = policy_from_dict(data["policy"]) if data.get("policy") is not None else None
         meta = dict(data.get("meta") or {})
-        return Schedule(model=model, solver=_solver_from_dict(solver), cache=cache, meta=meta).validate()
+        return Schedule(model=model, solver=_solver_from_dict(solver), cache=cache, meta=meta,
+                        policy=policy).validate()
 
     @staticmethod
     def from_json(text: str, source: str = "(file)") -> Schedule:
