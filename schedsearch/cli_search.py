@@ -171,8 +171,29 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from schedsearch.results.export import export_front
 
     with _open_store(args.store, create=False) as store:
-        index = export_front(store, args.study, args.out, args.objectives)
+        index = export_front(store, args.study, args.out, args.objectives, fmt=args.format)
     print(f"wrote {index}")
+    return 0
+
+
+def _cmd_pick(args: argparse.Namespace) -> int:
+    """Exit 0 with the pick exported; 3 when no schedule meets the targets (2 for bad input, as everywhere)."""
+    from schedsearch.results.export import export_front
+    from schedsearch.results.pick import NothingMeetsError, parse_bounds, pick
+
+    minimums, maximums = parse_bounds(args.min, "--min"), parse_bounds(args.max, "--max")
+    with _open_store(args.store, create=False) as store:
+        try:
+            chosen = pick(store, args.study, minimums, maximums, args.by)
+        except NothingMeetsError as exc:
+            print(f"nothing meets the targets: {exc.problem}; {exc.fix}", file=sys.stderr)
+            return 3
+        shown = {n: chosen.values[n] for n in sorted({*minimums, *maximums, chosen.cost}) if n in chosen.values}
+        print(f"picked {chosen.record.key} ({chosen.split} scores): "
+              + ", ".join(f"{n} = {v:.4g}" for n, v in shown.items()))
+        if args.out is not None:
+            out = export_front(store, args.study, args.out, fmt=args.format, only=[chosen.record.key])
+            print(f"wrote {out}")
     return 0
 
 
@@ -305,6 +326,22 @@ def add_study_commands(sub: Any, parser: Callable[..., argparse.ArgumentParser])
     e.add_argument("--out", type=Path, required=True, help="directory to write (replaced whole if it is an export)")
     e.add_argument("--objectives", help="subset of the study's objectives (default: all of them)")
     e.set_defaults(run=_cmd_export)
+
+    e.add_argument("--format", default="schedsearch", choices=("schedsearch", "diffusers", "cache-dit"),
+                   help="also write each schedule in a runtime's own format: diffusers (cache config JSON + the lines "
+                        "that enable it on a stock pipeline) or cache-dit (a YAML for cache_dit.load_configs)")
+
+    k = parser(sub, "pick", "the cheapest schedule of a study's front that meets quality targets (held-out scores "
+                            "where the study has them); exit 3 if none does")
+    _store_study(k)
+    k.add_argument("--min", action="append", help="NAME=VALUE lower bounds, e.g. --min psnr=30 (repeatable)")
+    k.add_argument("--max", action="append", help="NAME=VALUE upper bounds for minimised metrics, e.g. --max fid=20")
+    k.add_argument("--by", help="the cost to minimise (default: latency_s, macs or nfe, the first the study has; "
+                                "macs.p90 for a policy's slower prompts)")
+    k.add_argument("--out", type=Path, help="export the pick here")
+    k.add_argument("--format", default="schedsearch", choices=("schedsearch", "diffusers", "cache-dit"),
+                   help="the export's format (see export --format)")
+    k.set_defaults(run=_cmd_pick)
 
     v = parser(sub, "evaluate", "score one schedule file on the calibration set")
     add_model_arguments(v)

@@ -42,6 +42,38 @@ def build_space(name: str, info: Any, preset: str = "quick", options: Mapping[st
     return make_space(name, structure, **options)
 
 
+# Families whose stock pipeline calls the transformer once for the conditional and once for the unconditional batch
+# per step, under cache contexts "cond"/"uncond" (diffusers' WanPipeline): a policy's state and decisions are per pass.
+CFG_SPLIT_FAMILIES = ("wan",)
+
+
+def _probe_policies(model: Any, kinds: Sequence[str], plan: Any, fixed: Mapping[str, Any], conditions: Sequence[Any],
+                    guidance: float | None) -> None:
+    """Run each kind's default policy once (one sample, the shortest plan) so a runtime that does not fit this model
+    (FirstBlockCache on a context-pre-only SD3 block, FasterCache on a token-layout output, DBCache's Fn beyond
+    the blocks) is refused before any search, with the runtime's own error."""
+    from schedsearch.runtime.execute import run_batches
+    from schedsearch.spaces.policy_plan import KNOBS, RuntimePolicy
+    from schedsearch.spaces.schedule import Schedule
+
+    for kind in kinds:
+        values = {k.name: k.default for k in KNOBS[kind]}
+        if kind == "dbcache":
+            values.update(Fn_compute_blocks=1, Bn_compute_blocks=0)
+        if kind == "taylorseer_cache":
+            values["disable_cache_before_step"] = 1
+        policy = RuntimePolicy(kind, tuple({**values, **fixed.get(kind, {})}.items()))
+        try:
+            for _ in run_batches(model, Schedule(model.info.name, plan, policy=policy), list(conditions),
+                                 [0] * len(conditions), guidance, 1):
+                pass
+        except UserInputError:
+            raise
+        except Exception as exc:
+            raise UserInputError("--policies", f"{kind} does not run on {model.info.name} ({type(exc).__name__}: "
+                                 f"{exc})", "drop it from --policies") from exc
+
+
 def _policy_model_side(model: Any, options: Mapping[str, Any], conditions: Sequence[Any],
                        guidance: float | None) -> dict[str, Any]:
     from schedsearch.runtime.policy_runtime import model_fixed_params
@@ -60,10 +92,23 @@ def _policy_model_side(model: Any, options: Mapping[str, Any], conditions: Seque
         raise UserInputError("space_options.steps_range", f"({lo}, {hi}) is not 2 ≤ low ≤ high ≤ 1000",
                              "e.g. steps_range=[8, 20]")
     kinds = tuple(options.get("kinds", DEFAULT_KINDS))
+    if model.info.family in CFG_SPLIT_FAMILIES:
+        raise UserInputError("--space policy", f"{model.info.family}'s pipeline runs the conditional and "
+                             "unconditional passes as separate calls, each with its own cache state, so an adaptive "
+                             "policy scored on schedsearch's batched CFG would decide differently when deployed",
+                             "tune static schedules (--space cache) for this family")
     plans = {n: model.default_plan(n) for n in range(lo, hi + 1)}
     calibrate_on = list(conditions[:4]) or ([0, 1, 2, 3] if model.info.conditioning == "class" else [])
     fixed = model_fixed_params(model, kinds, default_steps, calibrate_on, guidance)
-    return {"plans": plans, "policy_fixed": fixed}
+    _probe_policies(model, kinds, plans[lo], fixed, calibrate_on[:1], guidance)
+    scheduler = "DPMSolverMultistepScheduler"  # default_plan's fallback: no pipeline scheduler, or none it can run
+    if model.scheduler is not None:
+        try:
+            if all(plans[n] == model.pipeline_plan(n) for n in (lo, hi)):
+                scheduler = "pipeline"
+        except UserInputError:
+            pass
+    return {"plans": plans, "policy_fixed": fixed, "scheduler": scheduler}
 
 
 def run_search(config: StudyConfig | None = None, *, model: Any = None, store: Any = None,

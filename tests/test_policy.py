@@ -221,3 +221,88 @@ def test_cli_refuses_policy_options_elsewhere_and_unknown_kinds(tmp_path):
     assert main([*base, "--space", "policy", "--policies", "teacache"]) == 2
     assert main([*base, "--space", "policy", "--steps-range", "9,3"]) == 2
     assert not (tmp_path / "s.db").exists()
+
+
+def test_a_runtime_that_does_not_fit_the_model_is_refused_before_the_search():
+    """diffusers' FirstBlockCache fails inside diffusers on SD3's context-pre-only last block: refused up front
+    with the runtime's own error, not discovered as a study of failures."""
+    from schedsearch.errors import UserInputError
+    from schedsearch.runtime.models import load_model
+
+    model = load_model("builtin:mnist-flow")
+    with pytest.raises(UserInputError, match="first_block_cache does not run on builtin:mnist-flow"):
+        build_space("policy", model.info, "quick", {"kinds": ["first_block_cache"], "steps_range": [4, 6]},
+                    model=model, conditions=[0], guidance=2.0)
+
+
+def test_cache_dit_presets_are_compared_and_a_missing_cache_dit_names_the_extra(builtin_model, monkeypatch):
+    pytest.importorskip("cache_dit")
+    space = build_space("policy", builtin_model.info, "quick", {"kinds": ["dbcache"], "steps_range": [8, 10]},
+                        model=builtin_model, conditions=[0], guidance=2.0)
+    compared = dict(space.comparisons())
+    f8b0 = compared["dbcache-default-10steps"].policy.settings  # cache-dit's default is its F8B0 0.08 preset
+    assert (f8b0["Fn_compute_blocks"], f8b0["Bn_compute_blocks"], f8b0["residual_diff_threshold"]) == (5, 0, 0.08)
+    import cache_dit
+
+    assert list(compared["cache-dit-mask-medium-10steps"].policy.settings["steps_computation_mask"]) == \
+        cache_dit.steps_mask(total_steps=10, mask_policy="medium")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        s = space.sample(rng)
+        assert s.policy.get("Fn_compute_blocks") + s.policy.get("Bn_compute_blocks") <= 6
+        assert space.decode(space.encode(s)).key == s.key
+
+    import importlib.util
+
+    from schedsearch.cli import main
+    from schedsearch.config import StudyConfig
+    from schedsearch.errors import UnavailableError
+    from schedsearch.search.base import Budget
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cache_dit" else real(name, *a))
+    with pytest.raises(UnavailableError, match=r'schedsearch\[cache-dit\]'):
+        StudyConfig(model="builtin:mnist-dit", space="policy", strategy="tpe", objectives=("psnr", "macs"),
+                    study="x", store="s.db", budget=Budget(evaluations=2), space_options={"kinds": ["dbcache"]})
+    assert main(["export", "--store", "nowhere.db", "--study", "x", "--out", "o", "--format", "cache-dit"]) == 2
+
+
+def test_pick_takes_the_cheapest_that_meets_held_out_targets(tmp_path, capsys):
+    from schedsearch.cli import main
+    from schedsearch.results.pick import pick
+    from schedsearch.results.store import ResultStore
+
+    store_path = tmp_path / "s.db"
+    assert main(["search", "--model", "builtin:mnist-dit", "--space", "policy", "--strategy", "tpe",
+                 "--objectives", "psnr,macs", "--budget", "6", "--samples", "4", "--steps-range", "4,6",
+                 "--policies", "first_block_cache,taylorseer_cache", "--study", "p", "--store", str(store_path),
+                 "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 0
+    with ResultStore(store_path) as store:
+        from schedsearch.results.query import study_front
+
+        front = study_front(store, "p")
+        assert front.heldout  # validated: held-out scores exist for the front
+        heldout_psnr = sorted(m["psnr"] for m in front.heldout.values())
+        target = heldout_psnr[len(heldout_psnr) // 2]
+        chosen = pick(store, "p", {"psnr": target}, {})
+        assert chosen.split == "heldout" and chosen.values["psnr"] >= target
+        # brute force: no cheaper front schedule meets the target on its held-out scores
+        for record in front.records:
+            held = front.heldout[record.to_schedule().key]
+            if held["psnr"] >= target:
+                assert held["macs"] >= chosen.values["macs"]
+    out = tmp_path / "pick"
+    assert main(["pick", "--store", str(store_path), "--study", "p", "--min", f"psnr={target}", "--out", str(out),
+                 "--format", "diffusers"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert [e["key"] for e in index["schedules"]] == [chosen.record.key]
+    runtime = index["schedules"][0]["runtime"]
+    if chosen.record.to_schedule().policy is not None:
+        assert runtime["files"] and all((out / f).is_file() for f in runtime["files"])
+    else:
+        assert "not_expressible" in runtime
+    capsys.readouterr()
+    assert main(["pick", "--store", str(store_path), "--study", "p", "--min", "psnr=1000"]) == 3
+    assert "nothing meets" in capsys.readouterr().err
+    assert main(["pick", "--store", str(store_path), "--study", "p", "--min", "psnr"]) == 2
+    assert main(["pick", "--store", str(store_path), "--study", "p"]) == 2

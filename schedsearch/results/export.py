@@ -17,7 +17,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,16 +134,32 @@ def export_front(
     study: str,
     out_dir: str | Path,
     objectives: Mapping[str, str] | str | None = None,
+    fmt: str = "schedsearch",
+    only: Sequence[str] | None = None,
 ) -> Path:
     """Write every Pareto-optimal schedule of `study` as `<out>/<rank>_<key>.json` and `<out>/index.json`.
 
     objectives: metric name -> "min" | "max"; default: the study's own (`store.study_settings(study)`).
     Each schedule's `meta` gets the study, the record key, its metrics and front position; the schedule's content
-    key is unchanged (meta is not hashed). Returns the output directory.
+    key is unchanged (meta is not hashed). fmt "diffusers" / "cache-dit" also writes each schedule in that
+    runtime's own config format (`results.runtime_export`), or the reason it cannot be, in the index. `only`:
+    record keys to export (`pick`), default the whole front. Returns the output directory.
     """
+    from schedsearch.results.runtime_export import FORMATS, NotExpressible, runtime_files
+
+    if fmt not in FORMATS:
+        raise ExportError("--format", f"unknown {fmt!r}", f"use one of {', '.join(FORMATS)}")
+    if fmt == "cache-dit":
+        from schedsearch.runtime.cache_dit_runtime import require_cache_dit
+
+        require_cache_dit("--format cache-dit")
     out = Path(out_dir)
     front = _front(store, study, objectives)
     records, objectives, knee = list(front.records), front.objectives, front.knee
+    if only is not None:
+        knee_key = records[knee].key
+        records = [r for r in records if r.key in set(only)]
+        knee = next((i for i, r in enumerate(records) if r.key == knee_key), 0)
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
@@ -169,6 +185,15 @@ def export_front(
             schedule = dataclasses.replace(schedule, meta=meta)
             name = f"{rank:0{width}d}_{record.key}.json"
             (tmp / name).write_text(schedule.to_json())
+            runtime: dict[str, Any] | None = None
+            if fmt != "schedsearch":
+                files = runtime_files(schedule, fmt, name.removesuffix(".json"))
+                if isinstance(files, NotExpressible):
+                    runtime = {"format": fmt, "not_expressible": files.reason}
+                else:
+                    for file_name, text in files.items():
+                        (tmp / file_name).write_text(text)
+                    runtime = {"format": fmt, "files": sorted(files)}
             entries.append(
                 {
                     "file": name,
@@ -180,6 +205,7 @@ def export_front(
                     "heldout_metrics": meta.get("heldout_metrics"),
                     "summary": record.summary,
                     "diffusers": _diffusers_hint(schedule),
+                    **({"runtime": runtime} if runtime is not None else {}),
                 }
             )
         comparison = {}

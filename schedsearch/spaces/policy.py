@@ -14,6 +14,7 @@ mixed integer/real genes).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 
 from schedsearch.spaces.base import GenomeSpec, ModelStructure, SearchSpace
 from schedsearch.spaces.baselines import dpmpp_2m_plan, unique_named
-from schedsearch.spaces.policy_plan import KNOBS, POLICY_KINDS, Knob, RuntimePolicy
+from schedsearch.spaces.policy_plan import DBCACHE_PRESETS, KNOBS, POLICY_KINDS, STEPS_MASK_PRESETS, Knob, RuntimePolicy
 from schedsearch.spaces.schedule import Schedule, SolverPlan
 
 DEFAULT_KINDS = ("first_block_cache", "mag_cache", "taylorseer_cache")
@@ -98,6 +99,11 @@ class PolicySpace(SearchSpace):
             return replace(knob, high=min(knob.high, top), low=min(knob.low, top))
         return knob
 
+    @property
+    def scheduler(self) -> str:
+        """The stock scheduler the plans are: the pipeline's own, or diffusers' DPM-Solver++ 2M (`dpmpp_2m_plan`)."""
+        return self.structure.extra.get("scheduler", "DPMSolverMultistepScheduler")
+
     def plan(self, steps: int) -> SolverPlan:
         plans: Mapping[int, SolverPlan] = self.structure.extra.get("plans", {})
         if steps in plans:
@@ -124,7 +130,7 @@ class PolicySpace(SearchSpace):
                                               max(0, self.structure.num_blocks - int(values["Fn_compute_blocks"])))
         policy = RuntimePolicy(kind, tuple({**values, **self.fixed[kind]}.items())).validate()
         return Schedule(self.structure.name, self.plan(steps), policy=policy,
-                        meta={"space": self.name, **dict(meta or {})})
+                        meta={"space": self.name, "scheduler": self.scheduler, **dict(meta or {})})
 
     @staticmethod
     def _value(knob: Knob, gene: float) -> Any:
@@ -174,12 +180,44 @@ class PolicySpace(SearchSpace):
         """The defaults, and the uncached pipeline at the ends and middle of the step range: fewer steps alone is
         the simplest speed-up, which any tuned policy has to beat (not seeds: the space always has a policy)."""
         out = self.baselines()
+        if "dbcache" in self.kinds:
+            out += self._cache_dit_presets()
         lo, hi = self.steps_range
         for steps in sorted({lo, (lo + hi) // 2, hi}):
             name = f"no-cache-{steps}steps"
             out.append((name, Schedule(self.structure.name, self.plan(steps),
-                                       meta={"space": self.name, "baseline": name})))
+                                       meta={"space": self.name, "scheduler": self.scheduler, "baseline": name})))
         return unique_named(out)
+
+    def _cache_dit_presets(self) -> list[tuple[str, Schedule]]:
+        """cache-dit's documented DBCache settings and its steps-mask presets at `default_steps` (Fn/Bn clipped to
+        the model's blocks, in the preset's proportion: F8B8 on a 6-block model is F2B3)."""
+        from schedsearch.runtime.cache_dit_runtime import cache_dit_steps_mask
+
+        blocks = self.structure.num_blocks
+        out = []
+        base = {k.name: _clip_default(k) for k in self.knobs["dbcache"]}
+        for label, preset in DBCACHE_PRESETS.items():
+            values = {**base, **preset}
+            fn, bn = values["Fn_compute_blocks"], values["Bn_compute_blocks"]
+            if fn + bn >= blocks:  # keep at least one cached block, in the preset's proportion
+                fn = max(1, min(fn, blocks - 1) if bn == 0 else (blocks - 1) * fn // (fn + bn) or 1)
+                bn = min(bn, blocks - 1 - fn)
+            values.update(Fn_compute_blocks=fn, Bn_compute_blocks=bn)
+            name = f"cache-dit-{label}-{self.default_steps}steps"
+            out.append((name, self.schedule(self.default_steps, "dbcache", values, {"baseline": name})))
+        for preset in STEPS_MASK_PRESETS:
+            plan = self.plan(self.default_steps)
+            try:
+                mask = cache_dit_steps_mask(preset, plan.nfe)
+            except AssertionError:  # cache-dit has no mask presets for some short runs (< 8 steps but 4, 6)
+                continue
+            values = {**base, **DBCACHE_PRESETS["F8B0-0.08"], "Fn_compute_blocks": min(8, blocks - 1)}
+            name = f"cache-dit-mask-{preset}-{self.default_steps}steps"
+            schedule = self.schedule(self.default_steps, "dbcache", values, {"baseline": name})
+            policy = RuntimePolicy("dbcache", (*schedule.policy.params, ("steps_computation_mask", mask)))
+            out.append((name, dataclasses.replace(schedule, policy=policy.validate())))
+        return out
 
     def summary(self, schedule: Schedule) -> dict[str, Any]:
         out: dict[str, Any] = {"space": self.name, "num_steps": schedule.solver.num_steps, "nfe": schedule.solver.nfe}

@@ -91,6 +91,24 @@ KNOBS: dict[str, tuple[Knob, ...]] = {
     ),
 }
 
+# cache-dit's documented DBCache settings (its README/user guide: the default F8B0 at 0.08 with 8 warm-up steps, the
+# F1B0 and F8B8 rows of its tables, and the F1B0 0.12 its example CLI defaults to), compared on every policy front
+# that includes dbcache; Fn/Bn beyond a small model's blocks are clipped to it.
+DBCACHE_PRESETS: dict[str, dict[str, Any]] = {
+    "F8B0-0.08": {"Fn_compute_blocks": 8, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.08,
+                  "max_warmup_steps": 8, "max_continuous_cached_steps": -1},
+    "F1B0-0.08": {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.08,
+                  "max_warmup_steps": 8, "max_continuous_cached_steps": -1},
+    "F1B0-0.20": {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.20,
+                  "max_warmup_steps": 8, "max_continuous_cached_steps": -1},
+    "F8B8-0.12": {"Fn_compute_blocks": 8, "Bn_compute_blocks": 8, "residual_diff_threshold": 0.12,
+                  "max_warmup_steps": 8, "max_continuous_cached_steps": -1},
+    "F1B0-0.12-cli": {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.12,
+                      "max_warmup_steps": 8, "max_continuous_cached_steps": 3},
+}
+# cache-dit's steps computation mask presets (`cache_dit.steps_mask(mask_policy=...)`), with the default DBCache.
+STEPS_MASK_PRESETS = ("slow", "medium", "fast", "ultra")
+
 # Params a policy may hold besides its knobs: fixed by the model, not searched.
 FIXED_PARAMS: dict[str, tuple[str, ...]] = {
     "mag_cache": ("mag_ratios",),

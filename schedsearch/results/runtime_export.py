@@ -1,0 +1,131 @@
+"""A found schedule in the runtime's own format, so inference needs diffusers or cache-dit alone, not schedsearch.
+
+- `diffusers`: the cache config's keyword arguments (`<name>.diffusers.json`, read with the config class named in
+  it) and `<name>.diffusers.py`, the lines that enable it on a stock pipeline and call it with the schedule's
+  number of steps on the pipeline's own scheduler.
+- `cache-dit`: `<name>.cache-dit.yaml`, the `cache_config` section `cache_dit.load_configs` reads, and
+  `<name>.cache-dit.py`: `cache_dit.enable_cache(pipe, **cache_dit.load_configs(path))`.
+
+A schedule the runtime cannot run as it was scored is not exported in its format; `runtime_files` says why
+(`NotExpressible`), and the export writes that reason instead of a file that would run something else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from schedsearch.spaces.schedule import Schedule
+
+FORMATS = ("schedsearch", "diffusers", "cache-dit")
+DIFFUSERS_CONFIG_CLASS = {
+    "first_block_cache": "FirstBlockCacheConfig",
+    "mag_cache": "MagCacheConfig",
+    "taylorseer_cache": "TaylorSeerCacheConfig",
+    "pyramid_attention_broadcast": "PyramidAttentionBroadcastConfig",
+    "faster_cache": "FasterCacheConfig",
+}
+# Settings a stock pipeline supplies itself when the config is enabled with `pipe.transformer.enable_cache`: the
+# timestep callbacks PAB and FasterCache read (`pipe.current_timestep`).
+_TIMESTEP_CALLBACK = {"pyramid_attention_broadcast", "faster_cache"}
+# The solvers a stock pipeline runs by name: its own scheduler, or (models without one, the builtin DiT) diffusers'
+# DPM-Solver++ 2M with its defaults, which the policy space's fallback plan equals (tests/test_sampler_equivalence).
+STOCK_SCHEDULERS = ("pipeline", "DPMSolverMultistepScheduler")
+
+
+@dataclass(frozen=True)
+class NotExpressible:
+    """Why a schedule has no file in a runtime's format."""
+
+    reason: str
+
+
+def runtime_files(schedule: Schedule, fmt: str, stem: str) -> dict[str, str] | NotExpressible:
+    """File name -> text of `schedule` in format `fmt` ("diffusers" or "cache-dit"), or why not.
+
+    The solver must be a stock scheduler at the schedule's step count: the pipeline's own (`meta["scheduler"]` =
+    "pipeline", what the policy space builds for pipelines), so `num_inference_steps` is all the pipeline needs,
+    or diffusers' `DPMSolverMultistepScheduler` with its defaults (models without a pipeline scheduler). A found
+    solver plan (orders, correctors, compensation per step) needs `schedsearch.apply_schedule`."""
+    from schedsearch.runtime.policy_runtime import runtime_kwargs
+
+    policy = schedule.policy
+    if policy is None:
+        what = "a static cache plan" if schedule.cache is not None else "no runtime cache"
+        return NotExpressible(f"the schedule has {what}, not a {fmt} runtime policy; run it with "
+                              "schedsearch.apply_schedule")
+    scheduler = schedule.meta.get("scheduler")
+    if scheduler not in STOCK_SCHEDULERS:
+        return NotExpressible("its solver plan is not a stock scheduler at some step count (the policy space's "
+                              "plans are); run it with schedsearch.apply_schedule")
+    steps = schedule.solver.num_steps
+    kwargs = runtime_kwargs(policy, schedule.solver)
+    if fmt == "diffusers":
+        if policy.runtime != "diffusers":
+            return NotExpressible(f"{policy.kind} is cache-dit's; export it with --format cache-dit")
+        cls = DIFFUSERS_CONFIG_CLASS[policy.kind]
+        data = {"format": "schedsearch.diffusers-cache/v1", "config_class": cls, "config": kwargs,
+                "num_inference_steps": steps, "scheduler": scheduler, "schedule_key": schedule.key}
+        return {f"{stem}.diffusers.json": json.dumps(data, indent=2) + "\n",
+                f"{stem}.diffusers.py": diffusers_snippet(cls, kwargs, steps, policy.kind, scheduler)}
+    if fmt == "cache-dit":
+        if policy.runtime != "cache-dit":
+            return NotExpressible(f"{policy.kind} is diffusers'; export it with --format diffusers")
+        return {f"{stem}.cache-dit.yaml": cache_dit_yaml(kwargs, schedule.key),
+                f"{stem}.cache-dit.py": cache_dit_snippet(f"{stem}.cache-dit.yaml", steps, scheduler)}
+    raise ValueError(f"format: {fmt!r} is not one of {FORMATS}")
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, str) and value in ("float32", "float16", "bfloat16"):
+        return f"torch.{value}"
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int | float) for v in value):
+        return repr(tuple(value))
+    return repr(value)
+
+
+def _scheduler_lines(scheduler: str) -> str:
+    if scheduler == "pipeline":
+        return ""
+    return (f"from diffusers import {scheduler}\n"
+            f"pipe.scheduler = {scheduler}.from_config(pipe.scheduler.config)  # what the schedule was scored with\n")
+
+
+def diffusers_snippet(cls: str, kwargs: dict[str, Any], steps: int, kind: str, scheduler: str = "pipeline") -> str:
+    """Python lines that enable the config on a stock pipeline `pipe` (the transformer's `enable_cache`) and run it
+    with the schedule's steps."""
+    args = ", ".join(f"{k}={_literal(v)}" for k, v in kwargs.items())
+    if kind in _TIMESTEP_CALLBACK:
+        args += ", current_timestep_callback=lambda: pipe.current_timestep"
+    return (f"# schedsearch export: enable on a loaded diffusers pipeline `pipe`, then call it with {steps} steps\n"
+            "import torch\n"
+            f"from diffusers.hooks import {cls}\n\n"
+            + _scheduler_lines(scheduler) +
+            f"pipe.transformer.enable_cache({cls}({args}))\n"
+            f"NUM_INFERENCE_STEPS = {steps}  # pipe(..., num_inference_steps=NUM_INFERENCE_STEPS)\n")
+
+
+def cache_dit_yaml(kwargs: dict[str, Any], key: str) -> str:
+    """cache-dit's config file: a `cache_config` section (its loader turns `enable_taylorseer`/`taylorseer_order`
+    into the calibrator config). Written by hand rather than with PyYAML: flat scalars and one list, and the
+    comment line matters to readers."""
+    lines = [f"# schedsearch export (schedule {key}): cache_dit.enable_cache(pipe, **cache_dit.load_configs(this))",
+             "cache_config:"]
+    for name, value in kwargs.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, list):
+            text = "[" + ", ".join(str(v) for v in value) + "]"
+        else:
+            text = repr(value) if not isinstance(value, str) else value
+        lines.append(f"  {name}: {text}")
+    return "\n".join(lines) + "\n"
+
+
+def cache_dit_snippet(yaml_name: str, steps: int, scheduler: str = "pipeline") -> str:
+    return (f"# schedsearch export: enable on a loaded diffusers pipeline `pipe`, then call it with {steps} steps\n"
+            "import cache_dit\n\n"
+            + _scheduler_lines(scheduler) +
+            f"cache_dit.enable_cache(pipe, **cache_dit.load_configs({yaml_name!r}))\n"
+            f"NUM_INFERENCE_STEPS = {steps}  # pipe(..., num_inference_steps=NUM_INFERENCE_STEPS)\n")

@@ -1,0 +1,127 @@
+"""Exports that need no schedsearch at inference: each exported file, loaded by the stock library into the stock
+pipeline (diffusers' `enable_cache` from the snippet; cache-dit's `load_configs` + `enable_cache`), reproduces
+schedsearch's own run of that schedule."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+diffusers = pytest.importorskip("diffusers")
+
+from test_diffusers_models import _pipeline, build_pipeline, embeddings  # noqa: E402
+
+from schedsearch.results.runtime_export import NotExpressible, runtime_files  # noqa: E402
+from schedsearch.runtime.diffusers_caches import calibrate_mag_ratios  # noqa: E402
+from schedsearch.runtime.execute import run_batches  # noqa: E402
+from schedsearch.runtime.models import initial_noise, load_model  # noqa: E402
+from schedsearch.runtime.sampler import sample  # noqa: E402
+from schedsearch.spaces.policy_plan import RuntimePolicy  # noqa: E402
+from schedsearch.spaces.schedule import Schedule  # noqa: E402
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux")
+    build_pipeline("flux", root).save_pretrained(root / "pipe")
+    torch.set_num_threads(1)
+    return root / "pipe", load_model(f"diffusers:{root / 'pipe'}", resolution=16)
+
+
+def _flux_policies(model) -> list[RuntimePolicy]:
+    cond = embeddings("flux", 2)
+    x = initial_noise([0, 1], model.info.sample_shape)
+    plan = model.default_plan(STEPS)
+    ratios = calibrate_mag_ratios(model.network, model.denoiser(cond, 3.5),
+                                  lambda d: sample(d, x, plan, model.noise_schedule, "flow_prediction"), plan.nfe)
+    return [
+        RuntimePolicy("first_block_cache", {"threshold": 0.3}),
+        RuntimePolicy("mag_cache", {"threshold": 0.3, "max_skip_steps": 2, "retention_ratio": 0.2,
+                                    "mag_ratios": tuple(round(r, 5) for r in ratios)}),
+        RuntimePolicy("taylorseer_cache", {"cache_interval": 3, "max_order": 1, "disable_cache_before_step": 2}),
+        RuntimePolicy("pyramid_attention_broadcast", {"spatial_attention_block_skip_range": 2,
+                                                      "spatial_attention_timestep_low": 100.0,
+                                                      "spatial_attention_timestep_high": 900.0}),
+    ]
+
+
+def test_diffusers_export_enabled_on_the_stock_flux_pipeline_reproduces_our_run(flux, tmp_path):
+    path, model = flux
+    cond = embeddings("flux", 2)
+    x = initial_noise([0, 1], model.info.sample_shape)
+    uncached = torch.cat([im for _, im in run_batches(model, Schedule(model.info.name, model.default_plan(STEPS)),
+                                                      cond, [0, 1], 3.5, decode=False)])
+    for policy in _flux_policies(model):
+        schedule = Schedule(model.info.name, model.default_plan(STEPS), policy=policy,
+                            meta={"scheduler": "pipeline"}).validate()
+        ours = torch.cat([im for _, im in run_batches(model, schedule, cond, [0, 1], 3.5, decode=False)])
+        files = runtime_files(schedule, "diffusers", "s")
+        assert set(files) == {"s.diffusers.json", "s.diffusers.py"}
+        data = json.loads(files["s.diffusers.json"])
+        assert data["num_inference_steps"] == STEPS and data["config_class"].endswith("Config")
+        # the JSON is the config class's own keyword arguments
+        getattr(diffusers.hooks, data["config_class"])(**{
+            k: (getattr(torch, v) if k == "taylor_factors_dtype" else v) for k, v in data["config"].items()})
+        pipe = _pipeline(path)
+        exec(files["s.diffusers.py"], {"pipe": pipe})  # what a user pastes, on the stock pipeline
+        with torch.no_grad():
+            packed = pipe._pack_latents(x, 2, 4, 8, 8)
+            out = pipe(latents=packed, guidance_scale=3.5, **cond, num_inference_steps=STEPS, height=16, width=16,
+                       output_type="latent").images
+        theirs = pipe._unpack_latents(out, 16, 16, pipe.vae_scale_factor)
+        torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4, msg=policy.kind)
+        assert (ours - uncached).abs().max() > 1e-3, f"{policy.kind} reused nothing: the test would prove nothing"
+
+
+def test_cache_dit_yaml_loaded_into_the_stock_sd3_pipeline_reproduces_our_run(tmp_path, monkeypatch):
+    pytest.importorskip("cache_dit")
+    import cache_dit
+
+    from schedsearch.runtime import builtin_flow
+
+    model = load_model("builtin:mnist-flow")
+    labels = [3, 7]
+    x = initial_noise([0, 1], model.info.sample_shape)
+    plan = model.default_plan(20)
+    uncached = torch.cat([im for _, im in run_batches(model, Schedule(model.info.name, plan), labels, [0, 1], 2.0,
+                                                      decode=False)])
+    flow = builtin_flow.load_builtin_flow()
+    monkeypatch.chdir(tmp_path)
+    for settings in ({"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.12,
+                      "max_warmup_steps": 4},
+                     {"Fn_compute_blocks": 2, "Bn_compute_blocks": 1, "residual_diff_threshold": 0.2,
+                      "max_warmup_steps": 3, "max_continuous_cached_steps": 2, "taylorseer_order": 1}):
+        schedule = Schedule(model.info.name, plan, policy=RuntimePolicy("dbcache", settings),
+                            meta={"scheduler": "pipeline"}).validate()
+        ours = torch.cat([im for _, im in run_batches(model, schedule, labels, [0, 1], 2.0, decode=False)])
+        files = runtime_files(schedule, "cache-dit", "s")
+        for name, text in files.items():
+            (tmp_path / name).write_text(text)
+        pipe = builtin_flow.flow_pipeline(flow)
+        exec(files["s.cache-dit.py"], {"pipe": pipe})
+        try:
+            with torch.no_grad():
+                theirs = pipe(**flow.conditioner.embeddings(torch.tensor(labels)), latents=x, height=28, width=28,
+                              num_inference_steps=20, guidance_scale=2.0, output_type="latent").images
+        finally:
+            cache_dit.disable_cache(pipe)
+        torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+        assert (ours - uncached).abs().max() > 1e-3
+
+
+def test_what_a_runtime_cannot_run_is_not_exported_and_says_why(flux):
+    _, model = flux
+    plan = model.default_plan(STEPS)
+    fbc = RuntimePolicy("first_block_cache", {"threshold": 0.1})
+    assert isinstance(runtime_files(Schedule(model.info.name, plan), "diffusers", "s"), NotExpressible)
+    found = runtime_files(Schedule(model.info.name, plan, policy=fbc), "diffusers", "s")  # no stock scheduler
+    assert isinstance(found, NotExpressible) and "stock scheduler" in found.reason
+    other = runtime_files(Schedule(model.info.name, plan, policy=fbc, meta={"scheduler": "pipeline"}), "cache-dit",
+                          "s")
+    assert isinstance(other, NotExpressible) and "--format diffusers" in other.reason
