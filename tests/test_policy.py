@@ -306,3 +306,18 @@ def test_pick_takes_the_cheapest_that_meets_held_out_targets(tmp_path, capsys):
     assert "nothing meets" in capsys.readouterr().err
     assert main(["pick", "--store", str(store_path), "--study", "p", "--min", "psnr"]) == 2
     assert main(["pick", "--store", str(store_path), "--study", "p"]) == 2
+
+
+def test_runtimes_one_after_another_leave_the_network_as_before(builtin_model):
+    """diffusers' hook registry leaves an instance `forward`; cache-dit's DiT patch functor replaces it and adds a
+    registered module: after each policy the uncached run and the state dict are exactly as before."""
+    pytest.importorskip("cache_dit")
+    model = builtin_model
+    plan = model.default_plan(6)
+    uncached = _images(model, Schedule(model.info.name, plan), n=2, batch=2)
+    keys = set(model.network.state_dict())
+    for kind, settings in [("faster_cache", {}), ("dbcache", {"Fn_compute_blocks": 1}),
+                           ("first_block_cache", {"threshold": 0.2}), ("dbcache", {"Fn_compute_blocks": 2})]:
+        _images(model, Schedule(model.info.name, plan, policy=RuntimePolicy(kind, settings)), n=2, batch=2)
+        assert torch.equal(_images(model, Schedule(model.info.name, plan), n=2, batch=2), uncached), kind
+        assert set(model.network.state_dict()) == keys, kind

@@ -99,8 +99,10 @@ class CacheDitRuntime:
         if kwargs["Fn_compute_blocks"] + kwargs["Bn_compute_blocks"] > blocks:
             raise ValueError(f"dbcache: Fn_compute_blocks + Bn_compute_blocks = {kwargs['Fn_compute_blocks']} + "
                              f"{kwargs['Bn_compute_blocks']} exceeds the model's {blocks} transformer blocks")
-        # before the registered factory runs: building its adapter already applies the patch functor
-        self._added = [a for a in _PATCH_ATTRIBUTES if a not in network.__dict__ and a not in network._modules]
+        # before the registered factory runs: building its adapter already applies the patch functor. An instance
+        # `forward` may be there already (diffusers' hook registry leaves its own): restored as it was.
+        self._saved = {a: network.__dict__[a] for a in _PATCH_ATTRIBUTES if a in network.__dict__}
+        self._had_modules = {a for a in _PATCH_ATTRIBUTES if a in network._modules}
         registered = BlockAdapterRegister._adapters[prefix](FakeDiffusionPipeline(network))
         self.network, self._cache_dit = network, cache_dit
         adapter = BlockAdapter(transformer=network, blocks=registered.blocks,
@@ -125,11 +127,13 @@ class CacheDitRuntime:
         """cache-dit's `disable_cache`, then what its patch functor left (an instance `forward`, `_is_patched`, a
         registered `_norm1_emb` that would add keys to the state dict), so the network is as before."""
         self._cache_dit.disable_cache(self.network)
-        for name in self._added:
-            if name in self.network._modules:
+        for name in _PATCH_ATTRIBUTES:
+            if name in self.network._modules and name not in self._had_modules:
                 del self.network._modules[name]
+            if name in self._saved:
+                self.network.__dict__[name] = self._saved[name]
             elif name in self.network.__dict__:
-                delattr(self.network, name)
+                del self.network.__dict__[name]
 
 
 def cache_dit_steps_mask(preset: str, num_steps: int) -> tuple[int, ...]:
