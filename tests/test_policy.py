@@ -321,3 +321,20 @@ def test_runtimes_one_after_another_leave_the_network_as_before(builtin_model):
         _images(model, Schedule(model.info.name, plan, policy=RuntimePolicy(kind, settings)), n=2, batch=2)
         assert torch.equal(_images(model, Schedule(model.info.name, plan), n=2, batch=2), uncached), kind
         assert set(model.network.state_dict()) == keys, kind
+
+
+def test_apply_schedule_runs_a_policy_on_a_model_and_sends_pipelines_to_the_export(builtin_model):
+    from schedsearch.runtime import builtin_flow
+    from schedsearch.runtime.apply import apply_schedule
+
+    model = builtin_model
+    schedule = Schedule(model.info.name, model.default_plan(6),
+                        policy=RuntimePolicy("first_block_cache", {"threshold": 0.3}))
+    with apply_schedule(model, schedule) as applied:
+        images = applied.sample([0, 1, 2, 3], [0, 1, 2, 3], 2.0)
+    assert torch.equal(images, _images(model, schedule))
+    pipe = builtin_flow.flow_pipeline(builtin_flow.load_builtin_flow())
+    flow_schedule = Schedule("builtin:mnist-flow", model.default_plan(6),
+                             policy=RuntimePolicy("taylorseer_cache", {"cache_interval": 3}))
+    with pytest.raises(ScheduleError, match="--format diffusers"):
+        apply_schedule(pipe, flow_schedule, strict=False)

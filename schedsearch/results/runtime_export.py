@@ -103,7 +103,9 @@ def diffusers_snippet(cls: str, kwargs: dict[str, Any], steps: int, kind: str, s
             f"from diffusers.hooks import {cls}\n\n"
             + _scheduler_lines(scheduler) +
             f"pipe.transformer.enable_cache({cls}({args}))\n"
-            f"NUM_INFERENCE_STEPS = {steps}  # pipe(..., num_inference_steps=NUM_INFERENCE_STEPS)\n")
+            f"NUM_INFERENCE_STEPS = {steps}  # pipe(..., num_inference_steps=NUM_INFERENCE_STEPS)\n"
+            "# a pipeline whose loop opens no cache context (SD3, PixArt, Sana in diffusers 0.42) runs the hooks only\n"
+            '# inside one: with pipe.transformer.cache_context("cond"): pipe(...)\n')
 
 
 def cache_dit_yaml(kwargs: dict[str, Any], key: str) -> str:

@@ -25,6 +25,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from schedsearch.runtime.cache_hooks import CacheRuntime
 from schedsearch.runtime.models import LoadedModel
 from schedsearch.runtime.noise import FlowSchedule, NoiseSchedule
+from schedsearch.runtime.policy_runtime import PolicyRuntime
 from schedsearch.runtime.sampler import PlanRunner
 from schedsearch.spaces.errors import ScheduleError
 from schedsearch.spaces.schedule import Schedule, SolverPlan
@@ -166,7 +167,7 @@ class AppliedSchedule:
     target: Any
     model: LoadedModel
     scheduler: ScheduleScheduler | None = None
-    runtime: CacheRuntime | None = None
+    runtime: CacheRuntime | PolicyRuntime | None = None
     _undo: tuple[Callable[[], None], ...] = ()
     removed: bool = False
 
@@ -239,7 +240,9 @@ def apply_schedule(
         if strict and schedule.model != target.info.name:
             raise _mismatch(schedule, target.info.name)
         schedule.validate(target.info.num_train_timesteps, max_timestep=target.info.max_timestep)
-        runtime = CacheRuntime(target.network, target.info, schedule.cache) if schedule.cache is not None else None
+        from schedsearch.runtime.execute import attach_runtime
+
+        runtime = attach_runtime(target, schedule)
         undo = (runtime.remove,) if runtime is not None else ()
         return AppliedSchedule(schedule, target, target, runtime=runtime, _undo=undo)
     if not hasattr(target, "scheduler") or not hasattr(target, "components"):
@@ -248,6 +251,11 @@ def apply_schedule(
 
     if isinstance(target.scheduler, ScheduleScheduler):
         raise RuntimeError("a schedule is already applied to this pipeline: remove() it first")
+    if schedule.policy is not None:
+        fmt = "cache-dit" if schedule.policy.runtime == "cache-dit" else "diffusers"
+        raise ScheduleError("policy", f"a {schedule.policy.kind} policy runs on a pipeline through {fmt} itself, "
+                            "not through schedsearch", f"export it with `schedsearch export --format {fmt}` (or "
+                            "`pick --format ...`) and enable the written config as its snippet shows")
     if strict and not _same_model(schedule.model, target):
         raise _mismatch(schedule, f"diffusers:{getattr(target, 'name_or_path', None) or '<in-memory pipeline>'}")
     if schedule.solver.first_step == "zero_x0":
