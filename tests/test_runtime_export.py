@@ -125,3 +125,51 @@ def test_what_a_runtime_cannot_run_is_not_exported_and_says_why(flux):
     other = runtime_files(Schedule(model.info.name, plan, policy=fbc, meta={"scheduler": "pipeline"}), "cache-dit",
                           "s")
     assert isinstance(other, NotExpressible) and "--format diffusers" in other.reason
+
+
+def test_static_plans_exported_as_cache_dit_masks_reproduce_our_run(tmp_path):
+    """A CacheQuant unit and a block-skipping ECAD plan, written as DBCache static steps masks, run by cache-dit
+    (its registered DiT adapter, from the YAML) equal schedsearch's own cache hooks; what cache-dit cannot run (a
+    unit from block 0, FORA's component reuse) is refused with the reason."""
+    pytest.importorskip("cache_dit")
+    import cache_dit
+
+    from schedsearch.runtime.models import model_layout
+    from schedsearch.spaces.baselines import fora_cache_plan
+    from schedsearch.spaces.cache_plan import ComponentCachePlan
+    from schedsearch.study import build_space
+
+    model = load_model("builtin:mnist-dit")
+    net = model.network
+    unit_space = build_space("cachequant", model.info, "quick", {"num_steps": 10, "unit": [1, 5]})
+    unit = unit_space.decode(unit_space.refresh_genome([0, 3, 6, 8]))
+    layout = model_layout(model.info)
+    rows = ["11" * 6 if i in (0, 2, 5, 7, 9) else "11" * 2 + "00" * 3 + "11" for i in range(10)]
+    skip = Schedule(model.info.name, unit.solver, ComponentCachePlan(layout, tuple(rows), skip_reused_blocks=True))
+    labels, seeds = [3, 7], [0, 1]
+    x = initial_noise(seeds, model.info.sample_shape)
+    # the unit adds one residual as cache-dit does; block skipping adds the blocks' residuals one by one, which
+    # telescope to the same sum up to float32 rounding (measured 2.6e-5 after 10 steps)
+    for schedule, tolerance in ((unit, 1e-5), (skip, 1e-4)):
+        ours = torch.cat([im for _, im in run_batches(model, schedule, labels, seeds, 2.0, decode=False)])
+        files = runtime_files(schedule, "cache-dit", "s")
+        assert isinstance(files, dict), files
+        (tmp_path / "s.cache-dit.yaml").write_text(files["s.cache-dit.yaml"])
+        assert "steps_computation_policy: static" in files["s.cache-dit.yaml"]
+        cache_dit.enable_cache(net, **cache_dit.load_configs(str(tmp_path / "s.cache-dit.yaml")))
+        cache_dit.refresh_context(net)
+        try:
+            with torch.no_grad():
+                theirs = sample(model.denoiser(labels, 2.0), x, schedule.solver, model.noise_schedule)
+        finally:
+            cache_dit.disable_cache(net)
+            for name in ("forward", "_is_patched"):
+                net.__dict__.pop(name, None)
+            net._modules.pop("_norm1_emb", None)
+        torch.testing.assert_close(theirs, ours, rtol=tolerance, atol=tolerance)
+    from_zero = unit_space.decode(unit_space.refresh_genome([0, 5]))
+    zero_unit = Schedule(model.info.name, from_zero.solver,
+                         type(from_zero.cache)("transformer_blocks", 0, 6, (0, 5), 10), meta={"num_blocks": 6})
+    assert "Fn ≥ 1" in runtime_files(zero_unit, "cache-dit", "s").reason
+    fora = Schedule(model.info.name, unit.solver, fora_cache_plan(layout, 10, 2))
+    assert isinstance(runtime_files(fora, "cache-dit", "s"), NotExpressible)

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from schedsearch.spaces.policy_plan import RuntimePolicy
 from schedsearch.spaces.schedule import Schedule
 
 FORMATS = ("schedsearch", "diffusers", "cache-dit")
@@ -51,11 +52,16 @@ def runtime_files(schedule: Schedule, fmt: str, stem: str) -> dict[str, str] | N
     from schedsearch.runtime.policy_runtime import runtime_kwargs
 
     policy = schedule.policy
-    if policy is None:
+    if policy is None and schedule.cache is not None and fmt == "cache-dit":
+        found = static_as_dbcache(schedule)
+        if isinstance(found, NotExpressible):
+            return found
+        policy = found
+    elif policy is None:
         what = "a static cache plan" if schedule.cache is not None else "no runtime cache"
         return NotExpressible(f"the schedule has {what}, not a {fmt} runtime policy; run it with "
                               "schedsearch.apply_schedule")
-    scheduler = schedule.meta.get("scheduler")
+    scheduler = stock_scheduler(schedule)
     if scheduler not in STOCK_SCHEDULERS:
         return NotExpressible("its solver plan is not a stock scheduler at some step count (the policy space's "
                               "plans are); run it with schedsearch.apply_schedule")
@@ -75,6 +81,68 @@ def runtime_files(schedule: Schedule, fmt: str, stem: str) -> dict[str, str] | N
         return {f"{stem}.cache-dit.yaml": cache_dit_yaml(kwargs, schedule.key),
                 f"{stem}.cache-dit.py": cache_dit_snippet(f"{stem}.cache-dit.yaml", steps, scheduler)}
     raise ValueError(f"format: {fmt!r} is not one of {FORMATS}")
+
+
+def stock_scheduler(schedule: Schedule) -> str | None:
+    """The stock scheduler the solver plan is: the policy space says so in `meta["scheduler"]`; otherwise a plan
+    equal to diffusers' DPM-Solver++ 2M on linspace timesteps (the cache spaces' fixed solver) is that scheduler."""
+    from schedsearch.spaces.baselines import dpmpp_2m_plan
+
+    named = schedule.meta.get("scheduler")
+    if named in STOCK_SCHEDULERS:
+        return named
+    plan = schedule.solver
+    top = plan.timesteps[0]
+    if float(top).is_integer() and plan == dpmpp_2m_plan(int(top) + 1, plan.num_steps):
+        return "DPMSolverMultistepScheduler"
+    return None
+
+
+def static_as_dbcache(schedule: Schedule) -> RuntimePolicy | NotExpressible:
+    """A static cache plan as cache-dit's DBCache with a static steps computation mask, where that runs the same
+    computation. On a cached step DBCache computes the first Fn and last Bn blocks and adds the middle blocks'
+    residual from the last computed step: exactly a unit plan of the blocks [Fn, N - Bn) (CacheQuant, DeepCache),
+    and a block-skipping component plan whose reuse steps skip exactly those blocks whole and recompute everything
+    else (the skipped blocks' residuals, all from the same step, telescope into the run's residual)."""
+    from schedsearch.spaces.cache_plan import ComponentCachePlan, UnitCachePlan, block_names, block_slot_spans
+
+    cache = schedule.cache
+    if isinstance(cache, UnitCachePlan):
+        group, total = cache.group, schedule.meta.get("num_blocks")
+        fn, end = cache.start, cache.end
+        refresh = set(cache.refresh_steps)
+        mask = [1 if i in refresh else 0 for i in range(cache.num_steps)]
+        if total is None:
+            return NotExpressible("the schedule does not say how many blocks its model has (meta num_blocks), which "
+                                  "cache-dit's Bn needs; export it from a cachequant study")
+    elif isinstance(cache, ComponentCachePlan):
+        names = block_names(cache.layout)
+        groups = {n.rsplit(".", 1)[0] for n in names}
+        group, total = (next(iter(groups)) if len(groups) == 1 else ""), len(names)
+        reuse_rows = [row for row in cache.recompute if "0" in row]
+        skipped = {tuple(s) for s, row in zip(cache.skipped_blocks(), cache.recompute, strict=True) if "0" in row}
+        run = [i for i, skip in enumerate(next(iter(skipped))) if skip] if len(skipped) == 1 else []
+        if not run or run != list(range(run[0], run[-1] + 1)):
+            return NotExpressible("its reuse steps do not all skip one and the same contiguous run of whole blocks "
+                                  "(with skip_reused_blocks); cache-dit caches one middle run of blocks per step")
+        spans = block_slot_spans(cache.layout)
+        canonical = "".join("0" * (b - a) if i in run else "1" * (b - a) for i, (a, b) in enumerate(spans))
+        if any(row != canonical for row in reuse_rows):
+            return NotExpressible("it reuses single components (attention or MLP) outside the skipped blocks; "
+                                  "cache-dit reuses whole blocks only")
+        fn, end = run[0], run[-1] + 1
+        mask = [0 if "0" in row else 1 for row in cache.recompute]
+    else:
+        return NotExpressible(f"cache plans of kind {getattr(cache, 'kind', '?')} have no cache-dit form")
+    if group != "transformer_blocks":
+        return NotExpressible("cache-dit caches runs of `transformer_blocks`; this plan addresses other blocks")
+    if fn < 1:
+        return NotExpressible("its cached run starts at block 0, but cache-dit always computes its first Fn ≥ 1 "
+                              "blocks (the probe of its residual difference)")
+    params = {"Fn_compute_blocks": fn, "Bn_compute_blocks": int(total) - end, "residual_diff_threshold": 1.0,
+              "max_warmup_steps": 0, "max_continuous_cached_steps": -1, "taylorseer_order": 0,
+              "steps_computation_mask": tuple(mask), "steps_computation_policy": "static"}
+    return RuntimePolicy("dbcache", tuple(params.items())).validate()
 
 
 def _literal(value: Any) -> str:

@@ -48,7 +48,7 @@ def dbcache_kwargs(policy: Any, plan: Any) -> dict[str, Any]:
         if len(mask) != plan.nfe:
             raise ValueError(f"policy.params.steps_computation_mask: {len(mask)} entries for {plan.nfe} steps")
         out["steps_computation_mask"] = [int(v) for v in mask]
-        out["steps_computation_policy"] = "dynamic"
+        out["steps_computation_policy"] = policy.settings.get("steps_computation_policy", "dynamic")
     order = int(get("taylorseer_order"))
     if order > 0:
         out["enable_taylorseer"] = True

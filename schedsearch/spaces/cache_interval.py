@@ -70,7 +70,7 @@ class CacheIntervalSpace(SearchSpace):
 
     def decode(self, genome: np.ndarray) -> Schedule:
         steps = self.repair(self.genome.clip(genome) > 0.5)
-        return Schedule(self.structure.name, self.solver, self.plan(steps), meta={"space": self.name})
+        return Schedule(self.structure.name, self.solver, self.plan(steps), meta=self._meta())
 
     def refresh_genome(self, refresh_steps: Sequence[int]) -> np.ndarray:
         """Refresh steps -> genome (e.g. `DPStrategy(encode=space.refresh_genome)`)."""
@@ -99,8 +99,13 @@ class CacheIntervalSpace(SearchSpace):
             steps = tuple(range(self.first, self.num_steps, n))
             name = f"uniform-every{n}"
             out.append((name, Schedule(self.structure.name, self.solver, self.plan(steps),
-                                       meta={"space": self.name, "baseline": name})))
+                                       meta=self._meta(baseline=name))))
         return unique_named(out)
+
+    def _meta(self, **extra: Any) -> dict[str, Any]:
+        """The space, and the model's block count in the unit's group (what cache-dit's Bn is counted from when
+        the schedule is exported as a DBCache steps mask)."""
+        return {"space": self.name, "num_blocks": self.structure.unit_blocks, **extra}
 
     def summary(self, schedule: Schedule) -> dict[str, Any]:
         out = super().summary(schedule)

@@ -113,7 +113,7 @@ STEPS_MASK_PRESETS = ("slow", "medium", "fast", "ultra")
 FIXED_PARAMS: dict[str, tuple[str, ...]] = {
     "mag_cache": ("mag_ratios",),
     "taylorseer_cache": ("cache_identifiers",),
-    "dbcache": ("steps_computation_mask",),
+    "dbcache": ("steps_computation_mask", "steps_computation_policy"),
 }
 
 Param = float | int | bool | str | tuple
@@ -218,6 +218,8 @@ def _check_fixed(kind: str, name: str, value: Any, where: str) -> None:
         if not ok:
             raise ScheduleError(where, "is not a non-empty list of numbers",
                                 "one value per step, as the runtime takes it")
+    elif name == "steps_computation_policy" and value not in ("dynamic", "static"):
+        raise ScheduleError(where, f"{value!r} is not 'dynamic' or 'static'", "cache-dit's two mask policies")
     elif name == "cache_identifiers" and (
             not isinstance(value, tuple) or not value or not all(isinstance(v, str) and v for v in value)):
         raise ScheduleError(where, "is not a non-empty list of module-name patterns", 'e.g. ["^blocks.*attn"]')
