@@ -173,3 +173,66 @@ def test_static_plans_exported_as_cache_dit_masks_reproduce_our_run(tmp_path):
     assert "Fn ≥ 1" in runtime_files(zero_unit, "cache-dit", "s").reason
     fora = Schedule(model.info.name, unit.solver, fora_cache_plan(layout, 10, 2))
     assert isinstance(runtime_files(fora, "cache-dit", "s"), NotExpressible)
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("solver_export")
+    out = {}
+    for family in ("pixart", "sd3"):
+        build_pipeline(family, root).save_pretrained(root / family)
+        out[family] = (root / family, load_model(f"diffusers:{root / family}"))
+    return out
+
+
+def test_solver_plans_of_one_rule_export_as_a_stock_scheduler_the_pipeline_runs(pipelines):
+    """DPM-Solver++ 1M/2M/3M on custom timesteps (VP PixArt) and FlowMatch Euler on custom sigmas (SD3, shift 3:
+    the pipeline shifts the exported unshifted σ itself): the snippet on the stock pipeline, called with the
+    exported `timesteps=` / `sigmas=`, equals our sampler's run of the plan."""
+    from schedsearch.results.runtime_export import solver_files
+    from schedsearch.spaces.baselines import ddim_plan, dpm_solver_plan
+
+    cases = [("pixart", "vp", dpm_solver_plan([951.0, 700.0, 480.0, 260.0, 90.0], order=k)) for k in (1, 2, 3)]
+    cases += [("pixart", "vp", ddim_plan([900.0, 500.0, 100.0]))]
+    cases += [("sd3", "flow", ddim_plan([1000.0, 820.0, 550.0, 300.0]))]
+    for family, kind, plan in cases:
+        path, model = pipelines[family]
+        schedule = Schedule(model.info.name, plan)
+        files = solver_files(schedule, "s", kind)
+        assert isinstance(files, dict), files
+        cond = embeddings(family, 2)
+        x = initial_noise([0, 1], model.info.sample_shape)
+        with torch.no_grad():
+            ours = sample(model.denoiser(cond, 4.5), x, plan, model.noise_schedule, model.info.prediction_type)
+        pipe = _pipeline(path)
+        namespace = {"pipe": pipe}
+        exec(files["s.diffusers-scheduler.py"], namespace)
+        argument = {k.lower(): v for k, v in namespace.items() if k in ("TIMESTEPS", "SIGMAS")}
+        batch = {k: v.expand(2, *v.shape[1:]) for k, v in cond.items()}
+        if family == "pixart":  # as the adapter runs it: no resolution binning, its default negative mask
+            batch |= {"use_resolution_binning": False, "negative_prompt": None,
+                      "negative_prompt_attention_mask": torch.ones(2, 5, dtype=torch.long)}
+        with torch.no_grad():
+            theirs = pipe(latents=x, guidance_scale=4.5, height=16, width=16, output_type="latent",
+                          **argument, **batch).images
+        torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4, msg=f"{family} {plan.steps[1]}")
+
+
+def test_solver_plans_no_stock_scheduler_runs_are_not_exported():
+    from schedsearch.results.runtime_export import solver_files
+    from schedsearch.spaces.baselines import linspace_timesteps, unipc_plan
+
+    ts = linspace_timesteps(1000, 6)
+    unipc = Schedule("m", unipc_plan(ts, order=2))  # correctors
+    assert "corrector" in solver_files(unipc, "s", "vp").reason
+    assert "VP or flow" in solver_files(Schedule("m", unipc_plan(ts, order=2, corrector=False)), "s", None).reason
+
+
+def test_model_time_kind_reads_local_configs_only(pipelines, flux):
+    from schedsearch.results.runtime_export import model_time_kind
+
+    assert model_time_kind("builtin:mnist-dit") == "vp" and model_time_kind("builtin:mnist-flow") == "flow"
+    assert model_time_kind(f"diffusers:{pipelines['pixart'][0]}") == "vp"
+    assert model_time_kind(f"diffusers:{pipelines['sd3'][0]}") == "flow"
+    assert model_time_kind(f"diffusers:{flux[0]}") == "flow"
+    assert model_time_kind("diffusers:/nowhere/at/all") is None

@@ -145,7 +145,7 @@ def export_front(
     runtime's own config format (`results.runtime_export`), or the reason it cannot be, in the index. `only`:
     record keys to export (`pick`), default the whole front. Returns the output directory.
     """
-    from schedsearch.results.runtime_export import FORMATS, NotExpressible, runtime_files
+    from schedsearch.results.runtime_export import FORMATS, NotExpressible, model_time_kind, runtime_files
 
     if fmt not in FORMATS:
         raise ExportError("--format", f"unknown {fmt!r}", f"use one of {', '.join(FORMATS)}")
@@ -163,6 +163,7 @@ def export_front(
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
+    kind = model_time_kind(records[0].to_schedule().model) if fmt == "diffusers" and records else None
     width = max(3, len(str(len(records) - 1)))
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     tmp.chmod(0o755)  # mkdtemp makes it private; the export is meant to be shared
@@ -187,7 +188,7 @@ def export_front(
             (tmp / name).write_text(schedule.to_json())
             runtime: dict[str, Any] | None = None
             if fmt != "schedsearch":
-                files = runtime_files(schedule, fmt, name.removesuffix(".json"))
+                files = runtime_files(schedule, fmt, name.removesuffix(".json"), kind)
                 if isinstance(files, NotExpressible):
                     runtime = {"format": fmt, "not_expressible": files.reason}
                 else:

@@ -42,13 +42,16 @@ class NotExpressible:
     reason: str
 
 
-def runtime_files(schedule: Schedule, fmt: str, stem: str) -> dict[str, str] | NotExpressible:
+def runtime_files(schedule: Schedule, fmt: str, stem: str, model_kind: str | None = None
+                  ) -> dict[str, str] | NotExpressible:
     """File name -> text of `schedule` in format `fmt` ("diffusers" or "cache-dit"), or why not.
 
     The solver must be a stock scheduler at the schedule's step count: the pipeline's own (`meta["scheduler"]` =
     "pipeline", what the policy space builds for pipelines), so `num_inference_steps` is all the pipeline needs,
     or diffusers' `DPMSolverMultistepScheduler` with its defaults (models without a pipeline scheduler). A found
-    solver plan (orders, correctors, compensation per step) needs `schedsearch.apply_schedule`."""
+    solver plan (orders, correctors, compensation per step) needs `schedsearch.apply_schedule`, except one rule
+    throughout, which `solver_files` writes as a stock scheduler (`model_kind`: "vp" or "flow", `model_time_kind`).
+    A static cache plan goes to cache-dit as a steps mask where that is the same computation."""
     from schedsearch.runtime.policy_runtime import runtime_kwargs
 
     policy = schedule.policy
@@ -57,6 +60,8 @@ def runtime_files(schedule: Schedule, fmt: str, stem: str) -> dict[str, str] | N
         if isinstance(found, NotExpressible):
             return found
         policy = found
+    elif policy is None and schedule.cache is None and fmt == "diffusers":
+        return solver_files(schedule, stem, model_kind)
     elif policy is None:
         what = "a static cache plan" if schedule.cache is not None else "no runtime cache"
         return NotExpressible(f"the schedule has {what}, not a {fmt} runtime policy; run it with "
@@ -199,3 +204,83 @@ def cache_dit_snippet(yaml_name: str, steps: int, scheduler: str = "pipeline") -
             + _scheduler_lines(scheduler) +
             f"cache_dit.enable_cache(pipe, **cache_dit.load_configs({yaml_name!r}))\n"
             f"NUM_INFERENCE_STEPS = {steps}  # pipe(..., num_inference_steps=NUM_INFERENCE_STEPS)\n")
+
+
+# --- solver plans as a stock diffusers scheduler -------------------------------------------------------------------
+
+
+def model_time_kind(model: str) -> str | None:
+    """"flow" or "vp" for the model a study ran on, from its name and local configs alone (no weights): the
+    builtin models by name, a pipeline by its scheduler's config. None when it cannot be told here."""
+    if model == "builtin:mnist-dit":
+        return "vp"
+    if model == "builtin:mnist-flow":
+        return "flow"
+    if not model.startswith("diffusers:"):
+        return None
+    from schedsearch.runtime.diffusers_models import _resolve
+
+    try:
+        _, index = _resolve(model.removeprefix("diffusers:"), None)
+        config = json.loads((index.parent / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    flow = str(config.get("_class_name", "")).startswith("FlowMatch") or bool(config.get("use_flow_sigmas"))
+    return "flow" if flow or config.get("prediction_type") == "flow_prediction" else "vp"
+
+
+def solver_files(schedule: Schedule, stem: str, kind: str | None) -> dict[str, str] | NotExpressible:
+    """A solver plan with one rule throughout, as the stock scheduler that runs it and the `timesteps=` /
+    `sigmas=` list a pipeline passes to it (`retrieve_timesteps`):
+
+    - VP models: DPM-Solver++ multistep of order k ≤ 3 with diffusers' warm-up and lower-order final steps, DDIM
+      being order 1 (Lu et al. 2022, §4.1), as `DPMSolverMultistepScheduler` with `timesteps=` (integers);
+    - flow matching: FlowMatch Euler (every step first order) as `FlowMatchEulerDiscreteScheduler` with `sigmas=`
+      the unshifted σ = t/T, which the pipeline's scheduler shifts as it was scored (static shift, or the
+      resolution's dynamic one).
+    Anything else (correctors, compensation, mixed orders, the analytical first step) needs apply_schedule."""
+    from schedsearch.spaces.baselines import dpm_solver_plan
+
+    plan = schedule.solver
+    if schedule.cache is not None or schedule.policy is not None:
+        return NotExpressible("it also reuses computation; a solver-only export would run something else")
+    if plan.first_step != "model" or plan.final_timestep is not None or plan.noise_scale != 1.0 \
+            or plan.clip_x0 is not None or any(s.dc_ratio != 1.0 or s.corrector for s in plan.steps):
+        return NotExpressible("its plan uses the analytical first step, a corrector, compensation, a final "
+                              "timestep above 0 or a start scale: no stock scheduler runs that; use apply_schedule")
+    if kind is None:
+        return NotExpressible("the export cannot tell whether the model is VP or flow matching from local configs")
+    steps = plan.num_steps
+    if kind == "flow":
+        if any(s.order != 1 for s in plan.steps) or plan.timesteps[0] > 1000.0:
+            return NotExpressible("on flow models only FlowMatch Euler plans (all steps first order) export")
+        sigmas = [round(t / 1000.0, 8) for t in plan.timesteps]
+        cls, overrides, argument = "FlowMatchEulerDiscreteScheduler", {}, {"sigmas": sigmas}
+    else:
+        ts = plan.timesteps
+        if not all(float(t).is_integer() for t in ts) or plan.network_timesteps is not None:
+            return NotExpressible("its timesteps are not integers; DPMSolverMultistepScheduler takes integer ones")
+        order = max(s.order for s in plan.steps)
+        expected = [s.order for s in dpm_solver_plan(ts, order=order, prediction="data").steps]
+        # first-order steps are DDIM in either prediction form and under every rule; DPM-Solver++ 2M midpoint is
+        # also UniPC's bh2 at order 2 (schedule.SolverStep)
+        same = [s.order for s in plan.steps] == expected and all(
+            s.order == 1 or (s.prediction == "data" and (s.rule == "dpmsolver" or (s.order == 2 and s.rule == "bh2")))
+            for s in plan.steps)
+        if not same:
+            return NotExpressible("its steps are not DPM-Solver++ multistep of one order with diffusers' warm-up "
+                                  "and lower-order final steps")
+        cls = "DPMSolverMultistepScheduler"
+        overrides = {"algorithm_type": "dpmsolver++", "solver_order": order, "solver_type": "midpoint",
+                     "lower_order_final": True, "final_sigmas_type": "zero", "use_karras_sigmas": False}
+        argument = {"timesteps": [int(t) for t in ts]}
+    data = {"format": "schedsearch.diffusers-scheduler/v1", "scheduler_class": cls, "config_overrides": overrides,
+            "num_inference_steps": steps, **argument, "schedule_key": schedule.key}
+    name, values = next(iter(argument.items()))
+    override_text = "".join(f", {k}={v!r}" for k, v in overrides.items())
+    snippet = (f"# schedsearch export: the found solver plan as a stock scheduler; call the pipeline with {name}=\n"
+               f"from diffusers import {cls}\n\n"
+               f"pipe.scheduler = {cls}.from_config(pipe.scheduler.config{override_text})\n"
+               f"{name.upper()} = {values!r}  # pipe(..., {name}={name.upper()})\n")
+    return {f"{stem}.diffusers-scheduler.json": json.dumps(data, indent=2) + "\n",
+            f"{stem}.diffusers-scheduler.py": snippet}
