@@ -128,6 +128,7 @@ def _front_frame(store: Any, study: str, given: str | None, all_records: bool,
         frame[f"metric.{name} (held-out)"] = values
         held_cols.append(f"metric.{name} (held-out)")
     cols = [f"metric.{n}" for n in objectives]
+    cols += [f"metric.{n}.p90" for n in objectives if f"metric.{n}.p90" in frame.columns]  # a policy's slow prompts
     summary = [c for c in frame.columns
                if c.startswith("summary.") and c.split(".", 1)[1] not in {"space", *objectives}]
     keep = [c for c in ["key", *cols, *held_cols, *summary] if c in frame.columns] + (["status"] if all_records else [])
@@ -145,8 +146,8 @@ def _print_front(store: Any, study: str, given: str | None, all_records: bool, f
         from rich.table import Table
 
         held = [f"{n} (held-out)" for n in objectives]
-        preferred = ["key", *objectives, *held, "nfe", "recompute_fraction", "num_refresh", "mean_abs_ratio_dev",
-                     "status"]
+        preferred = ["key", *objectives, *[f"{n}.p90" for n in objectives], *held, "nfe", "policy",
+                     "recompute_fraction", "num_refresh", "mean_abs_ratio_dev", "status"]
         frame = frame[[c for c in preferred if c in frame.columns]].assign(key=frame["key"].str[:10])
         split = "held-out" if on == "heldout" else "search"
         what = "all records" if all_records else f"Pareto front on the {split} split"
