@@ -174,3 +174,17 @@ def test_more_samples_than_prompts_cycles_the_prompts_with_new_seeds():
     assert list(spec.conditions) == ["a cat", "a dog", "a cat", "a dog", "a cat"]
     assert list(spec.seeds) == [0, 1, 2, 3, 4]
     assert list(default_spec(info, samples=1, prompts=["a cat", "a dog"], teacher_steps=4).conditions) == ["a cat"]
+
+
+def test_fid_carries_an_interval_once_the_covariance_is_full_rank(model, tmp_path):
+    """64-d classifier features: from 64 samples on, `fid` has `fid.ci95_low/high` (jackknife, objectives/fid.py)
+    around it; below, the covariance is singular and no interval is claimed."""
+    spec = default_spec(model.info, samples=70, teacher_steps=12)  # real digits as the reference: no teacher run
+    cal = CalibrationSet.open(spec, tmp_path)
+    ev = LocalEvaluator(model, cal, ["fid"], batch_size=70)
+    found = ev.evaluate_one(_schedule(model, 4)).metrics
+    assert found["fid.ci95_low"] <= found["fid"] <= found["fid.ci95_high"]
+    assert found["fid.ci95_high"] - found["fid.ci95_low"] > 0
+    small = LocalEvaluator(model, cal, ["fid"], samples=40, batch_size=40)
+    with pytest.warns(UserWarning, match="singular"):
+        assert "fid.ci95_low" not in small.evaluate_one(_schedule(model, 4)).metrics

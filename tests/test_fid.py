@@ -129,3 +129,31 @@ def test_builtin_features_shape_and_batch_independence():
     batched = builtin_features(images, classifier, batch_size=7)
     assert whole.shape == (40, classifier.feature_dim) and whole.dtype == np.float64
     np.testing.assert_allclose(whole, batched, rtol=1e-4, atol=1e-4)  # float32 kernels vary by batch
+
+
+def test_leave_one_out_distances_equal_brute_force():
+    from schedsearch.objectives.fid import leave_one_out_distances
+
+    rng = np.random.default_rng(3)
+    ref = FeatureStats(rng.normal(size=6), _random_cov(rng, 6), 500)
+    x = rng.normal(loc=0.3, size=(40, 6))
+    expected = [stats_distance(FeatureStats.from_features(np.delete(x, i, axis=0)), ref) for i in range(len(x))]
+    np.testing.assert_allclose(leave_one_out_distances(x, ref), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_frechet_interval_matches_the_spread_over_seeds():
+    """The jackknife interval's half-width / 1.96 against the standard deviation of the distance over 40 independent
+    draws of the same distribution (what "another set of seeds" would give); the bootstrap would sit above the
+    estimate (see `frechet_interval`)."""
+    from schedsearch.objectives.fid import Z95, frechet_interval
+
+    rng = np.random.default_rng(0)
+    ref = FeatureStats.from_features(rng.normal(size=(5000, 16)))
+    draws = [np.random.default_rng(s).normal(loc=0.2, size=(300, 16)) for s in range(1, 41)]
+    values = [stats_distance(FeatureStats.from_features(d), ref) for d in draws]
+    spread = float(np.std(values, ddof=1))
+    low, high = frechet_interval(draws[0], ref)
+    assert low <= values[0] <= high
+    assert 0.7 < (high - low) / (2 * Z95) / spread < 1.4
+    identical = np.tile(rng.normal(size=(1, 16)), (50, 1)) + rng.normal(size=(50, 16)) * 1e-3
+    assert frechet_interval(identical, ref)[0] >= 0.0  # clamped like the distance itself

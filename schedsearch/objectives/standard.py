@@ -117,17 +117,30 @@ class FrechetDistance(ImageObjective):
         return self._reference(self.extractor.name)
 
     def accumulator(self) -> Accumulator:
-        from schedsearch.objectives.fid import FeatureStatsAccumulator, stats_distance
+        import numpy as np
+
+        from schedsearch.objectives.fid import (
+            MAX_INTERVAL_DIM,
+            FeatureStatsAccumulator,
+            frechet_interval,
+            stats_distance,
+        )
         from schedsearch.objectives.images import frames
 
         reference, extractor, name = self.reference(), self.extractor, self.name
 
+        keep = extractor.dim <= MAX_INTERVAL_DIM  # features kept for the interval: N × D floats, small D only
+
         class _Acc(Accumulator):
             def __init__(self) -> None:
                 self.acc = FeatureStatsAccumulator()
+                self.kept: list[Any] = []
 
             def update(self, batch: ScoreBatch) -> None:
-                self.acc.update(extractor.features(frames(batch.images)))
+                features = extractor.features(frames(batch.images))
+                self.acc.update(features)
+                if keep:
+                    self.kept.append(np.asarray(features, dtype=np.float64))
 
             def result(self) -> dict[str, float]:
                 stats = self.acc.result()
@@ -139,7 +152,11 @@ class FrechetDistance(ImageObjective):
                         "the value is biased high (use more samples to compare with published figures)",
                         stacklevel=2,
                     )
-                return {name: stats_distance(stats, reference), f"{name}_samples": float(stats.count)}
+                out = {name: stats_distance(stats, reference), f"{name}_samples": float(stats.count)}
+                if keep and stats.count >= stats.dim:  # a singular covariance has no meaningful interval
+                    low, high = frechet_interval(np.concatenate(self.kept), reference)
+                    out |= {f"{name}.ci95_low": low, f"{name}.ci95_high": high}
+                return out
 
         return _Acc()
 
