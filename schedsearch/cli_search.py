@@ -54,6 +54,8 @@ def study_config(args: argparse.Namespace) -> Any:
         space_options["kinds"] = [k.strip() for k in args.policies.split(",") if k.strip()]
     if args.steps_range is not None:
         space_options["steps_range"] = parse_int_list(args.steps_range, "--steps-range")
+    if args.dbcache_masks:
+        space_options["dbcache_masks"] = True
     return StudyConfig(
         model=args.model, **model_kwargs(args), space=args.space, strategy=args.strategy,
         objectives=tuple(parse_objective_list(args.objectives)), study=args.study, store=args.store,
@@ -305,6 +307,8 @@ def add_study_commands(sub: Any, parser: Callable[..., argparse.ArgumentParser])
                    "dbcache: cache-dit's)")
     s.add_argument("--steps-range", help="policy: LOW,HIGH number of steps searched beside the cache's knobs "
                    "(default: the preset's, 8,20 quick); runtime defaults are compared at HIGH")
+    s.add_argument("--dbcache-masks", action="store_true", help="policy with dbcache: also search cache-dit's "
+                   "steps-mask presets (slow/medium/fast/ultra) and their static/dynamic policy")
     s.add_argument("--shift-seeds", action=argparse.BooleanOptionalAction, default=None,
                    help="cache + ecad: also seed each whole-stack refresh (FORA, DP) with one refresh moved a "
                         "step (default: on, off with --preset quick)")

@@ -182,7 +182,8 @@ class StudyConfig:
 
         kinds, steps = self.space_options.get("kinds"), self.space_options.get("steps_range")
         if self.space != "policy":
-            for name, flag in (("kinds", "--policies"), ("steps_range", "--steps-range")):
+            for name, flag in (("kinds", "--policies"), ("steps_range", "--steps-range"),
+                               ("dbcache_masks", "--dbcache-masks")):
                 if name in self.space_options:
                     raise UserInputError(flag, f"applies to --space policy, not {self.space}", "drop it")
             return

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from schedsearch.calibration.calibration_set import CalibrationSet, default_spec
+from schedsearch.errors import UserInputError
 from schedsearch.evaluation.local import LocalEvaluator
 from schedsearch.objectives.cost import analytic_macs_table, observe_units, schedule_cost
 from schedsearch.runtime.diffusers_caches import DiffusersCache, builtin_mag_ratios
@@ -338,3 +339,32 @@ def test_apply_schedule_runs_a_policy_on_a_model_and_sends_pipelines_to_the_expo
                              policy=RuntimePolicy("taylorseer_cache", {"cache_interval": 3}))
     with pytest.raises(ScheduleError, match="--format diffusers"):
         apply_schedule(pipe, flow_schedule, strict=False)
+
+
+def test_dbcache_mask_genes_decode_to_cache_dits_own_presets(builtin_model):
+    pytest.importorskip("cache_dit")
+    import cache_dit
+
+    space = build_space("policy", builtin_model.info, "quick",
+                        {"kinds": ["dbcache"], "steps_range": [8, 12], "dbcache_masks": True},
+                        model=builtin_model, conditions=[0], guidance=2.0)
+    assert space.genome.names[-2:] == ("dbcache.steps_mask", "dbcache.steps_mask_static")
+    rng = np.random.default_rng(1)
+    seen = set()
+    for _ in range(40):
+        schedule = space.sample(rng)
+        settings = schedule.policy.settings
+        mask = settings.get("steps_computation_mask")
+        if mask is not None:
+            assert list(mask) in [cache_dit.steps_mask(total_steps=schedule.solver.nfe, mask_policy=p)
+                                  for p in ("slow", "medium", "fast", "ultra")]
+            seen.add(settings["steps_computation_policy"])
+        assert space.decode(space.encode(schedule)).key == schedule.key
+        assert "steps_mask" not in settings  # genes of the space, not settings of cache-dit
+    assert seen == {"static", "dynamic"}
+    static = next(s for s in (space.sample(rng) for _ in range(200))
+                  if s.policy.settings.get("steps_computation_policy") == "static")
+    assert _images(builtin_model, static, n=2, batch=1).isfinite().all()
+    with pytest.raises(UserInputError, match="dbcache_masks"):
+        build_space("policy", builtin_model.info, "quick", {"kinds": ["mag_cache"], "dbcache_masks": True},
+                    model=builtin_model, conditions=[0], guidance=2.0)

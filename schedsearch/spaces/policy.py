@@ -27,6 +27,13 @@ from schedsearch.spaces.policy_plan import DBCACHE_PRESETS, KNOBS, POLICY_KINDS,
 from schedsearch.spaces.schedule import Schedule, SolverPlan
 
 DEFAULT_KINDS = ("first_block_cache", "mag_cache", "taylorseer_cache")
+# Opt-in genes of DBCache (`dbcache_masks=True`): one of cache-dit's steps-mask presets (0 = none) and whether the
+# mask is static (cache every 0-step) or dynamic (0-steps may cache, under the threshold).
+MASK_KNOBS = (
+    Knob("steps_mask", "int", 0, len(STEPS_MASK_PRESETS), 0, (0, len(STEPS_MASK_PRESETS)),
+         "cache-dit steps-mask preset: 0 none, then slow, medium, fast, ultra"),
+    Knob("steps_mask_static", "bit", 0, 1, False, (0, 1), "the mask's policy: static (True) or dynamic"),
+)
 
 
 def _round_significant(value: float, digits: int = 3) -> float:
@@ -52,6 +59,7 @@ class PolicySpace(SearchSpace):
         kinds: Sequence[str] = DEFAULT_KINDS,
         steps_range: tuple[int, int] = (10, 20),
         default_steps: int | None = None,
+        dbcache_masks: bool = False,
     ) -> None:
         kinds = tuple(kinds)
         if not kinds:
@@ -74,6 +82,11 @@ class PolicySpace(SearchSpace):
                              "study.build_space calibrates from the loaded model")
         self.fixed = {k: dict(fixed.get(k, {})) for k in kinds}
         self.knobs = {k: tuple(self._bounded(k, kn) for kn in KNOBS[k]) for k in kinds}
+        if dbcache_masks and "dbcache" not in kinds:
+            raise ValueError("dbcache_masks: applies when kinds include dbcache")
+        self.dbcache_masks = dbcache_masks
+        if dbcache_masks:  # space-level genes: a steps-mask preset and its policy, decoded into the fixed params
+            self.knobs["dbcache"] = (*self.knobs["dbcache"], *MASK_KNOBS)
         specs = [GenomeSpec(("int",), (float(lo),), (float(hi),), ("steps",))]
         if len(kinds) > 1:
             specs.append(GenomeSpec(("int",), (0.0,), (float(len(kinds) - 1),), ("kind",)))
@@ -128,9 +141,35 @@ class PolicySpace(SearchSpace):
         if kind == "dbcache":
             values["Bn_compute_blocks"] = min(int(values["Bn_compute_blocks"]),
                                               max(0, self.structure.num_blocks - int(values["Fn_compute_blocks"])))
+        if kind == "dbcache" and self.dbcache_masks:
+            values |= self._mask_params(steps, int(values.pop("steps_mask")), bool(values.pop("steps_mask_static")))
         policy = RuntimePolicy(kind, tuple({**values, **self.fixed[kind]}.items())).validate()
         return Schedule(self.structure.name, self.plan(steps), policy=policy,
                         meta={"space": self.name, "scheduler": self.scheduler, **dict(meta or {})})
+
+    def _mask_params(self, steps: int, preset: int, static: bool) -> dict[str, Any]:
+        """cache-dit's steps-mask preset `STEPS_MASK_PRESETS[preset - 1]` at this plan's network calls (0: none;
+        cache-dit has no preset for some short runs, which then run without one), and its policy."""
+        from schedsearch.runtime.cache_dit_runtime import cache_dit_steps_mask
+
+        if preset == 0:
+            return {}
+        try:
+            mask = cache_dit_steps_mask(STEPS_MASK_PRESETS[preset - 1], self.plan(steps).nfe)
+        except AssertionError:
+            return {}
+        return {"steps_computation_mask": mask, "steps_computation_policy": "static" if static else "dynamic"}
+
+    def _mask_genes(self, policy: RuntimePolicy, steps: int) -> tuple[float, float]:
+        mask = policy.settings.get("steps_computation_mask")
+        if mask is None:
+            return 0.0, 0.0
+        for i in range(1, len(STEPS_MASK_PRESETS) + 1):
+            found = self._mask_params(steps, i, False).get("steps_computation_mask")
+            if found == tuple(mask):
+                return float(i), float(policy.settings.get("steps_computation_policy") == "static")
+        raise ValueError("schedule.policy.params.steps_computation_mask: not one of cache-dit's presets at "
+                         f"{steps} steps, which is all this space's mask genes express")
 
     @staticmethod
     def _value(knob: Knob, gene: float) -> Any:
@@ -164,7 +203,15 @@ class PolicySpace(SearchSpace):
         x[0] = steps
         if len(self.kinds) > 1:
             x[1] = self.kinds.index(policy.kind)
-        x[self._slices[policy.kind]] = [self._gene(k, policy.get(k.name)) for k in self.knobs[policy.kind]]
+        knobs = self.knobs[policy.kind]
+        if policy.kind == "dbcache" and self.dbcache_masks:
+            genes = [self._gene(k, policy.get(k.name)) for k in knobs[: -len(MASK_KNOBS)]]
+            genes += self._mask_genes(policy, steps)
+        elif "steps_computation_mask" in policy.settings and policy.kind == "dbcache":
+            raise ValueError("schedule.policy: a steps computation mask needs the space's dbcache_masks genes")
+        else:
+            genes = [self._gene(k, policy.get(k.name)) for k in knobs]
+        x[self._slices[policy.kind]] = genes
         return self.genome.clip(x)
 
     def baselines(self) -> list[tuple[str, Schedule]]:
@@ -224,8 +271,12 @@ class PolicySpace(SearchSpace):
         policy = schedule.policy
         out["policy"] = "none" if policy is None else policy.kind
         if policy is not None:
-            for k in self.knobs.get(policy.kind, ()):
+            for k in KNOBS[policy.kind]:
                 out[k.name] = policy.get(k.name)
+            mask = policy.settings.get("steps_computation_mask")
+            if mask is not None:
+                out["mask_compute_fraction"] = sum(mask) / len(mask)
+                out["mask_policy"] = policy.settings.get("steps_computation_policy", "dynamic")
         return out
 
 
