@@ -18,16 +18,18 @@ from schedsearch.methods import METHODS, PRESET_NAMES, SPACE_NAMES
 def _budget(args: argparse.Namespace) -> Any:
     from schedsearch.search.base import Budget
 
-    for name in ("budget", "generations"):
+    for name in ("budget", "generations", "budget_passes"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise CliError(f"--{name}", f"{value} must be at least 1", f"e.g. --{name} 48")
+            flag = "--" + name.replace("_", "-")
+            raise CliError(flag, f"{value} must be at least 1", f"e.g. {flag} 48")
     if args.time_limit is not None and not args.time_limit > 0:
         raise CliError("--time-limit", f"{args.time_limit} must be positive (seconds)", "e.g. --time-limit 600")
-    if args.budget is None and args.time_limit is None and args.generations is None:
-        raise CliError("--budget", "no budget given", "give --budget N (evaluations), --time-limit SECONDS or "
-                       "--generations G")
-    return Budget(evaluations=args.budget, wall_time_s=args.time_limit, generations=args.generations)
+    if args.budget is None and args.time_limit is None and args.generations is None and args.budget_passes is None:
+        raise CliError("--budget", "no budget given", "give --budget N (evaluations), --budget-passes P (denoiser "
+                       "passes), --time-limit SECONDS or --generations G")
+    return Budget(evaluations=args.budget, wall_time_s=args.time_limit, generations=args.generations,
+                  forward_passes=args.budget_passes)
 
 
 def _open_store(path: Path, create: bool) -> Any:
@@ -78,8 +80,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     config = study_config(args)
     logging.getLogger("optuna").setLevel(logging.WARNING)  # optuna logs every trial; the progress bar says enough
     result = run_search(config)
-    print(f"study {args.study}: {result.evaluations} new evaluations, {result.reused} reused from the store, "
-          f"{result.failed} failed, {result.wall_time_s:.0f} s")
+    print(f"study {args.study}: {result.evaluations} new evaluations ({result.forward_passes:,} denoiser passes), "
+          f"{result.reused} reused from the store, {result.failed} failed, {result.wall_time_s:.0f} s")
     for cause, count in sorted(result.failures.items(), key=lambda kv: -kv[1]):
         print(f"  failed ×{count}: {cause}")
     if result.failures:
@@ -278,6 +280,8 @@ def add_study_commands(sub: Any, parser: Callable[..., argparse.ArgumentParser])
     s.add_argument("--objectives", required=True, help="comma-separated, first = quality, e.g. psnr,macs")
     s.add_argument("--budget", type=int, help="the study's total number of evaluations, counting those of earlier "
                    "runs of a resumed study (checked between asks, so a GA finishes its generation)")
+    s.add_argument("--budget-passes", type=int, help="the study's total model work in denoiser passes (one sample "
+                   "at one step; a CFG pair counts two), counted like --budget across resumes")
     s.add_argument("--time-limit", type=float, help="wall-time budget in seconds")
     s.add_argument("--generations", type=int, help="number of asks (GA generations)")
     s.add_argument("--study", required=True, help="the study's name in the store")

@@ -263,3 +263,29 @@ def test_shift_seeds_reach_the_gas_first_generation(tmp_path, cache_dir):
              space_options=None, strategy_options={"shift_seeds": True})
     with ResultStore(store) as s:
         assert s.study_settings("bad") is None and s.count("bad") == 0  # refused before anything was written
+
+
+def test_model_work_is_counted_and_can_be_the_budget(tmp_path, cache_dir):
+    """Every evaluation records the denoiser passes it ran (rows: 4 samples × 6 steps × 2 for the CFG pair = 48,
+    whatever it caches) and its images; copies from another study cost none; a budget in passes is the study's
+    total across resumes, checked between asks like the others."""
+    store = tmp_path / "w.db"
+    result = run_search(model="builtin:mnist-dit", space="cache", strategy="ecad", objectives=["psnr", "macs"],
+                        study="w", store=store, budget=Budget(forward_passes=48 * 5), cache_dir=cache_dir,
+                        space_options={"num_steps": 6}, strategy_options={"population": 4}, validate=False, **TINY)
+    with ResultStore(store) as s:
+        records = s.records("w")
+    own = [r for r in records if "reused_from" not in r.summary]
+    assert own and all(r.summary["forward_passes"] == 48 and r.summary["images"] == 4 for r in own)
+    assert result.forward_passes == 48 * result.evaluations >= 48 * 5
+    again = run_search(model="builtin:mnist-dit", space="cache", strategy="ecad", objectives=["psnr", "macs"],
+                       study="w", store=store, budget=Budget(forward_passes=48 * 5), cache_dir=cache_dir,
+                       space_options={"num_steps": 6}, strategy_options={"population": 4}, validate=False,
+                       resume=True, **TINY)
+    assert again.evaluations == 0 and again.forward_passes == 0
+    copied = _run(store, "w2", cache_dir, budget=4, validate=False)
+    with ResultStore(store) as s:
+        assert all("forward_passes" not in r.summary for r in s.records("w2") if "reused_from" in r.summary)
+    assert copied.reused >= 1
+    assert main(["search", "--model", "builtin:mnist-dit", "--space", "cache", "--strategy", "ecad", "--objectives",
+                 "psnr,macs", "--budget-passes", "0", "--study", "x", "--store", str(tmp_path / "x.db")]) == 2

@@ -33,6 +33,7 @@ class Evaluation:
     wall_time_s: float = 0.0
     device: str = ""
     samples: int = 0
+    forward_passes: int = 0  # model work: one per sample row of every denoiser call (a CFG pair counts two)
 
 
 class NonFiniteOutputError(SchedsearchError, RuntimeError):
@@ -80,6 +81,13 @@ class LocalEvaluator:
 
     def evaluate_one(self, schedule: Schedule) -> Evaluation:
         start = time.perf_counter()
+        rows = [0]
+
+        def count(_: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            first = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+            rows[0] += int(first.shape[0]) if torch.is_tensor(first) and first.ndim else 1
+
+        handle = self.model.network.register_forward_pre_hook(count, with_kwargs=True)
         try:
             metrics = self._score(schedule)
             status, error = "ok", ""
@@ -87,7 +95,10 @@ class LocalEvaluator:
             metrics = {}
             status = "failed"
             error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
-        return Evaluation(schedule, metrics, status, error, time.perf_counter() - start, self.device, self.samples)
+        finally:
+            handle.remove()
+        return Evaluation(schedule, metrics, status, error, time.perf_counter() - start, self.device, self.samples,
+                          rows[0])
 
     def _score(self, schedule: Schedule) -> dict[str, float]:
         from schedsearch.runtime.execute import run_batches

@@ -51,6 +51,7 @@ def evaluation_to_dict(evaluation: Any) -> dict[str, Any]:
         "wall_time_s": float(evaluation.wall_time_s),
         "device": evaluation.device,
         "samples": int(getattr(evaluation, "samples", 0)),
+        "forward_passes": int(getattr(evaluation, "forward_passes", 0)),
     }
 
 
@@ -304,7 +305,7 @@ class RayEvaluator:
                 continue
             schedule = pending.pop(tag)[0]
             yield Evaluation(schedule, out["metrics"], out["status"], out["error"], out["wall_time_s"],
-                             out["device"], out["samples"])
+                             out["device"], out["samples"], out.get("forward_passes", 0))
 
     def _retry_or_fail(self, pending: dict[int, tuple[Schedule, str, int]], tag: int, message: str) -> Iterator[Any]:
         from schedsearch.evaluation.local import Evaluation

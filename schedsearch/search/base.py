@@ -56,20 +56,23 @@ class Budget:
     evaluations: int | None = None
     wall_time_s: float | None = None
     generations: int | None = None
+    forward_passes: int | None = None  # model work: denoiser rows (one sample at one step; a CFG pair is two)
 
     def __post_init__(self) -> None:
-        if self.evaluations is None and self.wall_time_s is None and self.generations is None:
-            raise ValueError("Budget: give at least one of evaluations, wall_time_s, generations")
-        for name in ("evaluations", "wall_time_s", "generations"):
+        names = ("evaluations", "wall_time_s", "generations", "forward_passes")
+        if all(getattr(self, name) is None for name in names):
+            raise ValueError(f"Budget: give at least one of {', '.join(names)}")
+        for name in names:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"Budget.{name} must be positive, got {value}")
 
-    def spent(self, evaluations: int, wall_time_s: float, generations: int) -> bool:
+    def spent(self, evaluations: int, wall_time_s: float, generations: int, forward_passes: int = 0) -> bool:
         return (
             (self.evaluations is not None and evaluations >= self.evaluations)
             or (self.wall_time_s is not None and wall_time_s >= self.wall_time_s)
             or (self.generations is not None and generations >= self.generations)
+            or (self.forward_passes is not None and forward_passes >= self.forward_passes)
         )
 
 

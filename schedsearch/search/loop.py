@@ -49,6 +49,7 @@ class StudyResult:
     wall_time_s: float
     records: tuple[Record, ...] = field(repr=False, default=())
     failures: dict[str, int] = field(default_factory=dict)  # this run's failed evaluations by cause (error's 1st line)
+    forward_passes: int = 0  # denoiser rows this call's evaluations ran (model work; `Budget.forward_passes`)
 
     @property
     def failed(self) -> int:
@@ -74,6 +75,7 @@ class _Progress:
     on_record: Callable[[Record], None] | None
     records: list[Record]
     evaluations: int = 0
+    forward_passes: int = 0
     reused: int = 0
     retry: dict[str, Record] = field(default_factory=dict)  # failed this run, to retry on resume: not asked again now
     failures: dict[str, int] = field(default_factory=dict)
@@ -108,9 +110,10 @@ class _Progress:
                 self.study, result.schedule, result.metrics, calibration_hash=cal,
                 status=result.status,  # type: ignore[arg-type]
                 error=result.error, device=result.device, wall_time_s=result.wall_time_s,
-                summary=self.space.summary(result.schedule),
+                summary={**self.space.summary(result.schedule), **_work(result)},
             )
             self.evaluations += 1
+            self.forward_passes += int(record.summary.get("forward_passes", 0))
             if record.status != "ok":
                 cause = record.error.split("\n", 1)[0][:120] or "failed"
                 self.failures[cause] = self.failures.get(cause, 0) + 1
@@ -185,10 +188,12 @@ def run_study(
     _warm_start(space, strategy, own, objectives)
     generations = 0
     prior = sum(1 for r in own if "reused_from" not in r.summary)
+    prior_passes = spent_passes(own)
     state = _Progress(study, objectives, store, space, _progress(progress, budget, study, prior), on_record,
                       list(own))
     try:
-        while not budget.spent(prior + state.evaluations, time.perf_counter() - start, generations):
+        while not budget.spent(prior + state.evaluations, time.perf_counter() - start, generations,
+                               prior_passes + state.forward_passes):
             genomes = strategy.ask(batch_size)
             if not genomes:
                 break
@@ -208,7 +213,7 @@ def run_study(
         if state.bar is not None:
             state.bar.close()
     return StudyResult(study, state.evaluations, state.reused, generations, time.perf_counter() - start,
-                       tuple(state.records), dict(state.failures))
+                       tuple(state.records), dict(state.failures), state.forward_passes)
 
 
 MAX_ATTEMPTS = 3  # a failure that may not repeat is tried this often (over resumes) before it is the record
@@ -245,10 +250,22 @@ def _warm_start(
         strategy.warm_start(genomes, np.where(np.isnan(arr), np.inf, arr))
 
 
+def _work(result: Any) -> dict[str, int]:
+    """The model work an evaluation spent (`Evaluation.forward_passes`, `samples`): summary columns, so a study's
+    cost in denoiser passes and images is read back from the store (evaluators that do not count report none)."""
+    passes = int(getattr(result, "forward_passes", 0) or 0)
+    return {"forward_passes": passes, "images": int(getattr(result, "samples", 0) or 0)} if passes else {}
+
+
+def spent_passes(records: Sequence[Record]) -> int:
+    """Denoiser forward passes the records' evaluations spent (records copied from other studies cost none)."""
+    return sum(int(r.summary.get("forward_passes", 0)) for r in records if "reused_from" not in r.summary)
+
+
 def _copy_to(record: Record, study: str, schedule: Schedule) -> Record:
     """Another study's result as this study's record: its metrics, with the schedule as this study asked it (same
     content key; its own meta, e.g. a baseline's name)."""
-    summary = dict(record.summary)
+    summary = {k: v for k, v in record.summary.items() if k not in ("forward_passes", "images")}
     summary["reused_from"] = record.study
     return Record(study=study, key=record.key, schedule_json=schedule.to_json(indent=None), metrics=record.metrics,
                   status=record.status, error=record.error, calibration_hash=record.calibration_hash,
