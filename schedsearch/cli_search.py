@@ -197,7 +197,11 @@ def _cmd_pick(args: argparse.Namespace) -> int:
         print(f"picked {chosen.record.key} ({chosen.split} scores): "
               + ", ".join(f"{n} = {v:.4g}" for n, v in shown.items()))
         if args.out is not None:
-            out = export_front(store, args.study, args.out, fmt=args.format, only=[chosen.record.key])
+            fmt = args.format
+            if fmt == "auto":  # the chosen schedule's own runtime, schedsearch's format for anything else
+                policy = chosen.record.to_schedule().policy
+                fmt = "schedsearch" if policy is None else policy.runtime
+            out = export_front(store, args.study, args.out, fmt=fmt, only=[chosen.record.key])
             print(f"wrote {out}")
     return 0
 
@@ -348,8 +352,8 @@ def add_study_commands(sub: Any, parser: Callable[..., argparse.ArgumentParser])
     k.add_argument("--by", help="the cost to minimise (default: latency_s, macs or nfe, the first the study has; "
                                 "macs.p90 for a policy's slower prompts)")
     k.add_argument("--out", type=Path, help="export the pick here")
-    k.add_argument("--format", default="schedsearch", choices=("schedsearch", "diffusers", "cache-dit"),
-                   help="the export's format (see export --format)")
+    k.add_argument("--format", default="auto", choices=("auto", "schedsearch", "diffusers", "cache-dit"),
+                   help="the export's format (see export --format); auto: the picked policy's own runtime")
     k.set_defaults(run=_cmd_pick)
 
     v = parser(sub, "evaluate", "score one schedule file on the calibration set")

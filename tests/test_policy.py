@@ -302,6 +302,12 @@ def test_pick_takes_the_cheapest_that_meets_held_out_targets(tmp_path, capsys):
         assert runtime["files"] and all((out / f).is_file() for f in runtime["files"])
     else:
         assert "not_expressible" in runtime
+    auto = tmp_path / "auto"  # the default format is the picked policy's own runtime
+    assert main(["pick", "--store", str(store_path), "--study", "p", "--min", f"psnr={target}", "--out",
+                 str(auto)]) == 0
+    entry = json.loads((auto / "index.json").read_text())["schedules"][0]
+    policy = chosen.record.to_schedule().policy
+    assert entry.get("runtime", {}).get("format") == (None if policy is None else policy.runtime)
     capsys.readouterr()
     assert main(["pick", "--store", str(store_path), "--study", "p", "--min", "psnr=1000"]) == 3
     assert "nothing meets" in capsys.readouterr().err
