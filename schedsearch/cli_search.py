@@ -58,6 +58,8 @@ def study_config(args: argparse.Namespace) -> Any:
         space_options["steps_range"] = parse_int_list(args.steps_range, "--steps-range")
     if args.dbcache_masks:
         space_options["dbcache_masks"] = True
+    if args.solvers is not None:
+        space_options["solvers"] = [v.strip() for v in args.solvers.split(",") if v.strip()]
     return StudyConfig(
         model=args.model, **model_kwargs(args), space=args.space, strategy=args.strategy,
         objectives=tuple(parse_objective_list(args.objectives)), study=args.study, store=args.store,
@@ -315,6 +317,9 @@ def add_study_commands(sub: Any, parser: Callable[..., argparse.ArgumentParser])
                    "dbcache: cache-dit's)")
     s.add_argument("--steps-range", help="policy: LOW,HIGH number of steps searched beside the cache's knobs "
                    "(default: the preset's, 8,20 quick); runtime defaults are compared at HIGH")
+    s.add_argument("--solvers", help="policy: stock schedulers searched beside the pipeline's own (built from its "
+                   "config, so the export swaps them in by name): DPMSolverMultistepScheduler, "
+                   "UniPCMultistepScheduler, DDIMScheduler, EulerDiscreteScheduler (VP models)")
     s.add_argument("--dbcache-masks", action="store_true", help="policy with dbcache: also search cache-dit's "
                    "steps-mask presets (slow/medium/fast/ultra) and their static/dynamic policy")
     s.add_argument("--shift-seeds", action=argparse.BooleanOptionalAction, default=None,

@@ -183,7 +183,7 @@ class StudyConfig:
         kinds, steps = self.space_options.get("kinds"), self.space_options.get("steps_range")
         if self.space != "policy":
             for name, flag in (("kinds", "--policies"), ("steps_range", "--steps-range"),
-                               ("dbcache_masks", "--dbcache-masks")):
+                               ("dbcache_masks", "--dbcache-masks"), ("solvers", "--solvers")):
                 if name in self.space_options:
                     raise UserInputError(flag, f"applies to --space policy, not {self.space}", "drop it")
             return
@@ -196,6 +196,14 @@ class StudyConfig:
                 from schedsearch.runtime.cache_dit_runtime import require_cache_dit
 
                 require_cache_dit("--policies")
+        solvers = self.space_options.get("solvers")
+        if solvers is not None:
+            from schedsearch.spaces.policy import SOLVER_CHOICES
+
+            bad = [v for v in solvers if v not in SOLVER_CHOICES]
+            if isinstance(solvers, str) or bad:
+                raise UserInputError("--solvers", f"unknown {bad or solvers!r}",
+                                     f"use a comma-separated subset of {', '.join(SOLVER_CHOICES)}")
         if steps is not None:
             ok = (isinstance(steps, (list, tuple)) and len(steps) == 2
                   and all(isinstance(v, int) and not isinstance(v, bool) for v in steps) and 2 <= steps[0] <= steps[1])

@@ -47,8 +47,8 @@ def build_space(name: str, info: Any, preset: str = "quick", options: Mapping[st
 CFG_SPLIT_FAMILIES = ("wan",)
 
 
-def _probe_policies(model: Any, kinds: Sequence[str], plan: Any, fixed: Mapping[str, Any], conditions: Sequence[Any],
-                    guidance: float | None) -> None:
+def _probe_policies(model: Any, kinds: Sequence[str], plan: Any, fixed: Mapping[str, Any], conditions: Any,
+                    count: int, guidance: float | None) -> None:
     """Run each kind's default policy once (one sample, the shortest plan) so a runtime that does not fit this model
     (FirstBlockCache on a context-pre-only SD3 block, FasterCache on a token-layout output, DBCache's Fn beyond
     the blocks) is refused before any search, with the runtime's own error."""
@@ -64,8 +64,8 @@ def _probe_policies(model: Any, kinds: Sequence[str], plan: Any, fixed: Mapping[
             values["disable_cache_before_step"] = 1
         policy = RuntimePolicy(kind, tuple({**values, **fixed.get(kind, {})}.items()))
         try:
-            for _ in run_batches(model, Schedule(model.info.name, plan, policy=policy), list(conditions),
-                                 [0] * len(conditions), guidance, 1):
+            for _ in run_batches(model, Schedule(model.info.name, plan, policy=policy), conditions,
+                                 list(range(count)), guidance, 1):
                 pass
         except UserInputError:
             raise
@@ -98,9 +98,15 @@ def _policy_model_side(model: Any, options: Mapping[str, Any], conditions: Seque
                              "policy scored on schedsearch's batched CFG would decide differently when deployed",
                              "tune static schedules (--space cache) for this family")
     plans = {n: model.default_plan(n) for n in range(lo, hi + 1)}
-    calibrate_on = list(conditions[:4]) or ([0, 1, 2, 3] if model.info.conditioning == "class" else [])
-    fixed = model_fixed_params(model, kinds, default_steps, calibrate_on, guidance)
-    _probe_policies(model, kinds, plans[lo], fixed, calibrate_on[:1], guidance)
+    if conditions and isinstance(conditions[0], Mapping):  # pre-encoded embeddings: one batch as the denoiser takes it
+        calibrate_on: Any = conditions[0]
+        count = len(next(iter(calibrate_on.values())))
+        probe_on, probe_count = calibrate_on, count
+    else:
+        calibrate_on = list(conditions[:4]) or ([0, 1, 2, 3] if model.info.conditioning == "class" else [])
+        count, probe_on, probe_count = len(calibrate_on), calibrate_on[:1], 1
+    fixed = model_fixed_params(model, kinds, default_steps, calibrate_on, guidance, count)
+    _probe_policies(model, kinds, plans[lo], fixed, probe_on, probe_count, guidance)
     scheduler = "DPMSolverMultistepScheduler"  # default_plan's fallback: no pipeline scheduler, or none it can run
     if model.scheduler is not None:
         try:
@@ -108,7 +114,34 @@ def _policy_model_side(model: Any, options: Mapping[str, Any], conditions: Seque
                 scheduler = "pipeline"
         except UserInputError:
             pass
-    return {"plans": plans, "policy_fixed": fixed, "scheduler": scheduler}
+    return {"plans": plans, "policy_fixed": fixed, "scheduler": scheduler,
+            "solver_plans": _solver_plans(model, tuple(options.get("solvers", ())), lo, hi)}
+
+
+def _solver_plans(model: Any, solvers: Sequence[str], lo: int, hi: int) -> dict[tuple[str, int], Any]:
+    """Plans of the stock schedulers `solvers` at every step count, each built from the pipeline's own scheduler
+    config (`Cls.from_config(pipe.scheduler.config)`, what the export's snippet does), or with its defaults where the
+    model has no pipeline scheduler (the builtin DiT). VP models only: a flow pipeline's scheduler config does not
+    carry over to DPM-Solver/UniPC without flow-specific settings."""
+    if not solvers:
+        return {}
+    import diffusers
+
+    from schedsearch.runtime.noise import FlowSchedule
+    from schedsearch.runtime.scheduler_plan import plan_from_scheduler
+
+    if isinstance(model.noise_schedule, FlowSchedule):
+        raise UserInputError("--solvers", f"{model.info.name} is a flow-matching model; other schedulers are searched "
+                             "on VP models only", "drop --solvers (its own FlowMatch scheduler is searched)")
+    out = {}
+    for name in solvers:
+        cls = getattr(diffusers, name, None)
+        if cls is None:
+            raise UserInputError("--solvers", f"unknown scheduler {name!r}", "use diffusers' class names")
+        scheduler = cls.from_config(model.scheduler.config) if model.scheduler is not None else cls()
+        for n in range(lo, hi + 1):
+            out[(name, n)] = plan_from_scheduler(scheduler, n, model.noise_schedule, None)
+    return out
 
 
 def run_search(config: StudyConfig | None = None, *, model: Any = None, store: Any = None,

@@ -221,6 +221,8 @@ def test_cli_refuses_policy_options_elsewhere_and_unknown_kinds(tmp_path):
     assert main([*base, "--space", "cache", "--policies", "first_block_cache"]) == 2
     assert main([*base, "--space", "policy", "--policies", "teacache"]) == 2
     assert main([*base, "--space", "policy", "--steps-range", "9,3"]) == 2
+    assert main([*base, "--space", "policy", "--solvers", "HeunDiscreteScheduler"]) == 2
+    assert main([*base, "--space", "cache", "--solvers", "DDIMScheduler"]) == 2
     assert not (tmp_path / "s.db").exists()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,6 +66,7 @@ def test_diffusers_export_enabled_on_the_stock_flux_pipeline_reproduces_our_run(
         assert set(files) == {"s.diffusers.json", "s.diffusers.py"}
         data = json.loads(files["s.diffusers.json"])
         assert data["num_inference_steps"] == STEPS and data["config_class"].endswith("Config")
+        assert data["apply"] in files["s.diffusers.py"]
         # the JSON is the config class's own keyword arguments
         getattr(diffusers.hooks, data["config_class"])(**{
             k: (getattr(torch, v) if k == "taylor_factors_dtype" else v) for k, v in data["config"].items()})
@@ -236,3 +238,43 @@ def test_model_time_kind_reads_local_configs_only(pipelines, flux):
     assert model_time_kind(f"diffusers:{pipelines['sd3'][0]}") == "flow"
     assert model_time_kind(f"diffusers:{flux[0]}") == "flow"
     assert model_time_kind("diffusers:/nowhere/at/all") is None
+
+
+def test_a_policy_on_another_stock_scheduler_exports_and_reproduces_on_the_stock_pipeline(pipelines):
+    """The policy space's solver gene (`solvers`): UniPC built from PixArt's own scheduler config, with a
+    FirstBlockCache policy. The exported snippet swaps UniPC in by name and enables the config; PixArt's loop opens no
+    cache context, so the call runs inside one, as the snippet says. Equal to schedsearch's run."""
+    from schedsearch.study import build_space
+
+    path, model = pipelines["pixart"]
+    cond = embeddings("pixart", 2)
+    space = build_space("policy", model.info, "quick", {"kinds": ["first_block_cache"], "steps_range": [4, 6],
+                                                         "solvers": ["UniPCMultistepScheduler"]},
+                        model=model, conditions=[cond], guidance=4.5)
+    assert space.genome.names[-1] == "solver"
+    x_genes = space.encode(space.baselines()[0][1])
+    x_genes[0], x_genes[-1] = 5, 1  # 5 steps, UniPC
+    x_genes[space._slices["first_block_cache"]] = np.log10(0.3)
+    schedule = space.decode(x_genes)
+    assert schedule.meta["scheduler"] == "UniPCMultistepScheduler" and schedule.solver.steps[0].corrector
+    assert space.decode(space.encode(schedule)).key == schedule.key
+    x = initial_noise([0, 1], model.info.sample_shape)
+    ours = torch.cat([im for _, im in run_batches(model, schedule, cond, [0, 1], 4.5, decode=False)])
+    files = runtime_files(schedule, "diffusers", "s")
+    assert "UniPCMultistepScheduler.from_config(pipe.scheduler.config)" in files["s.diffusers.py"]
+    pipe = _pipeline(path)
+    exec(files["s.diffusers.py"], {"pipe": pipe})
+    batch = {k: v.expand(2, *v.shape[1:]) for k, v in cond.items()}
+    from diffusers.hooks import HookRegistry
+    from diffusers.models.cache_utils import CacheMixin
+
+    for _ in range(2):  # twice: the state is reset between calls as the snippet says, so both calls are the same
+        HookRegistry.check_if_exists_or_initialize(pipe.transformer).reset_stateful_hooks()
+        with torch.no_grad(), CacheMixin.cache_context(pipe.transformer, "cond"):
+            theirs = pipe(latents=x, guidance_scale=4.5, height=16, width=16, output_type="latent",
+                          num_inference_steps=5, use_resolution_binning=False, negative_prompt=None,
+                          negative_prompt_attention_mask=torch.ones(2, 5, dtype=torch.long), **batch).images
+        torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    uncached = torch.cat([im for _, im in run_batches(model, Schedule(model.info.name, schedule.solver), cond,
+                                                      [0, 1], 4.5, decode=False)])
+    assert (ours - uncached).abs().max() > 1e-4

@@ -20,6 +20,15 @@ from schedsearch.spaces.policy_plan import RuntimePolicy
 from schedsearch.spaces.schedule import Schedule
 
 FORMATS = ("schedsearch", "diffusers", "cache-dit")
+# diffusers' function that attaches each config to any transformer (`enable_cache` calls it, but only transformers
+# with diffusers' CacheMixin have `enable_cache`: PixArt's and DiT's do not in 0.42)
+DIFFUSERS_APPLY = {
+    "FirstBlockCacheConfig": "apply_first_block_cache",
+    "MagCacheConfig": "apply_mag_cache",
+    "TaylorSeerCacheConfig": "apply_taylorseer_cache",
+    "PyramidAttentionBroadcastConfig": "apply_pyramid_attention_broadcast",
+    "FasterCacheConfig": "apply_faster_cache",
+}
 DIFFUSERS_CONFIG_CLASS = {
     "first_block_cache": "FirstBlockCacheConfig",
     "mag_cache": "MagCacheConfig",
@@ -32,7 +41,8 @@ DIFFUSERS_CONFIG_CLASS = {
 _TIMESTEP_CALLBACK = {"pyramid_attention_broadcast", "faster_cache"}
 # The solvers a stock pipeline runs by name: its own scheduler, or (models without one, the builtin DiT) diffusers'
 # DPM-Solver++ 2M with its defaults, which the policy space's fallback plan equals (tests/test_sampler_equivalence).
-STOCK_SCHEDULERS = ("pipeline", "DPMSolverMultistepScheduler")
+STOCK_SCHEDULERS = ("pipeline", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DDIMScheduler",
+                    "EulerDiscreteScheduler")  # `pipeline`, or a class the snippet builds from the pipeline's config
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,8 @@ def runtime_files(schedule: Schedule, fmt: str, stem: str, model_kind: str | Non
         if policy.runtime != "diffusers":
             return NotExpressible(f"{policy.kind} is cache-dit's; export it with --format cache-dit")
         cls = DIFFUSERS_CONFIG_CLASS[policy.kind]
-        data = {"format": "schedsearch.diffusers-cache/v1", "config_class": cls, "config": kwargs,
+        data = {"format": "schedsearch.diffusers-cache/v1", "config_class": cls, "apply": DIFFUSERS_APPLY[cls],
+                "config": kwargs,
                 "num_inference_steps": steps, "scheduler": scheduler, "schedule_key": schedule.key}
         return {f"{stem}.diffusers.json": json.dumps(data, indent=2) + "\n",
                 f"{stem}.diffusers.py": diffusers_snippet(cls, kwargs, steps, policy.kind, scheduler)}
@@ -166,19 +177,26 @@ def _scheduler_lines(scheduler: str) -> str:
 
 
 def diffusers_snippet(cls: str, kwargs: dict[str, Any], steps: int, kind: str, scheduler: str = "pipeline") -> str:
-    """Python lines that enable the config on a stock pipeline `pipe` (the transformer's `enable_cache`) and run it
-    with the schedule's steps."""
+    """Python lines that attach the config to a stock pipeline's transformer with diffusers' own `apply_*` function
+    (what `enable_cache` calls; it works on transformers without `enable_cache` too) and say how to call it."""
     args = ", ".join(f"{k}={_literal(v)}" for k, v in kwargs.items())
     if kind in _TIMESTEP_CALLBACK:
         args += ", current_timestep_callback=lambda: pipe.current_timestep"
-    return (f"# schedsearch export: enable on a loaded diffusers pipeline `pipe`, then call it with {steps} steps\n"
+    apply = DIFFUSERS_APPLY[cls]
+    return (f"# schedsearch export: attach to a loaded diffusers pipeline `pipe`, then call it with {steps} steps\n"
             "import torch\n"
-            f"from diffusers.hooks import {cls}\n\n"
+            f"from diffusers.hooks import {cls}, {apply}\n\n"
             + _scheduler_lines(scheduler) +
-            f"pipe.transformer.enable_cache({cls}({args}))\n"
+            f"{apply}(pipe.transformer, {cls}({args}))\n"
             f"NUM_INFERENCE_STEPS = {steps}  # pipe(..., num_inference_steps=NUM_INFERENCE_STEPS)\n"
-            "# a pipeline whose loop opens no cache context (SD3, PixArt, Sana in diffusers 0.42) runs the hooks only\n"
-            '# inside one: with pipe.transformer.cache_context("cond"): pipe(...)\n')
+            "# A pipeline whose loop opens no cache context (SD3, PixArt, Sana in diffusers 0.42) runs the hooks only\n"
+            "# inside one, and a transformer without diffusers' CacheMixin (PixArt, DiT) keeps their state between\n"
+            "# calls unless it is reset first:\n"
+            "#   from diffusers.hooks import HookRegistry\n"
+            "#   from diffusers.models.cache_utils import CacheMixin\n"
+            "#   HookRegistry.check_if_exists_or_initialize(pipe.transformer).reset_stateful_hooks()\n"
+            '#   with CacheMixin.cache_context(pipe.transformer, "cond"):\n'
+            "#       images = pipe(..., num_inference_steps=NUM_INFERENCE_STEPS).images\n")
 
 
 def cache_dit_yaml(kwargs: dict[str, Any], key: str) -> str:

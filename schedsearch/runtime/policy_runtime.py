@@ -123,12 +123,13 @@ def default_taylorseer_identifiers(network: torch.nn.Module) -> list[str]:
     return list(TAYLORSEER_BLOCK_COMPONENTS)
 
 
-def model_fixed_params(model: Any, kinds: Sequence[str], num_steps: int, conditions: Sequence[Any],
-                       guidance: float | None) -> dict[str, dict[str, Any]]:
+def model_fixed_params(model: Any, kinds: Sequence[str], num_steps: int, conditions: Any,
+                       guidance: float | None, count: int | None = None) -> dict[str, dict[str, Any]]:
     """What the policies of `kinds` need from the model and are not searched: MagCache's magnitude ratios,
     calibrated with diffusers' own calibration mode on one run of the pipeline's scheduler at `num_steps` steps
     (diffusers interpolates them to other step counts, as a user's single calibration would be), and TaylorSeer's
-    module identifiers where diffusers' defaults miss the model's attention modules."""
+    module identifiers where diffusers' defaults miss the model's attention modules. `conditions`: class ids or
+    prompts, one per sample, or one batch of pre-encoded embeddings of `count` samples."""
     from schedsearch.runtime.diffusers_caches import calibrate_mag_ratios
     from schedsearch.runtime.models import initial_noise
     from schedsearch.runtime.sampler import sample
@@ -136,8 +137,9 @@ def model_fixed_params(model: Any, kinds: Sequence[str], num_steps: int, conditi
     out: dict[str, dict[str, Any]] = {}
     if "mag_cache" in kinds:
         plan = model.default_plan(num_steps)
-        x = initial_noise(list(range(len(conditions))), model.info.sample_shape)
-        denoise = model.denoiser(list(conditions), guidance)
+        count = len(conditions) if count is None else count
+        x = initial_noise(list(range(count)), model.info.sample_shape)
+        denoise = model.denoiser(conditions if isinstance(conditions, dict) else list(conditions), guidance)
         ratios = calibrate_mag_ratios(
             model.network, denoise,
             lambda d: sample(d, x, plan, model.noise_schedule, model.info.prediction_type), plan.nfe)

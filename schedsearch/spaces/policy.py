@@ -27,6 +27,9 @@ from schedsearch.spaces.policy_plan import DBCACHE_PRESETS, KNOBS, POLICY_KINDS,
 from schedsearch.spaces.schedule import Schedule, SolverPlan
 
 DEFAULT_KINDS = ("first_block_cache", "mag_cache", "taylorseer_cache")
+# Stock schedulers a pipeline can swap in by name (`Cls.from_config(pipe.scheduler.config)`) and still be called
+# with `num_inference_steps` alone: searched beside the pipeline's own with `solvers=` (VP models).
+SOLVER_CHOICES = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DDIMScheduler", "EulerDiscreteScheduler")
 # Opt-in genes of DBCache (`dbcache_masks=True`): one of cache-dit's steps-mask presets (0 = none) and whether the
 # mask is static (cache every 0-step) or dynamic (0-steps may cache, under the threshold).
 MASK_KNOBS = (
@@ -60,6 +63,7 @@ class PolicySpace(SearchSpace):
         steps_range: tuple[int, int] = (10, 20),
         default_steps: int | None = None,
         dbcache_masks: bool = False,
+        solvers: Sequence[str] = (),
     ) -> None:
         kinds = tuple(kinds)
         if not kinds:
@@ -101,6 +105,17 @@ class PolicySpace(SearchSpace):
                 tuple(f"{kind}.{k.name}" for k in knobs)))
             self._slices[kind] = slice(start, start + len(knobs))
             start += len(knobs)
+        self.solvers = tuple(solvers)
+        bad = [v for v in self.solvers if v not in SOLVER_CHOICES]
+        if bad or len(set(self.solvers)) != len(self.solvers):
+            raise ValueError(f"solvers: {list(self.solvers)}: use distinct names among {SOLVER_CHOICES}")
+        if self.solvers:  # last, so the other genes keep their places: 0 = the pipeline's own scheduler
+            solver_plans = structure.extra.get("solver_plans", {})
+            missing = [v for v in self.solvers if (v, lo) not in solver_plans]
+            if missing:
+                raise ValueError(f"solvers: no plans of {missing} for this model (study.build_space makes them "
+                                 "from the loaded model's scheduler config)")
+            specs.append(GenomeSpec(("int",), (0.0,), (float(len(self.solvers)),), ("solver",)))
         self.genome = GenomeSpec.concat(*specs)
 
     def _bounded(self, kind: str, knob: Knob) -> Knob:
@@ -117,7 +132,11 @@ class PolicySpace(SearchSpace):
         """The stock scheduler the plans are: the pipeline's own, or diffusers' DPM-Solver++ 2M (`dpmpp_2m_plan`)."""
         return self.structure.extra.get("scheduler", "DPMSolverMultistepScheduler")
 
-    def plan(self, steps: int) -> SolverPlan:
+    def plan(self, steps: int, solver: str | None = None) -> SolverPlan:
+        """The plan at `steps`: the pipeline's own scheduler, or the stock scheduler `solver` built from its
+        config (`solvers`)."""
+        if solver is not None:
+            return self.structure.extra["solver_plans"][(solver, steps)]
         plans: Mapping[int, SolverPlan] = self.structure.extra.get("plans", {})
         if steps in plans:
             return plans[steps]
@@ -130,10 +149,11 @@ class PolicySpace(SearchSpace):
         steps = int(x[0])
         kind = self.kinds[int(x[1])] if len(self.kinds) > 1 else self.kinds[0]
         values = {k.name: self._value(k, v) for k, v in zip(self.knobs[kind], x[self._slices[kind]], strict=True)}
-        return self.schedule(steps, kind, values)
+        solver = self.solvers[int(x[-1]) - 1] if self.solvers and int(x[-1]) > 0 else None
+        return self.schedule(steps, kind, values, solver=solver)
 
-    def schedule(self, steps: int, kind: str, values: Mapping[str, Any], meta: Mapping[str, Any] | None = None
-                 ) -> Schedule:
+    def schedule(self, steps: int, kind: str, values: Mapping[str, Any], meta: Mapping[str, Any] | None = None,
+                 solver: str | None = None) -> Schedule:
         """The schedule of this space for `kind` with knob `values` at `steps` steps (repaired to be valid)."""
         values = dict(values)
         if kind == "taylorseer_cache":  # warm-up steps must leave at least one step to forecast
@@ -144,8 +164,8 @@ class PolicySpace(SearchSpace):
         if kind == "dbcache" and self.dbcache_masks:
             values |= self._mask_params(steps, int(values.pop("steps_mask")), bool(values.pop("steps_mask_static")))
         policy = RuntimePolicy(kind, tuple({**values, **self.fixed[kind]}.items())).validate()
-        return Schedule(self.structure.name, self.plan(steps), policy=policy,
-                        meta={"space": self.name, "scheduler": self.scheduler, **dict(meta or {})})
+        return Schedule(self.structure.name, self.plan(steps, solver), policy=policy,
+                        meta={"space": self.name, "scheduler": solver or self.scheduler, **dict(meta or {})})
 
     def _mask_params(self, steps: int, preset: int, static: bool) -> dict[str, Any]:
         """cache-dit's steps-mask preset `STEPS_MASK_PRESETS[preset - 1]` at this plan's network calls (0: none;
@@ -197,8 +217,12 @@ class PolicySpace(SearchSpace):
             raise ValueError(f"schedule.policy: expected one of {self.kinds}, got "
                              f"{None if policy is None else policy.kind}")
         steps = schedule.solver.num_steps
-        if schedule.solver != self.plan(steps):
-            raise ValueError("schedule.solver: not this space's plan at that step count (the pipeline's scheduler)")
+        choices = [None, *self.solvers]
+        in_range = self.steps_range[0] <= steps <= self.steps_range[1]
+        found = [i for i, v in enumerate(choices) if in_range and schedule.solver == self.plan(steps, v)]
+        if not found:
+            raise ValueError("schedule.solver: not this space's plan at that step count (the pipeline's scheduler"
+                             + (f" or one of {self.solvers}" if self.solvers else "") + ")")
         x = np.array([(lo + hi) / 2 for lo, hi in zip(self.genome.low, self.genome.high, strict=True)])
         x[0] = steps
         if len(self.kinds) > 1:
@@ -212,6 +236,8 @@ class PolicySpace(SearchSpace):
         else:
             genes = [self._gene(k, policy.get(k.name)) for k in knobs]
         x[self._slices[policy.kind]] = genes
+        if self.solvers:
+            x[-1] = found[0]
         return self.genome.clip(x)
 
     def baselines(self) -> list[tuple[str, Schedule]]:
