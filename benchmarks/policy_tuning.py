@@ -49,9 +49,6 @@ KINDS = {  # what runs on each builtin model (the flow model's SD3 blocks refuse
     "builtin:mnist-flow": ["mag_cache", "taylorseer_cache", "pyramid_attention_broadcast", "dbcache"],
 }
 STEPS_RANGE = (8, 20)
-APPLY = {"FirstBlockCacheConfig": "apply_first_block_cache", "MagCacheConfig": "apply_mag_cache",
-         "TaylorSeerCacheConfig": "apply_taylorseer_cache",
-         "PyramidAttentionBroadcastConfig": "apply_pyramid_attention_broadcast"}
 
 
 def front_points(records: list[dict]) -> list[dict]:
@@ -112,6 +109,9 @@ def export_check(model, schedule) -> dict[str, Any]:
             if fmt == "cache-dit":
                 import cache_dit
 
+                from schedsearch.runtime.cache_dit_runtime import patch_state, restore_patch_state
+
+                before = patch_state(net)
                 cache_dit.enable_cache(net, **cache_dit.load_configs(str(Path(tmp) / "knee.cache-dit.yaml")))
                 cache_dit.refresh_context(net)
                 how = "cache_dit.load_configs + enable_cache on the transformer (its registered DiT adapter)"
@@ -128,8 +128,8 @@ def export_check(model, schedule) -> dict[str, Any]:
                 if policy.kind == "pyramid_attention_broadcast":
                     config["current_timestep_callback"] = lambda: state["t"]
                 built = getattr(diffusers.hooks, data["config_class"])(**config)
-                getattr(diffusers.hooks, APPLY[data["config_class"]])(net, built)  # what enable_cache calls
-                how = f"diffusers {data['config_class']} from the JSON, diffusers.hooks.{APPLY[data['config_class']]}"
+                getattr(diffusers.hooks, data["apply"])(net, built)  # the export's own function (enable_cache's)
+                how = f"diffusers {data['config_class']} from the JSON, diffusers.hooks.{data['apply']}"
 
             def loop(x_, t, i):
                 state["t"] = float(t)
@@ -144,11 +144,7 @@ def export_check(model, schedule) -> dict[str, Any]:
             finally:
                 if fmt == "cache-dit":
                     cache_dit.disable_cache(net)
-                    for attribute in ("forward", "_is_patched", "_norm1_emb"):
-                        if attribute in net._modules:
-                            del net._modules[attribute]
-                        elif attribute in net.__dict__:
-                            delattr(net, attribute)
+                    restore_patch_state(net, before)
                 else:  # diffusers' own disable path (it reads only `_cache_config`)
                     net._cache_config = built
                     CacheMixin.disable_cache(net)

@@ -136,6 +136,7 @@ def test_static_plans_exported_as_cache_dit_masks_reproduce_our_run(tmp_path):
     pytest.importorskip("cache_dit")
     import cache_dit
 
+    from schedsearch.runtime.cache_dit_runtime import patch_state, restore_patch_state
     from schedsearch.runtime.models import model_layout
     from schedsearch.spaces.baselines import fora_cache_plan
     from schedsearch.spaces.cache_plan import ComponentCachePlan
@@ -158,6 +159,7 @@ def test_static_plans_exported_as_cache_dit_masks_reproduce_our_run(tmp_path):
         assert isinstance(files, dict), files
         (tmp_path / "s.cache-dit.yaml").write_text(files["s.cache-dit.yaml"])
         assert "steps_computation_policy: static" in files["s.cache-dit.yaml"]
+        before = patch_state(net)
         cache_dit.enable_cache(net, **cache_dit.load_configs(str(tmp_path / "s.cache-dit.yaml")))
         cache_dit.refresh_context(net)
         try:
@@ -165,9 +167,7 @@ def test_static_plans_exported_as_cache_dit_masks_reproduce_our_run(tmp_path):
                 theirs = sample(model.denoiser(labels, 2.0), x, schedule.solver, model.noise_schedule)
         finally:
             cache_dit.disable_cache(net)
-            for name in ("forward", "_is_patched"):
-                net.__dict__.pop(name, None)
-            net._modules.pop("_norm1_emb", None)
+            restore_patch_state(net, before)
         torch.testing.assert_close(theirs, ours, rtol=tolerance, atol=tolerance)
     from_zero = unit_space.decode(unit_space.refresh_genome([0, 5]))
     zero_unit = Schedule(model.info.name, from_zero.solver,

@@ -32,6 +32,27 @@ REGISTERED_PREFIX = {"dit": "DiT", "sd3": "StableDiffusion3", "pixart": "PixArt"
 _PATCH_ATTRIBUTES = ("forward", "_is_patched", "_norm1_emb")  # what a patch functor leaves on the module
 
 
+def patch_state(network: Any) -> tuple[dict[str, Any], frozenset[str]]:
+    """What a patch functor may overwrite, taken before cache-dit is enabled (building a registered adapter already
+    applies its functor): the instance attributes it sets, and which of them were registered modules. An instance
+    `forward` may be there already (diffusers' hook registry leaves its own)."""
+    return ({a: network.__dict__[a] for a in _PATCH_ATTRIBUTES if a in network.__dict__},
+            frozenset(a for a in _PATCH_ATTRIBUTES if a in network._modules))
+
+
+def restore_patch_state(network: Any, state: tuple[dict[str, Any], frozenset[str]]) -> None:
+    """After `cache_dit.disable_cache`: undo what the patch functor left (an instance `forward`, `_is_patched`, a
+    registered `_norm1_emb` that would add keys to the state dict), putting back what `patch_state` saw."""
+    saved, had_modules = state
+    for name in _PATCH_ATTRIBUTES:
+        if name in network._modules and name not in had_modules:
+            del network._modules[name]
+        if name in saved:
+            network.__dict__[name] = saved[name]
+        elif name in network.__dict__:
+            del network.__dict__[name]
+
+
 def dbcache_kwargs(policy: Any, plan: Any) -> dict[str, Any]:
     """The `cache_config` section cache-dit's `load_configs` reads (and `DBCacheConfig`'s keywords): Fn/Bn, the
     threshold, warm-up, the consecutive-cache limit and `num_inference_steps` = the plan's network calls (cache-dit
@@ -99,10 +120,7 @@ class CacheDitRuntime:
         if kwargs["Fn_compute_blocks"] + kwargs["Bn_compute_blocks"] > blocks:
             raise ValueError(f"dbcache: Fn_compute_blocks + Bn_compute_blocks = {kwargs['Fn_compute_blocks']} + "
                              f"{kwargs['Bn_compute_blocks']} exceeds the model's {blocks} transformer blocks")
-        # before the registered factory runs: building its adapter already applies the patch functor. An instance
-        # `forward` may be there already (diffusers' hook registry leaves its own): restored as it was.
-        self._saved = {a: network.__dict__[a] for a in _PATCH_ATTRIBUTES if a in network.__dict__}
-        self._had_modules = {a for a in _PATCH_ATTRIBUTES if a in network._modules}
+        self._patch_state = patch_state(network)  # before the registered factory applies its patch functor
         registered = BlockAdapterRegister._adapters[prefix](FakeDiffusionPipeline(network))
         self.network, self._cache_dit = network, cache_dit
         adapter = BlockAdapter(transformer=network, blocks=registered.blocks,
@@ -124,16 +142,9 @@ class CacheDitRuntime:
         self._last_step = None
 
     def remove(self) -> None:
-        """cache-dit's `disable_cache`, then what its patch functor left (an instance `forward`, `_is_patched`, a
-        registered `_norm1_emb` that would add keys to the state dict), so the network is as before."""
+        """cache-dit's `disable_cache`, then `restore_patch_state`, so the network is as before."""
         self._cache_dit.disable_cache(self.network)
-        for name in _PATCH_ATTRIBUTES:
-            if name in self.network._modules and name not in self._had_modules:
-                del self.network._modules[name]
-            if name in self._saved:
-                self.network.__dict__[name] = self._saved[name]
-            elif name in self.network.__dict__:
-                del self.network.__dict__[name]
+        restore_patch_state(self.network, self._patch_state)
 
 
 def cache_dit_steps_mask(preset: str, num_steps: int) -> tuple[int, ...]:

@@ -33,8 +33,10 @@ from diffusers.hooks import (
 )
 from diffusers.models.cache_utils import CacheMixin
 
+from schedsearch.spaces.policy_plan import DIFFUSERS_KINDS
+
 Denoiser = Callable[[torch.Tensor, float, int], torch.Tensor]
-KINDS = ("first_block_cache", "pyramid_attention_broadcast", "taylorseer_cache", "faster_cache", "mag_cache")
+KINDS = DIFFUSERS_KINDS  # the runtime policies' diffusers kinds are these configs, by the same names
 # TaylorSeer's default identifiers ("^transformer_blocks.*attn", re.fullmatch) match no module of DiT/PixArt, whose
 # attention modules are named attn1/attn2: point them at the per-block components the cache plans also address.
 TAYLORSEER_BLOCK_COMPONENTS = (r"transformer_blocks\.\d+\.(attn1|attn2|ff)",)

@@ -120,11 +120,9 @@ class PolicySpace(SearchSpace):
 
     def _bounded(self, kind: str, knob: Knob) -> Knob:
         """Search ranges that depend on the model: DBCache's Fn/Bn within its number of blocks."""
-        from dataclasses import replace
-
         if kind == "dbcache" and knob.name in ("Fn_compute_blocks", "Bn_compute_blocks"):
             top = max(1, self.structure.num_blocks - 1)
-            return replace(knob, high=min(knob.high, top), low=min(knob.low, top))
+            return dataclasses.replace(knob, high=min(knob.high, top), low=min(knob.low, top))
         return knob
 
     @property
@@ -265,8 +263,6 @@ class PolicySpace(SearchSpace):
     def _cache_dit_presets(self) -> list[tuple[str, Schedule]]:
         """cache-dit's documented DBCache settings and its steps-mask presets at `default_steps` (Fn/Bn clipped to
         the model's blocks, in the preset's proportion: F8B8 on a 6-block model is F2B3)."""
-        from schedsearch.runtime.cache_dit_runtime import cache_dit_steps_mask
-
         blocks = self.structure.num_blocks
         out = []
         base = {k.name: _clip_default(k) for k in self.knobs["dbcache"]}
@@ -279,17 +275,15 @@ class PolicySpace(SearchSpace):
             values.update(Fn_compute_blocks=fn, Bn_compute_blocks=bn)
             name = f"cache-dit-{label}-{self.default_steps}steps"
             out.append((name, self.schedule(self.default_steps, "dbcache", values, {"baseline": name})))
-        for preset in STEPS_MASK_PRESETS:
-            plan = self.plan(self.default_steps)
-            try:
-                mask = cache_dit_steps_mask(preset, plan.nfe)
-            except AssertionError:  # cache-dit has no mask presets for some short runs (< 8 steps but 4, 6)
+        for i, preset in enumerate(STEPS_MASK_PRESETS, start=1):
+            # the mask alone, with cache-dit's default (dynamic) policy left implicit, as cache-dit documents it
+            mask = self._mask_params(self.default_steps, i, static=False).get("steps_computation_mask")
+            if mask is None:  # cache-dit has no mask presets for some short runs (< 8 steps but 4, 6)
                 continue
-            values = {**base, **DBCACHE_PRESETS["F8B0-0.08"], "Fn_compute_blocks": min(8, blocks - 1)}
+            values = {**base, **DBCACHE_PRESETS["F8B0-0.08"], "Fn_compute_blocks": min(8, blocks - 1),
+                      "steps_computation_mask": mask}
             name = f"cache-dit-mask-{preset}-{self.default_steps}steps"
-            schedule = self.schedule(self.default_steps, "dbcache", values, {"baseline": name})
-            policy = RuntimePolicy("dbcache", (*schedule.policy.params, ("steps_computation_mask", mask)))
-            out.append((name, dataclasses.replace(schedule, policy=policy.validate())))
+            out.append((name, self.schedule(self.default_steps, "dbcache", values, {"baseline": name})))
         return out
 
     def summary(self, schedule: Schedule) -> dict[str, Any]:
