@@ -4,6 +4,10 @@ with one common reference point, and the best PSNR each reaches under a few MAC 
 method by default (solver: S³'s predictor; cache: ECAD's GA; joint: the same GA), each study its own store so no
 evaluation is shared, and the joint front is also set against the union of both separate fronts (twice its budget).
 
+Each search's front is then re-scored on `--heldout-samples` seeds no search saw (one shared held-out store, so a
+schedule two fronts share is scored once), and every ratio is given again on those scores (`heldout` in the JSON),
+each PSNR with its 95% bootstrap interval. The headline figures are the held-out ones.
+
     python benchmarks/joint_vs_separate.py [--budget 160] [--seeds 0,1,2] [--suffix _480] [--strategies ...]
 
 Prints one JSON object and writes benchmarks/results/joint_vs_separate.json.
@@ -20,10 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from schedsearch.results.pareto import hypervolume
+from schedsearch.calibration.calibration_set import CalibrationSet, default_spec
+from schedsearch.evaluation.local import LocalEvaluator
+from schedsearch.results.pareto import hypervolume, non_dominated
 from schedsearch.results.store import ResultStore
 from schedsearch.runtime.models import load_model
 from schedsearch.search.base import Budget
+from schedsearch.search.fixed import score_schedules
 from schedsearch.study import run_search
 
 OBJECTIVES = {"psnr": "max", "macs": "min"}
@@ -39,6 +46,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated strategy seeds: one independent run of the "
                                                      "three searches per seed, to measure the run-to-run spread")
     parser.add_argument("--work-dir", type=Path, help="keep the stores here (re-running resumes each study)")
+    parser.add_argument("--heldout-samples", type=int, default=128,
+                        help="re-score every front on this many held-out seeds (0: search split only)")
     parser.add_argument("--suffix", default="", help="write results/joint_vs_separate{SUFFIX}.json and the figure "
                                                     "so, e.g. '_480' for a larger budget beside the default run")
     args = parser.parse_args()
@@ -47,7 +56,29 @@ def main() -> None:
     cache_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="ssjoint"))
     model = load_model(args.model)
     runs = {seed: _run_seed(model, strategies, seed, args, cache_dir) for seed in seeds}
-    allpts = np.vstack([pts for points, _ in runs.values() for pts in points.values()])
+    out = {"model": model.info.name, "strategies": strategies, "budget": args.budget, "samples": args.samples,
+           "population": args.population, "objectives": OBJECTIVES, "seeds": seeds}
+    if args.heldout_samples:
+        fronts = {seed: {space: _front(recs) for space, recs in records.items()} for seed, (_, _, records) in
+                  runs.items()}
+        held = _heldout_points(model, fronts, args.heldout_samples, cache_dir)
+        out["heldout"] = {"samples": args.heldout_samples,
+                          "seeds_note": "held-out (1,000,000 + i), never seen by any search",
+                          **_compare({seed: (held[seed], runs[seed][1]) for seed in seeds}, intervals=True)}
+    out.update(_compare({seed: (points, timing) for seed, (points, timing, _) in runs.items()}))
+    text = json.dumps(out, indent=1)
+    print(text)
+    (Path(__file__).parent / "results" / f"joint_vs_separate{args.suffix}.json").write_text(text + "\n")
+    first_points = held[seeds[0]] if args.heldout_samples else runs[seeds[0]][0]
+    figure = Path(__file__).parents[1] / "docs" / f"joint_vs_separate{args.suffix}.png"
+    _figure(first_points, strategies, args.budget, figure, model.info.name,
+            "held-out fronts" if args.heldout_samples else "search split")
+
+
+def _compare(runs: dict, intervals: bool = False) -> dict:
+    """Hypervolume ratios and best PSNR under three MAC budgets, per seed and over seeds, one reference point for
+    all seeds (below the worst PSNR, above the largest MACs)."""
+    allpts = np.vstack([pts[:, :2] for points, _ in runs.values() for pts in points.values()])
     # one reference point for every seed: below the worst PSNR, above the largest MACs
     ref = [allpts[:, 0].min() - 1.0, allpts[:, 1].max() * 1.05]
     directions = list(OBJECTIVES.values())
@@ -55,31 +86,56 @@ def main() -> None:
     per_seed = []
     for seed, (points, timing) in runs.items():
         points = {**points, "solver+cache": np.vstack([points["solver"], points["cache"]])}
+        best = {k: {f"{b:.3g}": _best_under(v, b, intervals) for b in budgets} for k, v in points.items()}
+        points = {k: v[:, :2] for k, v in points.items()}
         hv = {k: hypervolume(v, directions, ref) for k, v in points.items()}
         per_seed.append({
             "seed": seed, "hypervolume": hv, "evaluations": {k: len(v) for k, v in points.items()},
             "joint_over_best_separate": hv["joint"] / max(hv["solver"], hv["cache"]),
             "joint_over_union_of_separate": hv["joint"] / hv["solver+cache"],
             "cache_over_solver": hv["cache"] / hv["solver"],
-            "best_psnr_at_macs": {
-                k: {f"{b:.3g}": float(v[v[:, 1] <= b, 0].max()) if np.any(v[:, 1] <= b) else None for b in budgets}
-                for k, v in points.items()
-            },
+            "best_psnr_at_macs": best,
             "wall_time_s": timing,
         })
     spread = {key: _stats([r[key] for r in per_seed])
               for key in ("joint_over_best_separate", "joint_over_union_of_separate", "cache_over_solver")}
-    out = {
-        "model": model.info.name, "strategies": strategies, "budget": args.budget, "samples": args.samples,
-        "population": args.population, "objectives": OBJECTIVES, "reference_point": ref, "seeds": seeds,
-        "over_seeds": spread, **{k: v for k, v in per_seed[0].items() if k != "seed"}, "per_seed": per_seed,
-    }
-    text = json.dumps(out, indent=1)
-    print(text)
-    (Path(__file__).parent / "results" / f"joint_vs_separate{args.suffix}.json").write_text(text + "\n")
-    first_points, _ = runs[seeds[0]]
-    figure = Path(__file__).parents[1] / "docs" / f"joint_vs_separate{args.suffix}.png"
-    _figure(first_points, strategies, args.budget, figure, model.info.name)
+    return {"reference_point": ref, "over_seeds": spread,
+            **{k: v for k, v in per_seed[0].items() if k != "seed"}, "per_seed": per_seed}
+
+
+def _best_under(points: np.ndarray, budget: float, intervals: bool):
+    """The best PSNR at no more than `budget` MACs (with its 95% interval when the points carry one)."""
+    inside = points[points[:, 1] <= budget]
+    if not len(inside):
+        return None
+    row = inside[np.argmax(inside[:, 0])]
+    return {"psnr": float(row[0]), "ci95": [float(row[2]), float(row[3])]} if intervals else float(row[0])
+
+
+def _front(records) -> list:
+    """The search-split front's schedules of one study's ok records."""
+    pts = np.array([[r.metrics[n] for n in OBJECTIVES] for r in records])
+    keep = non_dominated(pts, list(OBJECTIVES.values()))
+    return [r.to_schedule() for r, k in zip(records, keep, strict=True) if k]
+
+
+def _heldout_points(model, fronts: dict, samples: int, cache_dir: Path) -> dict:
+    """Every front re-scored on `samples` held-out seeds: {seed: {space: [[psnr, macs, ci_low, ci_high], ...]}}."""
+    spec = default_spec(model.info, samples=samples, split="heldout")
+    calibration = CalibrationSet.open(spec, cache_dir).build(model, progress=True)
+    evaluator = LocalEvaluator(model, calibration, list(OBJECTIVES), cost_cache_dir=str(cache_dir))
+    unique = {s.key: s for per_space in fronts.values() for front in per_space.values() for s in front}
+    study = f"heldout-{samples}"
+    with ResultStore(cache_dir / "heldout.db") as store:
+        score_schedules(study, list(unique.values()), OBJECTIVES, evaluator, store, progress=True)
+        scored = {r.to_schedule().key: r.metrics for r in store.records(study) if r.status == "ok"}
+    missing = [k for k in unique if k not in scored]
+    if missing:
+        raise RuntimeError(f"{len(missing)} front schedules failed on the held-out split; see {cache_dir}/heldout.db")
+    return {seed: {space: np.array([[scored[s.key]["psnr"], scored[s.key]["macs"], scored[s.key]["psnr.ci95_low"],
+                                     scored[s.key]["psnr.ci95_high"]] for s in front])
+                   for space, front in per_space.items()}
+            for seed, per_space in fronts.items()}
 
 
 def _run_seed(model, strategies: dict[str, str], seed: int, args: argparse.Namespace, cache_dir: Path):
@@ -90,7 +146,7 @@ def _run_seed(model, strategies: dict[str, str], seed: int, args: argparse.Names
         "cache": {"num_steps": 10},
         "joint": {"nfe_range": (4, 10)},
     }
-    points, timing = {}, {}
+    points, timing, records = {}, {}, {}
     for space, options in runs.items():
         start = time.perf_counter()
         strategy = strategies[space]
@@ -106,10 +162,11 @@ def _run_seed(model, strategies: dict[str, str], seed: int, args: argparse.Names
         timing[space] = round(time.perf_counter() - start, 1)
         with ResultStore(store_path) as store:
             ok = [r for r in store.records(space) if r.status == "ok"]
+        records[space] = ok
         points[space] = np.array([[r.metrics[n] for n in OBJECTIVES] for r in ok])
         print(json.dumps({"seed": seed, "space": space, "evaluations": len(ok), "wall_time_s": timing[space]}),
               file=sys.stderr)
-    return points, timing
+    return points, timing, records
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -118,7 +175,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def _figure(points: dict[str, np.ndarray], strategies: dict[str, str], budget: int, path: Path,
-            model_name: str) -> None:
+            model_name: str, split: str) -> None:
     """Each search's evaluations (faint) and Pareto front (step line) in PSNR vs MACs."""
     import matplotlib
 
@@ -130,15 +187,15 @@ def _figure(points: dict[str, np.ndarray], strategies: dict[str, str], budget: i
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     colors = {"solver": "tab:blue", "cache": "tab:orange", "joint": "tab:green"}
     for name, color in colors.items():
-        pts = points[name]
+        pts = points[name][:, :2]
         ax.scatter(pts[:, 1] / 1e9, pts[:, 0], s=8, alpha=0.2, color=color)
         front = pts[non_dominated(pts, list(OBJECTIVES.values()))]
         front = front[np.argsort(front[:, 1])]
         ax.step(front[:, 1] / 1e9, front[:, 0], where="post", color=color, lw=2,
-                label=f"{name} ({strategies[name]}, {len(pts)} evaluations)")
+                label=f"{name} ({strategies[name]}, {len(pts)} points)")
     ax.set_xlabel("GMACs per image ↓")
     ax.set_ylabel("PSNR to the 100-step teacher (dB) ↑")
-    ax.set_title(f"Joint vs separate searches at equal budget ({budget}), {model_name}")
+    ax.set_title(f"Joint vs separate at equal budget ({budget}), {model_name}: {split}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.savefig(path, dpi=130, bbox_inches="tight")

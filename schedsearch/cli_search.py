@@ -50,7 +50,9 @@ def study_config(args: argparse.Namespace) -> Any:
         from schedsearch.calibration.calibration_set import read_prompts
 
         prompts = read_prompts(args.prompts)
-    strategy_options = {} if args.shift_seeds is None else {"shift_seeds": args.shift_seeds}
+    strategy_options: dict[str, Any] = {} if args.shift_seeds is None else {"shift_seeds": args.shift_seeds}
+    if args.screen is not None:
+        strategy_options["screen"] = args.screen
     space_options: dict[str, Any] = {"block_skip": False} if args.no_block_skip else {}
     if args.policies is not None:
         space_options["kinds"] = [k.strip() for k in args.policies.split(",") if k.strip()]
@@ -76,9 +78,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     from schedsearch.study import run_search
 
-    if args.shift_seeds is not None and (args.space, args.strategy) != ("cache", "ecad"):
-        raise CliError("--shift-seeds", f"applies to --space cache with --strategy ecad, not {args.strategy} on "
-                       f"{args.space}", "drop it")
+    for flag, value in (("--shift-seeds", args.shift_seeds), ("--screen", args.screen)):
+        if value is not None and (args.space, args.strategy) != ("cache", "ecad"):
+            raise CliError(flag, f"applies to --space cache with --strategy ecad, not {args.strategy} on "
+                           f"{args.space}", "drop it")
     config = study_config(args)
     logging.getLogger("optuna").setLevel(logging.WARNING)  # optuna logs every trial; the progress bar says enough
     result = run_search(config)
@@ -325,6 +328,10 @@ def add_study_commands(sub: Any, parser: Callable[..., argparse.ArgumentParser])
     s.add_argument("--shift-seeds", action=argparse.BooleanOptionalAction, default=None,
                    help="cache + ecad: also seed each whole-stack refresh (FORA, DP) with one refresh moved a "
                         "step (default: on, off with --preset quick)")
+    s.add_argument("--screen", type=int, metavar="K",
+                   help="cache + ecad: breed K children per child evaluated and run only those a free reuse-error "
+                        "predictor ranks best; generation 0 then holds --population seeds, the rest wait as "
+                        "immigrants (default: off, ECAD's own GA; 8 is a good start)")
     s.add_argument("--no-validate", action="store_true", help="skip re-scoring the front on the held-out split")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(run=_cmd_search)

@@ -56,8 +56,8 @@ PRESETS = {
 STUDY_FIELDS = ("model", "space", "strategy", "preset", "samples", "seed", "guidance", "fid_reference",
                 "low_fidelity_samples", "space_options", "strategy_options", "resolution", "num_frames")
 # How a field is spelled on the command line, for messages.
-_FLAGS = {"space_options": "--no-block-skip (space options)", "strategy_options": "--shift-seeds (strategy options)",
-          "num_frames": "--frames"}
+_FLAGS = {"space_options": "--no-block-skip (space options)",
+          "strategy_options": "--shift-seeds / --screen (strategy options)", "num_frames": "--frames"}
 
 
 def _frozen(options: Mapping[str, Any] | None, name: str) -> Mapping[str, Any]:

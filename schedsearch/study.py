@@ -194,7 +194,8 @@ def _search(config: StudyConfig, method: Any, loaded: Any, space: SearchSpace, s
     _record_settings(results, config, directions, evaluator.calibration_hash)
     if needs_teacher(evaluator.objectives, spec):
         calibration.build(loaded, batch_size=config.batch_size, progress=config.progress)
-    options = method.prepare(loaded, calibration, space, config)
+    options = method.prepare(loaded, calibration, space, config, objectives=[
+        next(o for o in evaluator.objectives if o.name == n) for n in directions])
     strategy = make_strategy(config.strategy, space, len(directions), preset=config.preset, seed=config.seed,
                              options=options)
     low = None

@@ -7,8 +7,9 @@ schedsearch, so the study code never branches on a method's name:
 - `presets`: engine options for `quick` (every strategy on the builtin model on 2 CPU cores in minutes) and `paper`
   (the method's published defaults).
 - `check(space, options)`: refuses options that do not apply, before any work (torch-free).
-- `prepare(model, calibration, space, config)`: the model-side work (a feature table, a ratio fit, seeds) whose
-  results become engine options. Runs after the calibration set exists; may cache beside it.
+- `prepare(model, calibration, space, config, objectives)`: the model-side work (a feature table, a ratio fit,
+  seeds, a predictor of the study's objectives) whose results become engine options. Runs after the calibration set
+  exists; may cache beside it.
 - `engine(space, n_objectives, seed, initial, forbid, options)`: the torch-free `Strategy` that proposes genomes.
 
 Recipe modules import torch and the engines lazily, so the registry (and `schedsearch --help`) stays light.
@@ -31,7 +32,7 @@ __all__ = ["PRESET_NAMES", "SPACE_NAMES", "Method", "Procedure"]
 
 PRESET_NAMES = ("quick", "paper")
 # Strategy options a recipe's `prepare` consumes, by method: any other method is told whose they are.
-RECIPE_OPTIONS_OF = {"ecad": ("shift_seeds",)}
+RECIPE_OPTIONS_OF = {"ecad": ("shift_seeds", "screen")}
 RECIPE_OPTIONS = {name for names in RECIPE_OPTIONS_OF.values() for name in names}
 # The names of `schedsearch.spaces.registry.SPACES`, here without importing the spaces (numpy) for `--help`.
 SPACE_NAMES = ("cache", "cachequant", "dc", "joint", "policy", "solver")
@@ -59,7 +60,8 @@ class Method:
             raise UserInputError(f"strategy_options.{name} (--{name.replace('_', '-')})",
                                  f"belongs to the {owner} strategy, not {self.name} on --space {space}", "drop it")
 
-    def prepare(self, model: Any, calibration: Any, space: SearchSpace, config: Any) -> dict[str, Any]:
+    def prepare(self, model: Any, calibration: Any, space: SearchSpace, config: Any,
+                objectives: Sequence[Any] = ()) -> dict[str, Any]:
         """Engine options that need the model (default: none beyond the user's strategy options)."""
         return dict(config.strategy_options)
 
@@ -89,7 +91,8 @@ class Procedure(Method):
     def build(self, space: SearchSpace, n_objectives: int, seed: int, options: dict[str, Any]) -> Strategy:
         raise NotImplementedError
 
-    def prepare(self, model: Any, calibration: Any, space: SearchSpace, config: Any) -> dict[str, Any]:
+    def prepare(self, model: Any, calibration: Any, space: SearchSpace, config: Any,
+                objectives: Sequence[Any] = ()) -> dict[str, Any]:
         options = dict(config.strategy_options)
         if self.computes not in options:
             options[self.computes] = self.compute(model, calibration, space, config)

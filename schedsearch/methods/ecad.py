@@ -9,6 +9,10 @@
 - seeds: ECAD's heuristic population (FORA every N, per-component every N, evenly spaced, block subsets; the
   space's `baselines()`), and ours: windowed FORA, CacheQuant's DP placements (`methods/cachequant.py`) and
   (`shift_seeds`, on outside the quick preset) every whole-stack refresh with one refresh moved a step.
+- ours, off by default (`screen`: a pool factor, e.g. 8): each generation breeds `screen` times the children it
+  evaluates and runs those the reuse-error predictor (`calibration/reuse_errors.py`: CacheQuant's distance table per
+  component, composed along the plan) and the exact cost objectives rank best; generation 0 is then bounded to
+  `population` seeds (`initial_limit`), the best predicted, and the other seeds wait as immigrants.
 """
 
 from __future__ import annotations
@@ -19,13 +23,15 @@ from typing import Any, ClassVar
 from schedsearch.errors import UserInputError
 from schedsearch.methods.base import Method
 
-__all__ = ["Ecad", "shifted_refresh_genomes"]
+__all__ = ["Ecad", "reuse_error_model", "screen_for", "shifted_refresh_genomes"]
+
+FEATURE_SAMPLES = 8  # calibration samples of the reuse-error run, as CacheQuant's feature run
 
 
 class Ecad(Method):
     name = "ecad"
     title = "ECAD (Aggarwal et al. 2025): NSGA-II over recompute bits"
-    recipe_options = ("shift_seeds",)
+    recipe_options = ("shift_seeds", "screen")
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {"quick": {"population": 16}, "paper": {"population": 72}}
 
     def check(self, space: str, options: Mapping[str, Any]) -> None:
@@ -33,12 +39,22 @@ class Ecad(Method):
         if options.get("shift_seeds") and space != "cache":
             raise UserInputError("--shift-seeds", f"seeds the ecad strategy on --space cache only, not on {space}",
                                  "drop it")
+        screen = options.get("screen")
+        if screen is not None:
+            if space != "cache":
+                raise UserInputError("--screen", f"predicts component cache plans (--space cache), not {space}",
+                                     "drop it")
+            if isinstance(screen, bool) or not isinstance(screen, int) or not 2 <= screen <= 64:
+                raise UserInputError("--screen", f"{screen!r} is not a pool factor", "give an integer in 2..64, "
+                                     "e.g. 8 (children bred per child evaluated)")
 
-    def prepare(self, model: Any, calibration: Any, space: Any, config: Any) -> dict[str, Any]:
+    def prepare(self, model: Any, calibration: Any, space: Any, config: Any,
+                objectives: Sequence[Any] = ()) -> dict[str, Any]:
         from schedsearch.methods.cachequant import cache_space_seeds
 
         options = dict(config.strategy_options)
         shift = options.pop("shift_seeds", config.preset != "quick")
+        pool = options.pop("screen", None)
         if space.name != "cache":
             return options
         seeds = cache_space_seeds(model, calibration, space, options)
@@ -46,6 +62,11 @@ class Ecad(Method):
             own = [space.encode(s) for _, s in space.baselines()]
             seeds += shifted_refresh_genomes(space, own + seeds)
         options["seeds"] = seeds
+        if pool is not None:
+            options["surrogate"] = screen_for(space, reuse_error_model(model, calibration, space), objectives)
+            options["screen_pool"] = pool
+            options.setdefault("initial_limit", options.get("population") or self.presets[config.preset][
+                "population"])
         return options
 
     def engine(self, space: Any, n_objectives: int, *, seed: int, preset: str, initial: Sequence[Any],
@@ -81,3 +102,55 @@ def shifted_refresh_genomes(space: Any, genomes: Sequence[Any]) -> list[Any]:
                     seen.add(tuple(g))
                     out.append(g)
     return out
+
+
+def reuse_error_model(model: Any, calibration: Any, space: Any) -> Any:
+    """The reuse-error table of `space.solver` from one full run on the first 8 calibration samples, kept beside
+    the teacher images (computed once per calibration set and plan)."""
+    import hashlib
+    import io
+
+    import numpy as np
+
+    from schedsearch.calibration.reuse_errors import ReuseErrorModel, component_distances
+    from schedsearch.results.atomic import atomic_write_bytes
+    from schedsearch.spaces.schedule import Schedule
+
+    spec = calibration.spec
+    k = min(FEATURE_SAMPLES, len(spec))
+    tag = hashlib.sha256(f"{Schedule(spec.model, space.solver).key}{space.layout}{k}".encode()).hexdigest()[:12]
+    path = calibration.root / f"reuse_errors_{tag}.npy"
+    if path.is_file():
+        return ReuseErrorModel(space.layout, np.load(path, allow_pickle=False))
+    conditions = spec.conditions if not isinstance(spec.conditions, Sequence) else list(spec.conditions[:k])
+    table = component_distances(model, space.solver, conditions, list(spec.seeds[:k]), spec.guidance)
+    buffer = io.BytesIO()
+    np.save(buffer, table.distances, allow_pickle=False)
+    atomic_write_bytes(path, buffer.getvalue())
+    return table
+
+
+def screen_for(space: Any, errors: Any, objectives: Sequence[Any]) -> Any:
+    """The GA's screen on a `cache` space: per genome, each cost objective's exact value (no sampling) and, for
+    every image objective, the predicted reuse error; all minimised (a `max` cost is negated)."""
+    import numpy as np
+
+    if not objectives:
+        raise ValueError("screen: the study's objectives are needed (run_search passes them to prepare)")
+
+    def predict(genomes: Sequence[Any]) -> Any:
+        rows = []
+        for genome in genomes:
+            schedule = space.decode(genome)
+            error = errors.error(schedule.cache)
+            row = []
+            for objective in objectives:
+                if objective.kind == "cost":
+                    value = objective.value(schedule)
+                    row.append(value if objective.direction == "min" else -value)
+                else:
+                    row.append(error)
+            rows.append(row)
+        return np.array(rows, dtype=float)
+
+    return predict

@@ -21,7 +21,8 @@ class PymooNSGA2(Method):
     title = "NSGA-II / NSGA-III (Deb et al. 2002; Deb & Jain 2014), pymoo's engine"
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {"quick": {"population": 16}, "paper": {"population": 72}}
 
-    def prepare(self, model: Any, calibration: Any, space: Any, config: Any) -> dict[str, Any]:
+    def prepare(self, model: Any, calibration: Any, space: Any, config: Any,
+                objectives: Sequence[Any] = ()) -> dict[str, Any]:
         from schedsearch.methods.cachequant import cache_space_seeds
 
         options = dict(config.strategy_options)

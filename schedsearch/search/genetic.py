@@ -8,22 +8,31 @@ bit. (Reading "p=0.05" per bit instead flips ~11 of the builtin model's 228 bits
 then never refines a schedule it has found.) Genes that are not bits (other spaces) get SBX crossover
 (`tools.cxSimulatedBinaryBounded`) and polynomial bounded mutation on every child (`tools.mutPolynomialBounded`,
 1/n per gene, pymoo's PM defaults), then `GenomeSpec.clip` rounds the integers.
+
+Ours, both off by default (ECAD's own GA): `surrogate`, a free predictor of the objective vector, lets each generation
+breed `screen_pool` times the children it evaluates and run only the best predicted (surrogate pre-selection);
+`initial_limit` bounds generation 0 to a diverse part of the seeds, the rest entering later generations as
+immigrants, so that at small budgets the GA breeds instead of working through hundreds of seeds.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
 from deap import base, tools
+from pymoo.operators.survival.rank_and_crowding.metrics import calc_crowding_distance
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
 from schedsearch.search.base import Strategy, as_value_matrix, genome_key
 from schedsearch.spaces.base import GenomeSpec
 
-__all__ = ["EcadGenetic", "k_point_crossover"]
+__all__ = ["EcadGenetic", "Screen", "k_point_crossover", "rank_by_prediction"]
+
+# genomes -> their predicted objective vectors (len × n_objectives, minimised), with no model call
+Screen = Callable[[Sequence[np.ndarray]], np.ndarray]
 
 FAILED_VALUE = 1e300  # finite stand-in for +inf so crowding distances stay finite; dominated by every real value
 
@@ -58,6 +67,12 @@ class EcadGenetic(Strategy):
     The random state after every tell is a function of (seed, number of evaluations told), and `warm_start` rebuilds
     the population as the NSGA-II best of all records, so a study resumed after a generation asks what the
     uninterrupted one would have asked next.
+
+    `surrogate` (ours): offspring are bred `screen_pool` times over (with the waiting immigrants) and the `population`
+    best by predicted non-dominated rank and crowding among the pool and the population's own predictions are
+    asked; the others are forgotten, so the state stays a function of the records. `initial_limit` (ours): at most
+    this many seeds in generation 0 (the best predicted with a surrogate, else a spread in Hamming distance); the
+    others wait as immigrants (screened into the pool with a surrogate, else a quarter of each generation).
     """
 
     name = "ecad-ga"
@@ -65,10 +80,18 @@ class EcadGenetic(Strategy):
     def __init__(self, spec: GenomeSpec, n_objectives: int, *, seed: int = 0, initial: Sequence[np.ndarray] = (),
                  population: int = 72, crossover_points: int = 4, crossover_prob: float = 0.9,
                  mutation_prob: float = 0.05, bit_flip_prob: float | None = None, sbx_eta: float = 15.0,
-                 mutation_eta: float = 20.0, forbid: Sequence[np.ndarray] = (), max_retries: int = 50) -> None:
+                 mutation_eta: float = 20.0, forbid: Sequence[np.ndarray] = (), max_retries: int = 50,
+                 surrogate: Screen | None = None, screen_pool: int = 8, initial_limit: int | None = None) -> None:
         super().__init__(spec, n_objectives, seed=seed, initial=initial)
         if population < 2:
             raise ValueError(f"EcadGenetic: population must be ≥ 2, got {population}")
+        if screen_pool < 1:
+            raise ValueError(f"EcadGenetic: screen_pool must be ≥ 1, got {screen_pool}")
+        if initial_limit is not None and initial_limit < 1:
+            raise ValueError(f"EcadGenetic: initial_limit must be ≥ 1, got {initial_limit}")
+        self.surrogate, self.screen_pool, self.initial_limit = surrogate, screen_pool, initial_limit
+        self._predicted: dict[bytes, np.ndarray] = {}
+        self._immigrants: list[np.ndarray] = []
         self.population_size = population
         self.crossover_points = crossover_points
         self.crossover_prob = crossover_prob
@@ -126,11 +149,59 @@ class EcadGenetic(Strategy):
         if not self._started:
             self._started = True
             seeds = [g for g in self.initial if self._admit(g)]
-            return seeds[: max(self.population_size, len(seeds))] + self._random_genomes(
-                self.population_size - len(seeds))
+            if self.initial_limit is not None and len(seeds) > self.initial_limit:
+                chosen = set(self._diverse(seeds, self.initial_limit))
+                self._immigrants = [g for i, g in enumerate(seeds) if i not in chosen]
+                seeds = [g for i, g in enumerate(seeds) if i in chosen]
+            return seeds + self._random_genomes(self.population_size - len(seeds))
         if not self.population:  # the initial generation was asked but not told yet: more random ones
             return self._random_genomes(self.population_size)
-        return self._offspring(self.population_size)
+        if self.surrogate is not None:
+            return self._screened_offspring(self.population_size)
+        n_immigrants = min(len(self._immigrants), self.population_size // 4)
+        immigrants, self._immigrants = self._immigrants[:n_immigrants], self._immigrants[n_immigrants:]
+        return self._offspring(self.population_size - n_immigrants) + immigrants
+
+    # -- ours: bounded seeds and screened offspring --
+    def _predict(self, genomes: Sequence[np.ndarray]) -> np.ndarray:
+        """The screen's predictions, remembered per genome (the population is predicted again every generation)."""
+        keys = [genome_key(g) for g in genomes]
+        new = [i for i, k in enumerate(keys) if k not in self._predicted]
+        if new:
+            values = np.asarray(self.surrogate([genomes[i] for i in new]), dtype=float).reshape(len(new), -1)
+            for i, v in zip(new, values, strict=True):
+                self._predicted[keys[i]] = v
+        return np.array([self._predicted[k] for k in keys]).reshape(len(keys), -1)
+
+    def _diverse(self, seeds: list[np.ndarray], k: int) -> list[int]:
+        """Indices of k seeds: the best predicted with a screen, else a greedy farthest-point spread in Hamming
+        distance from the first seed (deterministic, so a resumed study picks the same)."""
+        if self.surrogate is not None:
+            return rank_by_prediction(self._predict(seeds), np.arange(len(seeds)), k)
+        bits = np.array(seeds)
+        chosen = [0]
+        distance = np.abs(bits - bits[0]).sum(axis=1)
+        while len(chosen) < k:
+            best = int(np.argmax(distance))
+            chosen.append(best)
+            distance = np.minimum(distance, np.abs(bits - bits[best]).sum(axis=1))
+        return chosen
+
+    def _screened_offspring(self, n: int) -> list[np.ndarray]:
+        """`n` of `screen_pool × n` children and the waiting immigrants, chosen by predicted rank and crowding
+        against the population's predictions; the rest are un-proposed (their keys leave `_seen`)."""
+        children = self._offspring(n * self.screen_pool)
+        pool = children + self._immigrants
+        population = self.population_genomes()
+        predicted = self._predict(population + pool)
+        candidates = np.arange(len(population), len(population) + len(pool))
+        picked = {int(i) - len(population) for i in rank_by_prediction(predicted, candidates, n)}
+        for i, genome in enumerate(children):
+            if i not in picked:
+                self._seen.discard(genome_key(genome))
+        immigrants = [g for j, g in enumerate(self._immigrants) if len(children) + j in picked]
+        self._immigrants = [g for j, g in enumerate(self._immigrants) if len(children) + j not in picked]
+        return [g for i, g in enumerate(children) if i in picked] + immigrants
 
     def _admit(self, genome: np.ndarray) -> bool:
         """True (and remember it) if the genome is neither forbidden nor already proposed/evaluated."""
@@ -247,8 +318,13 @@ class EcadGenetic(Strategy):
             records.setdefault(genome_key(g), self._individual(g, v))
         self._seen.update(records)
         self._started = True
-        # seeds not in the store yet (a study resumed by a newer schedsearch, or given new seeds) go first
-        self._queue = [g for g in (self.spec.clip(x) for x in self.initial) if self._admit(g)]
+        # seeds not in the store yet (a study resumed by a newer schedsearch, or given new seeds) go first, or wait
+        # as immigrants where generation 0 was bounded
+        waiting = [g for g in (self.spec.clip(x) for x in self.initial) if self._admit(g)]
+        if self.initial_limit is not None:
+            self._immigrants = waiting
+        else:
+            self._queue = waiting
         self.population = self._survive(list(records.values()))
         self._n_told = len(genomes)
         self._reseed(self._n_told)
@@ -256,3 +332,18 @@ class EcadGenetic(Strategy):
     def population_genomes(self) -> list[np.ndarray]:
         """The current (evaluated) population, as genomes."""
         return [np.array(ind, dtype=float) for ind in self.population]
+
+
+def rank_by_prediction(values: np.ndarray, candidates: np.ndarray, k: int) -> list[int]:
+    """Up to k of the row indices `candidates`, in NSGA-II order of `values` (minimised): by non-dominated front
+    of all rows (the other rows compete but are never chosen), then by crowding distance within a front."""
+    fronts = NonDominatedSorting().do(values)
+    wanted = set(int(c) for c in candidates)
+    out: list[int] = []
+    for front in fronts:
+        crowding = calc_crowding_distance(values[front]) if len(front) > 2 else np.full(len(front), np.inf)
+        order = np.lexsort((front, -crowding))  # most isolated first; ties by index, deterministic
+        out += [int(front[i]) for i in order if int(front[i]) in wanted]
+        if len(out) >= k:
+            break
+    return out[:k]

@@ -1,0 +1,211 @@
+"""Search cost: hypervolume on held-out samples against the model work spent, ECAD (the reference) against ECAD with
+the reuse-error screen and bounded seeds (`--screen`), on the builtin DiT's cache space (20 DPM-Solver++ steps,
+32 samples, PSNR to the 100-step teacher ↑ / MACs ↓).
+
+Each (configuration, strategy seed) is one study in its own store (resumable: re-running continues each study to
+its budget). Model work is denoiser forward passes (one per sample row of every denoiser call; a CFG pair is two),
+read from each record, plus each configuration's model-side preparation (CacheQuant's unit-distance run that seeds
+both, the reuse-error run of the screen), which the loop does not count. The teacher images, the same for both, are
+left out. At checkpoints along each study the search-split front of the records so far is re-scored on
+`--heldout-samples` held-out seeds (one shared store: a schedule on several fronts is scored once), and its
+hypervolume is divided by that of the baselines' held-out front (ECAD's and CacheQuant's hand-made schedules), one
+reference point for all: below the worst baseline's PSNR by 1 dB, at 1.05× the uncached MACs. The passes needed to
+reach 1.10× and 1.12× are the first checkpoint at or above them.
+
+    python benchmarks/search_cost.py [--seeds 0,1,2] [--work-dir DIR] [--configs ecad,ecad+screen]
+
+Prints one JSON object and writes benchmarks/results/search_cost.json and docs/search_cost.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from schedsearch.calibration.calibration_set import CalibrationSet, default_spec
+from schedsearch.evaluation.local import LocalEvaluator
+from schedsearch.methods.cachequant import FEATURE_SAMPLES
+from schedsearch.results.pareto import hypervolume, non_dominated
+from schedsearch.results.store import ResultStore
+from schedsearch.runtime.models import load_model
+from schedsearch.search.base import Budget
+from schedsearch.search.fixed import score_schedules
+from schedsearch.spaces.schedule import Schedule
+from schedsearch.study import build_space, run_search, study_exists
+
+OBJECTIVES = {"psnr": "max", "macs": "min"}
+DIRECTIONS = list(OBJECTIVES.values())
+LEVELS = (1.10, 1.12)
+CONFIGS = {  # name: (strategy options, evaluations budget, preparation runs of FEATURE_SAMPLES samples)
+    "ecad": ({"population": 24, "shift_seeds": True}, 972, 1),
+    "ecad+screen": ({"population": 24, "shift_seeds": True, "screen": 8}, 384, 2),
+}
+CHECKPOINTS = (24, 48, 96, 144, 192, 288, 384, 576, 768, 972)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--heldout-samples", type=int, default=64)
+    parser.add_argument("--budget", action="append", default=[], metavar="CONFIG=N",
+                        help="override a configuration's evaluation budget (e.g. ecad=480)")
+    parser.add_argument("--work-dir", type=Path, help="keep stores and calibration here (re-running resumes)")
+    parser.add_argument("--no-search", action="store_true", help="only re-score and report what the stores hold")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    configs = [c for c in args.configs.split(",") if c]
+    budgets = {name: CONFIGS[name][1] for name in configs} | {
+        k: int(v) for k, v in (item.split("=") for item in args.budget)}
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="sscost"))
+    model = load_model("builtin:mnist-dit")
+    space_options = {"num_steps": args.steps}
+    curves: dict[str, dict[int, list[tuple[int, int, list]]]] = {}
+    timing: dict[str, dict[int, float]] = {}
+    for name in configs:
+        options = CONFIGS[name][0]
+        prepare = CONFIGS[name][2] * FEATURE_SAMPLES * args.steps * 2  # feature runs: samples × steps × CFG pair
+        for seed in seeds:
+            store_path = work / f"{name}-seed{seed}.db"
+            start = time.perf_counter()
+            if not args.no_search:
+                run_search(model=model, space="cache", strategy="ecad", objectives=list(OBJECTIVES),
+                           study="ecad", store=store_path, budget=Budget(evaluations=budgets[name]),
+                           samples=args.samples, cache_dir=work / "cache", space_options=space_options,
+                           strategy_options=options, seed=seed, progress=False, validate=False,
+                           resume=study_exists(store_path, "ecad"))
+            timing.setdefault(name, {})[seed] = round(time.perf_counter() - start, 1)
+            with ResultStore(store_path) as store:
+                records = store.records("ecad")
+            curves.setdefault(name, {})[seed] = _checkpoint_fronts(records, prepare, args.samples, args.steps)
+            print(json.dumps({"config": name, "seed": seed, "evaluations": len(records),
+                              "wall_time_s": timing[name][seed]}), file=sys.stderr)
+    heldout, full = _heldout_scores(model, curves, args.heldout_samples, work, space_options)
+    baselines = heldout.pop("__baselines__")
+    base_pts = np.array([[b["psnr"], b["macs"]] for b in baselines])
+    ref = [float(base_pts[:, 0].min()) - 1.0, full * 1.05]
+    hv_base = hypervolume(base_pts, DIRECTIONS, ref)
+    out = {"model": model.info.name, "steps": args.steps, "samples": args.samples,
+           "heldout_samples": args.heldout_samples, "objectives": OBJECTIVES, "reference_point": ref,
+           "baselines_scored": len(baselines), "baselines_hypervolume": hv_base,
+           "configs": {name: {"strategy_options": CONFIGS[name][0], "budget": budgets[name]} for name in configs},
+           "seeds": seeds, "runs": {}, "levels": {}}
+    for name in configs:
+        runs = {}
+        for seed, checkpoints in curves[name].items():
+            rows = []
+            for evaluations, passes, front in checkpoints:
+                pts = np.array([[heldout[s.key]["psnr"], heldout[s.key]["macs"]] for s in front])
+                rows.append({"evaluations": evaluations, "forward_passes": passes,
+                             "heldout_over_baselines": hypervolume(pts, DIRECTIONS, ref) / hv_base,
+                             "front_size": len(front)})
+            runs[seed] = {"checkpoints": rows, "wall_time_s_this_run": timing[name][seed],
+                          **{f"passes_to_{level:.2f}": _first_reaching(rows, level) for level in LEVELS}}
+        out["runs"][name] = runs
+    for level in LEVELS:
+        key = f"passes_to_{level:.2f}"
+        per = {name: [out["runs"][name][s][key] for s in seeds] for name in configs}
+        entry: dict = {name: {"per_seed": v, **_stats(v)} for name, v in per.items()}
+        if "ecad" in per and all(v is not None for v in per["ecad"]):
+            reference = float(np.mean(per["ecad"]))
+            for name, values in per.items():
+                if name != "ecad" and all(v is not None for v in values):
+                    entry[name]["ratio_to_ecad"] = float(np.mean(values)) / reference
+        out["levels"][f"{level:.2f}"] = entry
+    text = json.dumps(out, indent=1)
+    print(text)
+    (Path(__file__).parent / "results" / "search_cost.json").write_text(text + "\n")
+    _figure(out, Path(__file__).parents[1] / "docs" / "search_cost.png")
+
+
+def _checkpoint_fronts(records, prepare: int, samples: int, steps: int) -> list[tuple[int, int, list]]:
+    """(evaluations, forward passes, search-split front schedules) at each checkpoint the study reached, and at its
+    end. Records without a pass count (stores written before passes were counted) ran samples × steps × 2."""
+    ok_points, ok_schedules, out = [], [], []
+    passes = prepare
+    ends = sorted({c for c in CHECKPOINTS if c < len(records)} | {len(records)})
+    for i, record in enumerate(records, start=1):
+        passes += int(record.summary.get("forward_passes", samples * steps * 2))
+        if record.status == "ok":
+            ok_points.append([record.metrics[n] for n in OBJECTIVES])
+            ok_schedules.append(record.to_schedule())
+        if i in ends and ok_points:
+            keep = non_dominated(np.array(ok_points), DIRECTIONS)
+            out.append((i, passes, [s for s, k in zip(ok_schedules, keep, strict=True) if k]))
+    return out
+
+
+def _heldout_scores(model, curves, samples: int, work: Path, space_options: dict) -> tuple[dict, float]:
+    """Held-out metrics of every checkpoint front's schedules and of the baselines (under "__baselines__"), and
+    the uncached MACs."""
+    spec = default_spec(model.info, samples=samples, split="heldout")
+    calibration = CalibrationSet.open(spec, work / "cache").build(model, progress=True)
+    evaluator = LocalEvaluator(model, calibration, list(OBJECTIVES), cost_cache_dir=str(work / "cache"))
+    named = [(n, s) for space in ("cache", "cachequant")
+             for n, s in build_space(space, model.info, "quick", space_options).baselines()]
+    unique = {s.key: s for _, s in named}
+    for per_seed in curves.values():
+        for checkpoints in per_seed.values():
+            for _, _, front in checkpoints:
+                unique.update((s.key, s) for s in front)
+    study = f"heldout-{samples}"
+    with ResultStore(work / "heldout.db") as store:
+        score_schedules(study, list(unique.values()), OBJECTIVES, evaluator, store, progress=True)
+        scored = {r.to_schedule().key: r.metrics for r in store.records(study) if r.status == "ok"}
+    missing = [k for k in unique if k not in scored]
+    if missing:
+        raise RuntimeError(f"{len(missing)} schedules failed on the held-out split; see {work / 'heldout.db'}")
+    plan = build_space("cache", model.info, "quick", space_options).solver
+    full = next(o for o in evaluator.objectives if o.name == "macs").value(Schedule(model.info.name, plan))
+    scored["__baselines__"] = [{"name": n, **scored[s.key]} for n, s in named]
+    return scored, full
+
+
+def _first_reaching(rows: list[dict], level: float) -> int | None:
+    return next((r["forward_passes"] for r in rows if r["heldout_over_baselines"] >= level), None)
+
+
+def _stats(values: list) -> dict:
+    known = [v for v in values if v is not None]
+    if len(known) < len(values):
+        return {"reached": f"{len(known)} of {len(values)} seeds"}
+    return {"mean": float(np.mean(known)), "min": float(np.min(known)), "max": float(np.max(known))}
+
+
+def _figure(out: dict, path: Path) -> None:
+    """Held-out hypervolume over the baselines' front against denoiser passes, one line per study."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    colors = {"ecad": "tab:orange", "ecad+screen": "tab:green"}
+    for name, runs in out["runs"].items():
+        for i, run in enumerate(runs.values()):
+            rows = run["checkpoints"]
+            ax.plot([r["forward_passes"] / 1e6 for r in rows], [r["heldout_over_baselines"] for r in rows],
+                    marker="o", ms=3, color=colors.get(name), alpha=0.9,
+                    label=f"{name}" if i == 0 else None)
+    for level in LEVELS:
+        ax.axhline(level, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("denoiser forward passes (millions, log scale)")
+    ax.set_ylabel("held-out hypervolume / baselines' front")
+    ax.set_title(f"Search cost on {out['model']} (cache space, {out['steps']} steps), one line per seed",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+
+
+if __name__ == "__main__":
+    main()
