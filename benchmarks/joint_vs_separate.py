@@ -58,14 +58,16 @@ def main() -> None:
     runs = {seed: _run_seed(model, strategies, seed, args, cache_dir) for seed in seeds}
     out = {"model": model.info.name, "strategies": strategies, "budget": args.budget, "samples": args.samples,
            "population": args.population, "objectives": OBJECTIVES, "seeds": seeds}
+    search = _compare({seed: (points, timing) for seed, (points, timing, _) in runs.items()})
     if args.heldout_samples:
         fronts = {seed: {space: _front(recs) for space, recs in records.items()} for seed, (_, _, records) in
                   runs.items()}
         held = _heldout_points(model, fronts, args.heldout_samples, cache_dir)
         out["heldout"] = {"samples": args.heldout_samples,
                           "seeds_note": "held-out (1,000,000 + i), never seen by any search",
-                          **_compare({seed: (held[seed], runs[seed][1]) for seed in seeds}, intervals=True)}
-    out.update(_compare({seed: (points, timing) for seed, (points, timing, _) in runs.items()}))
+                          **_compare({seed: (held[seed], runs[seed][1]) for seed in seeds}, intervals=True,
+                                     budgets=search["mac_budgets"])}
+    out.update(search)
     text = json.dumps(out, indent=1)
     print(text)
     (Path(__file__).parent / "results" / f"joint_vs_separate{args.suffix}.json").write_text(text + "\n")
@@ -75,14 +77,15 @@ def main() -> None:
             "held-out fronts" if args.heldout_samples else "search split")
 
 
-def _compare(runs: dict, intervals: bool = False) -> dict:
-    """Hypervolume ratios and best PSNR under three MAC budgets, per seed and over seeds, one reference point for
-    all seeds (below the worst PSNR, above the largest MACs)."""
+def _compare(runs: dict, intervals: bool = False, budgets: list[float] | None = None) -> dict:
+    """Hypervolume ratios and best PSNR under three MAC budgets (default: the 10/25/50% quantiles of every
+    evaluation's MACs), per seed and over seeds, one reference point for all seeds (below the worst PSNR, above
+    the largest MACs)."""
     allpts = np.vstack([pts[:, :2] for points, _ in runs.values() for pts in points.values()])
     # one reference point for every seed: below the worst PSNR, above the largest MACs
     ref = [allpts[:, 0].min() - 1.0, allpts[:, 1].max() * 1.05]
     directions = list(OBJECTIVES.values())
-    budgets = np.quantile(allpts[:, 1], [0.1, 0.25, 0.5])
+    budgets = np.quantile(allpts[:, 1], [0.1, 0.25, 0.5]) if budgets is None else np.asarray(budgets)
     per_seed = []
     for seed, (points, timing) in runs.items():
         points = {**points, "solver+cache": np.vstack([points["solver"], points["cache"]])}
@@ -99,7 +102,7 @@ def _compare(runs: dict, intervals: bool = False) -> dict:
         })
     spread = {key: _stats([r[key] for r in per_seed])
               for key in ("joint_over_best_separate", "joint_over_union_of_separate", "cache_over_solver")}
-    return {"reference_point": ref, "over_seeds": spread,
+    return {"reference_point": ref, "mac_budgets": [float(b) for b in budgets], "over_seeds": spread,
             **{k: v for k, v in per_seed[0].items() if k != "seed"}, "per_seed": per_seed}
 
 

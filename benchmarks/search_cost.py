@@ -1,6 +1,7 @@
-"""Search cost: hypervolume on held-out samples against the model work spent, ECAD (the reference) against ECAD with
-the reuse-error screen and bounded seeds (`--screen`), on the builtin DiT's cache space (20 DPM-Solver++ steps,
-32 samples, PSNR to the 100-step teacher ↑ / MACs ↓).
+"""Search cost: hypervolume on held-out samples against the model work spent, ECAD (the reference: its GA, every plan
+run from noise) against ECAD with the reuse-error screen and bounded seeds (`--screen 8`), then with prefix sharing
+(`share_prefixes`, bit-identical records), then with 16 samples per evaluation instead of 32, on the builtin DiT's
+cache space (20 DPM-Solver++ steps, PSNR to the 100-step teacher ↑ / MACs ↓).
 
 Each (configuration, strategy seed) is one study in its own store (resumable: re-running continues each study to
 its budget). Model work is denoiser forward passes (one per sample row of every denoiser call; a CFG pair is two),
@@ -42,9 +43,16 @@ from schedsearch.study import build_space, run_search, study_exists
 OBJECTIVES = {"psnr": "max", "macs": "min"}
 DIRECTIONS = list(OBJECTIVES.values())
 LEVELS = (1.10, 1.12)
-CONFIGS = {  # name: (strategy options, evaluations budget, preparation runs of FEATURE_SAMPLES samples)
-    "ecad": ({"population": 24, "shift_seeds": True}, 972, 1),
-    "ecad+screen": ({"population": 24, "shift_seeds": True, "screen": 8}, 384, 2),
+# name: strategy options, evaluations budget, preparation runs of FEATURE_SAMPLES samples (CacheQuant's unit
+# distances for the DP seeds; the screen's reuse errors), prefix sharing, samples per evaluation (None: --samples)
+CONFIGS = {
+    "ecad": {"options": {"population": 24, "shift_seeds": True}, "budget": 972, "prepare": 1, "share": False},
+    "ecad+screen": {"options": {"population": 24, "shift_seeds": True, "screen": 8}, "budget": 384, "prepare": 2,
+                    "share": False},
+    "ecad+screen+share": {"options": {"population": 24, "shift_seeds": True, "screen": 8}, "budget": 384,
+                          "prepare": 2, "share": True},
+    "ecad+screen+share@16": {"options": {"population": 24, "shift_seeds": True, "screen": 8}, "budget": 384,
+                             "prepare": 2, "share": True, "samples": 16},
 }
 CHECKPOINTS = (24, 48, 96, 144, 192, 288, 384, 576, 768, 972)
 
@@ -58,12 +66,15 @@ def main() -> None:
     parser.add_argument("--heldout-samples", type=int, default=64)
     parser.add_argument("--budget", action="append", default=[], metavar="CONFIG=N",
                         help="override a configuration's evaluation budget (e.g. ecad=480)")
+    parser.add_argument("--seeds-of", action="append", default=[], metavar="CONFIG=S,S",
+                        help="other strategy seeds for one configuration (e.g. ecad=0 while its others run)")
     parser.add_argument("--work-dir", type=Path, help="keep stores and calibration here (re-running resumes)")
     parser.add_argument("--no-search", action="store_true", help="only re-score and report what the stores hold")
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
     configs = [c for c in args.configs.split(",") if c]
-    budgets = {name: CONFIGS[name][1] for name in configs} | {
+    seeds_of = {name: [int(s) for s in args.seeds.split(",")] for name in configs} | {
+        k: [int(s) for s in v.split(",")] for k, v in (item.split("=") for item in args.seeds_of)}
+    budgets = {name: CONFIGS[name]["budget"] for name in configs} | {
         k: int(v) for k, v in (item.split("=") for item in args.budget)}
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="sscost"))
     model = load_model("builtin:mnist-dit")
@@ -71,21 +82,22 @@ def main() -> None:
     curves: dict[str, dict[int, list[tuple[int, int, list]]]] = {}
     timing: dict[str, dict[int, float]] = {}
     for name in configs:
-        options = CONFIGS[name][0]
-        prepare = CONFIGS[name][2] * FEATURE_SAMPLES * args.steps * 2  # feature runs: samples × steps × CFG pair
-        for seed in seeds:
+        config = CONFIGS[name]
+        samples = config.get("samples") or args.samples
+        prepare = config["prepare"] * FEATURE_SAMPLES * args.steps * 2  # feature runs: samples × steps × CFG pair
+        for seed in seeds_of[name]:
             store_path = work / f"{name}-seed{seed}.db"
             start = time.perf_counter()
             if not args.no_search:
                 run_search(model=model, space="cache", strategy="ecad", objectives=list(OBJECTIVES),
                            study="ecad", store=store_path, budget=Budget(evaluations=budgets[name]),
-                           samples=args.samples, cache_dir=work / "cache", space_options=space_options,
-                           strategy_options=options, seed=seed, progress=False, validate=False,
-                           resume=study_exists(store_path, "ecad"))
+                           samples=samples, cache_dir=work / "cache", space_options=space_options,
+                           strategy_options=config["options"], seed=seed, progress=False, validate=False,
+                           resume=study_exists(store_path, "ecad"), share_prefixes=config["share"])
             timing.setdefault(name, {})[seed] = round(time.perf_counter() - start, 1)
             with ResultStore(store_path) as store:
                 records = store.records("ecad")
-            curves.setdefault(name, {})[seed] = _checkpoint_fronts(records, prepare, args.samples, args.steps)
+            curves.setdefault(name, {})[seed] = _checkpoint_fronts(records, prepare, samples, args.steps)
             print(json.dumps({"config": name, "seed": seed, "evaluations": len(records),
                               "wall_time_s": timing[name][seed]}), file=sys.stderr)
     heldout, full = _heldout_scores(model, curves, args.heldout_samples, work, space_options)
@@ -96,8 +108,8 @@ def main() -> None:
     out = {"model": model.info.name, "steps": args.steps, "samples": args.samples,
            "heldout_samples": args.heldout_samples, "objectives": OBJECTIVES, "reference_point": ref,
            "baselines_scored": len(baselines), "baselines_hypervolume": hv_base,
-           "configs": {name: {"strategy_options": CONFIGS[name][0], "budget": budgets[name]} for name in configs},
-           "seeds": seeds, "runs": {}, "levels": {}}
+           "configs": {name: {**CONFIGS[name], "budget": budgets[name]} for name in configs},
+           "seeds": seeds_of, "runs": {}, "levels": {}}
     for name in configs:
         runs = {}
         for seed, checkpoints in curves[name].items():
@@ -112,7 +124,7 @@ def main() -> None:
         out["runs"][name] = runs
     for level in LEVELS:
         key = f"passes_to_{level:.2f}"
-        per = {name: [out["runs"][name][s][key] for s in seeds] for name in configs}
+        per = {name: [out["runs"][name][s][key] for s in seeds_of[name]] for name in configs}
         entry: dict = {name: {"per_seed": v, **_stats(v)} for name, v in per.items()}
         if "ecad" in per and all(v is not None for v in per["ecad"]):
             reference = float(np.mean(per["ecad"]))
@@ -188,7 +200,8 @@ def _figure(out: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    colors = {"ecad": "tab:orange", "ecad+screen": "tab:green"}
+    colors = {"ecad": "tab:orange", "ecad+screen": "tab:green", "ecad+screen+share": "tab:blue",
+              "ecad+screen+share@16": "tab:purple"}
     for name, runs in out["runs"].items():
         for i, run in enumerate(runs.values()):
             rows = run["checkpoints"]

@@ -68,7 +68,8 @@ def study_config(args: argparse.Namespace) -> Any:
         budget=_budget(args), preset=args.preset, samples=args.samples, seed=args.seed, guidance=args.guidance,
         prompts=prompts, fid_reference=args.fid_reference, low_fidelity_samples=args.low_fidelity_samples,
         space_options=space_options, strategy_options=strategy_options,
-        batch_size=args.batch_size, cache_dir=args.cache_dir, workers=args.workers, ray_address=args.ray_address,
+        batch_size=args.batch_size, share_prefixes=not args.no_share_prefixes, cache_dir=args.cache_dir,
+        workers=args.workers, ray_address=args.ray_address,
         validate=not args.no_validate, progress=not args.quiet, resume=args.resume,
     )
 
@@ -332,6 +333,9 @@ def add_study_commands(sub: Any, parser: Callable[..., argparse.ArgumentParser])
                    help="cache + ecad: breed K children per child evaluated and run only those a free reuse-error "
                         "predictor ranks best; generation 0 then holds --population seeds, the rest wait as "
                         "immigrants (default: off, ECAD's own GA; 8 is a good start)")
+    s.add_argument("--no-share-prefixes", action="store_true",
+                   help="evaluate every cache plan from noise on its own (default: a generation's plans run as a "
+                        "prefix tree, each shared prefix once; identical results, less model work)")
     s.add_argument("--no-validate", action="store_true", help="skip re-scoring the front on the held-out split")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(run=_cmd_search)

@@ -93,6 +93,8 @@ class StudyConfig:
     space_options / strategy_options: the space's and the method's own keyword options (e.g.
         {"block_skip": False}, {"population": 24, "shift_seeds": True}).
     batch_size: images per model call, ≥ 1 (default 64); memory, not results.
+    share_prefixes: evaluate a generation's static cache plans as a prefix tree, each shared prefix computed
+        once (default on; bit-identical results, less model work; local evaluation only).
     cache_dir: calibration sets and cost tables (default: $SCHEDSEARCH_CACHE or ~/.cache/schedsearch).
     workers / ray_address: evaluate on Ray: `workers` ≥ 1 actors on a local Ray, or join `ray_address` ("auto").
     validate: re-score the final front on held-out seeds into `<study>@heldout` (default on).
@@ -120,6 +122,7 @@ class StudyConfig:
     space_options: Mapping[str, Any] = field(default_factory=dict)
     strategy_options: Mapping[str, Any] = field(default_factory=dict)
     batch_size: int = 64
+    share_prefixes: bool = True
     cache_dir: Path | None = None
     workers: int | None = None
     ray_address: str | None = None
@@ -144,6 +147,8 @@ class StudyConfig:
     def _check(self) -> None:
         check_preset(self.preset)
         check_combination(self.strategy, self.space, dict(self.strategy_options))
+        if not isinstance(self.share_prefixes, bool):
+            raise UserInputError("share_prefixes", f"{self.share_prefixes!r} is not a bool", "pass True or False")
         if not isinstance(self.budget, Budget):
             raise UserInputError("budget", f"{self.budget!r} is not a Budget", "pass Budget(evaluations=N)")
         if not str(self.study).strip():

@@ -256,7 +256,7 @@ def _evaluator(config: StudyConfig, model: Any, calibration: Any, cache_dir: Pat
     from schedsearch.evaluation.local import LocalEvaluator
 
     return LocalEvaluator(model, calibration, list(config.objectives), batch_size=config.batch_size,
-                          cost_cache_dir=str(cache_dir))
+                          cost_cache_dir=str(cache_dir), share_prefixes=config.share_prefixes)
 
 
 def _record_settings(store: ResultStore, config: StudyConfig, directions: dict[str, str], calibration: str) -> None:

@@ -267,12 +267,13 @@ def test_shift_seeds_reach_the_gas_first_generation(tmp_path, cache_dir):
 
 def test_model_work_is_counted_and_can_be_the_budget(tmp_path, cache_dir):
     """Every evaluation records the denoiser passes it ran (rows: 4 samples × 6 steps × 2 for the CFG pair = 48,
-    whatever it caches) and its images; copies from another study cost none; a budget in passes is the study's
-    total across resumes, checked between asks like the others."""
+    whatever it caches, when each plan runs from noise: no prefix sharing) and its images; copies from another study
+    cost none; a budget in passes is the study's total across resumes, checked between asks like the others."""
     store = tmp_path / "w.db"
     result = run_search(model="builtin:mnist-dit", space="cache", strategy="ecad", objectives=["psnr", "macs"],
                         study="w", store=store, budget=Budget(forward_passes=48 * 5), cache_dir=cache_dir,
-                        space_options={"num_steps": 6}, strategy_options={"population": 4}, validate=False, **TINY)
+                        space_options={"num_steps": 6}, strategy_options={"population": 4}, validate=False,
+                        share_prefixes=False, **TINY)
     with ResultStore(store) as s:
         records = s.records("w")
     own = [r for r in records if "reused_from" not in r.summary]
@@ -281,7 +282,7 @@ def test_model_work_is_counted_and_can_be_the_budget(tmp_path, cache_dir):
     again = run_search(model="builtin:mnist-dit", space="cache", strategy="ecad", objectives=["psnr", "macs"],
                        study="w", store=store, budget=Budget(forward_passes=48 * 5), cache_dir=cache_dir,
                        space_options={"num_steps": 6}, strategy_options={"population": 4}, validate=False,
-                       resume=True, **TINY)
+                       resume=True, share_prefixes=False, **TINY)
     assert again.evaluations == 0 and again.forward_passes == 0
     copied = _run(store, "w2", cache_dir, budget=4, validate=False)
     with ResultStore(store) as s:

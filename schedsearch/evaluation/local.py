@@ -53,6 +53,7 @@ class LocalEvaluator:
         batch_size: int = 64,
         cost_cache_dir: str | None = None,
         options: dict[str, Any] | None = None,
+        share_prefixes: bool = False,
     ) -> None:
         if calibration.spec.model != model.info.name:
             raise ValueError(f"calibration set is for {calibration.spec.model!r}, model is {model.info.name!r}")
@@ -60,6 +61,7 @@ class LocalEvaluator:
         self.samples = len(calibration.spec) if samples is None else int(samples)
         calibration.spec.head(self.samples)  # range check
         self.batch_size = batch_size
+        self.share_prefixes = share_prefixes
         if objectives and isinstance(objectives[0], str):
             context = ObjectiveContext(model, calibration.reference_stats_by_name(model.info), cost_cache_dir,
                                        dict(options or {}))
@@ -76,8 +78,77 @@ class LocalEvaluator:
         return f"{self.calibration.hash}-n{self.samples}"
 
     def evaluate(self, schedules: Iterable[Schedule]) -> Iterator[Evaluation]:
+        """One evaluation per schedule, as each finishes. With `share_prefixes`, static component cache plans of
+        one solver plan run as a prefix tree (`runtime/prefix_tree.py`): bit-identical results, each shared
+        prefix computed once, yielded in prefix order."""
+        schedules = list(schedules)
+        if not self.share_prefixes or not isinstance(self.calibration.spec.conditions, Sequence):
+            for schedule in schedules:
+                yield self.evaluate_one(schedule)
+            return
+        from schedsearch.runtime.prefix_tree import group_key
+
+        groups: dict[Any, list[Schedule]] = {}
         for schedule in schedules:
-            yield self.evaluate_one(schedule)
+            groups.setdefault(group_key(schedule) or ("alone", schedule.key), []).append(schedule)
+        for members in groups.values():
+            if len(members) == 1:
+                yield self.evaluate_one(members[0])
+            else:
+                yield from self._evaluate_group(members)
+
+    def _evaluate_group(self, schedules: list[Schedule]) -> Iterator[Evaluation]:
+        """Score plans that share prefixes: every plan on each sample batch through the prefix tree, each plan's
+        images streamed into its own accumulators. Results come when the last batch is done."""
+        from schedsearch.runtime.prefix_tree import run_shared_prefixes
+
+        spec = self.calibration.spec.head(self.samples)
+        image_objectives = [o for o in self.objectives if isinstance(o, ImageObjective)]
+        cost_objectives = [o for o in self.objectives if isinstance(o, CostObjective)]
+        needs_teacher = any(o.needs_teacher for o in image_objectives)
+        accumulators = {j: [o.accumulator() for o in image_objectives] for j in range(len(schedules))}
+        errors: dict[int, str] = {}
+        passes = dict.fromkeys(range(len(schedules)), 0)
+        seconds = dict.fromkeys(range(len(schedules)), 0.0)
+        for lo in range(0, len(spec.seeds), self.batch_size):
+            part = slice(lo, min(len(spec.seeds), lo + self.batch_size))
+            live = [j for j in range(len(schedules)) if j not in errors]
+            if not live:
+                break
+            denoise = self.model.denoiser(list(spec.conditions[part]), spec.guidance)
+            teacher = self.calibration.teacher(part.start, part.stop) if needs_teacher else None
+            start = time.perf_counter()
+            for run in run_shared_prefixes(self.model, [schedules[j] for j in live], denoise, spec.seeds[part]):
+                j = live[run.index]
+                passes[j] += run.forward_passes
+                try:
+                    if run.error is not None:
+                        raise run.error
+                    with torch.no_grad():
+                        images = self.model.decode(run.latents)
+                    if not bool(images.isfinite().all()):
+                        raise NonFiniteOutputError(f"schedule {schedules[j].key} produced NaN/inf images")
+                    batch = ScoreBatch(images.float(), spec.conditions[part], spec.seeds[part], teacher)
+                    for acc in accumulators[j]:
+                        acc.update(batch)
+                except Exception as exc:  # recorded, never dropped: the study goes on
+                    errors[j] = f"{type(exc).__name__}: {exc}\n{''.join(traceback.format_exception(exc, limit=4))}"
+                seconds[j] += time.perf_counter() - start
+                start = time.perf_counter()
+        for j, schedule in enumerate(schedules):
+            metrics: dict[str, float] = {}
+            if j not in errors:
+                for acc in accumulators[j]:
+                    metrics.update(acc.result())
+                for objective in cost_objectives:
+                    metrics[objective.name] = objective.value(schedule)
+                bad = [k for k, v in metrics.items() if math.isnan(v)]
+                if bad:
+                    errors[j] = f"NonFiniteOutputError: objective(s) {bad} are NaN for schedule {schedule.key}"
+            if j in errors:
+                yield Evaluation(schedule, {}, "failed", errors[j], seconds[j], self.device, self.samples, passes[j])
+            else:
+                yield Evaluation(schedule, metrics, "ok", "", seconds[j], self.device, self.samples, passes[j])
 
     def evaluate_one(self, schedule: Schedule) -> Evaluation:
         start = time.perf_counter()

@@ -54,9 +54,10 @@ class ComponentReuseHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, context: StepContext, recompute: np.ndarray, name: str) -> None:
+    def __init__(self, context: StepContext, recompute: np.ndarray, name: str, slot: int = -1) -> None:
         super().__init__()
         self.context, self.recompute, self.name = context, recompute, name  # recompute: bool[steps]
+        self.slot = slot  # the plan column it reads (`CacheRuntime.retarget`)
         # keep an output only if the next step reuses it: an all-recompute plan then holds no tensors at all
         self.keep = np.append(~recompute[1:], False)
         self.cache = _BranchCache()
@@ -121,9 +122,10 @@ class BlockSkipHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, context: StepContext, skip: np.ndarray, metadata: TransformerBlockMetadata) -> None:
+    def __init__(self, context: StepContext, skip: np.ndarray, metadata: TransformerBlockMetadata,
+                 block: str = "") -> None:
         super().__init__()
-        self.context, self.skip, self.meta = context, skip, metadata
+        self.context, self.skip, self.meta, self.block = context, skip, metadata, block
         self.keep = np.append(skip[1:], False)  # store a residual only if the next step skips the block
         self.cache = _BranchCache()
 
@@ -237,9 +239,9 @@ class CacheRuntime:
             parts = list(module) if isinstance(module, torch.nn.ModuleList) else [module]
             for i, part in enumerate(parts):
                 label = f"{name}.{i}" if len(parts) > 1 else name
-                self._register(part, ComponentReuseHook(self.context, bits[:, slot], label), COMPONENT_HOOK)
+                self._register(part, ComponentReuseHook(self.context, bits[:, slot], label, slot), COMPONENT_HOOK)
         for block, (skip, metadata) in skips.items():
-            self._register(blocks[block], BlockSkipHook(self.context, skip, metadata), BLOCK_HOOK)
+            self._register(blocks[block], BlockSkipHook(self.context, skip, metadata, block), BLOCK_HOOK)
 
     def _blocks(self) -> dict[str, torch.nn.Module]:
         """'path.block' -> the block module (a UNet group of one block is its path itself)."""
@@ -312,6 +314,37 @@ class CacheRuntime:
     def _register(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
         self._hooked.append((module, name))
+
+    # -- prefix sharing (evaluation/prefix_tree.py): one set of hooks runs many plans of one layout --
+    def retarget(self, plan: ComponentCachePlan) -> None:
+        """Run `plan` (same layout and block skipping as the attached one) with these hooks from now on, keeping
+        every output a hook computes, so that a state snapshotted under one plan can be continued by another that
+        reuses what the first would have dropped. Outputs are unchanged: only what is kept differs."""
+        if not isinstance(self.plan, ComponentCachePlan) or not isinstance(plan, ComponentCachePlan):
+            raise TypeError("retarget: component cache plans only")
+        if (plan.layout, plan.skip_reused_blocks) != (self.plan.layout, self.plan.skip_reused_blocks):
+            raise ValueError("retarget: the plan must have the attached plan's layout and block skipping")
+        plan.validate()
+        bits = np.array([[c == "1" for c in row] for row in plan.recompute], dtype=bool)
+        skipped = np.array(plan.skipped_blocks(), dtype=bool) if plan.skip_reused_blocks else None
+        names = block_names(plan.layout)
+        for module, name in self._hooked:
+            hook = module._diffusers_hook.get_hook(name)
+            if isinstance(hook, ComponentReuseHook):
+                hook.recompute = bits[:, hook.slot]
+                hook.keep = np.ones(len(bits), dtype=bool)
+            elif isinstance(hook, BlockSkipHook):
+                hook.skip = skipped[:, names.index(hook.block)]
+                hook.keep = np.ones(len(bits), dtype=bool)
+        self.plan = plan
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Every hook's kept outputs (references: tensors are never modified in place)."""
+        return [dict(module._diffusers_hook.get_hook(name).cache.values) for module, name in self._hooked]
+
+    def restore(self, snapshot: list[dict[str, Any]]) -> None:
+        for (module, name), values in zip(self._hooked, snapshot, strict=True):
+            module._diffusers_hook.get_hook(name).cache = _BranchCache(dict(values))
 
     def reset(self) -> None:
         for module, name in self._hooked:

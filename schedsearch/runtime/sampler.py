@@ -187,6 +187,20 @@ class PlanRunner:
         self.x_before: torch.Tensor | None = None
         self.step_index = 0
 
+    def fork(self) -> PlanRunner:
+        """A runner in the same state that steps on independently (the outputs are immutable and shared; the
+        history list is not), so two plans that agree on their first steps can continue from one computed prefix."""
+        twin = object.__new__(PlanRunner)
+        twin.__dict__.update(self.__dict__)
+        twin.history = list(self.history)
+        return twin
+
+    def retarget(self, plan: SolverPlan) -> None:
+        """Continue with `plan`, which must equal the current plan on every step taken so far (the caller's
+        promise: the prefix tree compares whole solver plans)."""
+        self.plan = plan.validate()
+        self.targets = [*plan.timesteps[1:], plan.final_timestep]
+
     def needs_model(self, step_index: int) -> bool:
         """False only for USF's analytical first step, which takes no model output."""
         return not (step_index == 0 and self.plan.first_step == "zero_x0")
