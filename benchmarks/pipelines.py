@@ -5,7 +5,7 @@ when they change nothing, analytic against counted MACs, and the seconds of a qu
     python benchmarks/pipelines.py [--rounds 5]
 
 Prints one JSON object (a row per family) and writes benchmarks/results/pipelines.json. The tiny pipelines come
-from the tests (tests/test_diffusers_models.py, tests/test_wan.py), so the benchmark and the suite measure the same
+from the tests (tests/test_diffusers_models.py, tests/test_wan.py, ...), so the benchmark and the suite measure the same
 objects. Equivalence is in float32 at 4 steps with the pipeline's own default scheduler; `dit` has no entry there
 (DiTPipeline draws its own noise and takes no latents).
 """
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 
 import test_diffusers_models as tdm
 import test_hunyuan_video
+import test_ltx
 import test_sana
 import test_wan
 
@@ -37,13 +38,16 @@ from schedsearch.search.base import Budget
 from schedsearch.spaces.cache_plan import ComponentCachePlan
 from schedsearch.study import run_search
 
-FAMILIES = ["dit", "pixart", "sana", "sd", "sdxl", "sd3", "flux", "wan", "hunyuan_video"]
+FAMILIES = ["dit", "pixart", "sana", "sd", "sdxl", "sd3", "flux", "wan", "hunyuan_video", "ltx"]
 STEPS = 4
 SIZE = {"flux": {"resolution": 16}, "sana": {"resolution": test_sana.PIXELS},
         "wan": {"resolution": test_wan.PIXELS, "num_frames": test_wan.FRAMES},
-        "hunyuan_video": {"resolution": test_hunyuan_video.PIXELS, "num_frames": test_hunyuan_video.FRAMES}}
-OWN_TEST = {"sana": test_sana, "wan": test_wan, "hunyuan_video": test_hunyuan_video}  # builders, embeddings
-PROMPTED = {"sd": ["a cat", "a dog"], "wan": ["a cat", "a dog"]}  # the tiny pipelines that have a text encoder
+        "hunyuan_video": {"resolution": test_hunyuan_video.PIXELS, "num_frames": test_hunyuan_video.FRAMES},
+        "ltx": {"resolution": test_ltx.PIXELS, "num_frames": test_ltx.FRAMES}}
+OWN_TEST = {"sana": test_sana, "wan": test_wan, "hunyuan_video": test_hunyuan_video,
+            "ltx": test_ltx}  # builders, embeddings
+# the tiny pipelines that have a text encoder
+PROMPTED = {"sd": ["a cat", "a dog"], "wan": ["a cat", "a dog"], "ltx": ["a cat", "a dog"]}
 
 
 def conditions(family: str):
@@ -57,12 +61,15 @@ def equivalence(family: str, model, path: Path) -> dict:
     x = initial_noise([0, 1], model.info.sample_shape)
     plan = model.default_plan(STEPS)
     with torch.no_grad():
-        ours = sample(model.denoiser(cond), x, plan, model.noise_schedule, model.info.prediction_type)
+        guidance = test_ltx.GUIDANCE if family == "ltx" else None
+        ours = sample(model.denoiser(cond, guidance), x, plan, model.noise_schedule, model.info.prediction_type)
         pipe = tdm._pipeline(path)
         if family == "sana":
             theirs = test_sana._stock(path, x, cond, STEPS)[0].images
         elif family == "hunyuan_video":
             theirs = test_hunyuan_video._call(pipe, x, cond, STEPS)
+        elif family == "ltx":
+            theirs = test_ltx._call(test_ltx._pipe(path), x, cond, STEPS)
         elif family == "wan":
             full = {k: v.expand(len(x), *v.shape[1:]) for k, v in cond.items()}
             theirs = pipe(latents=x, guidance_scale=5.0, height=test_wan.PIXELS, width=test_wan.PIXELS,
@@ -142,6 +149,8 @@ def main() -> None:
             pipe = test_sana.build_sana()
         elif family == "hunyuan_video":
             pipe = test_hunyuan_video.build_hunyuan()
+        elif family == "ltx":
+            pipe = test_ltx.build_ltx(work)
         else:
             pipe = tdm.build_pipeline(family, work)
         pipe.save_pretrained(path)

@@ -38,15 +38,17 @@ FAMILY_BY_CLASS = {
     "FluxTransformer2DModel": "flux",
     "WanTransformer3DModel": "wan",
     "HunyuanVideoTransformer3DModel": "hunyuan_video",
+    "LTXVideoTransformer3DModel": "ltx",
 }
 # the pipelines' own `guidance_scale` defaults
 GUIDANCE_DEFAULTS = {"dit": 4.0, "pixart": 4.5, "sana": 4.5, "sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5,
-                     "wan": 5.0, "hunyuan_video": 6.0}
-VIDEO_FAMILIES = ("wan", "hunyuan_video")
+                     "wan": 5.0, "hunyuan_video": 6.0, "ltx": 3.0}
+VIDEO_FAMILIES = ("wan", "hunyuan_video", "ltx")
 # guidance-distilled families: guidance is a network input (×1000 for HunyuanVideo), never a CFG pair
 DISTILLED_GUIDANCE_SCALE = {"flux": 1.0, "hunyuan_video": 1000.0}
 # the video pipelines' defaults (height, frames; we sample square videos of `resolution`)
-VIDEO_DEFAULTS = {"wan": (480, 81), "hunyuan_video": (720, 129)}
+VIDEO_DEFAULTS = {"wan": (480, 81), "hunyuan_video": (720, 129), "ltx": (512, 161)}
+LTX_FRAME_RATE = 25  # LTXPipeline's default `frame_rate`, which scales the rotary positions in time
 # Pre-encoded conditions: a dict with these keys (diffusers' own `__call__` argument names), each batched (N, ...),
 # plus `negative_<key>` for the unconditional branch of CFG (batch N or 1). Flux is guidance-distilled: no negatives.
 EMBEDDING_KEYS = {
@@ -58,6 +60,7 @@ EMBEDDING_KEYS = {
     "flux": ("prompt_embeds", "pooled_prompt_embeds"),
     "wan": ("prompt_embeds",),
     "hunyuan_video": ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds"),
+    "ltx": ("prompt_embeds", "prompt_attention_mask"),
 }
 DECODE_BATCH = 4  # VAE decoding at full resolution is memory-bound on CPU
 
@@ -255,11 +258,12 @@ def _vae_scale_factor(pipe: Any) -> int:
 
 def _video_layout(pipe: Any, network: torch.nn.Module, family: str, resolution: int | None,
                   frames: int | None) -> dict[str, Any]:
-    """Video latents (C, F, H, W) as the Wan / HunyuanVideo pipelines' prepare_latents make them:
-    F = (frames - 1) // t + 1 latent frames for a temporal factor t, H = W = pixels // s; tokens after the patch
-    embedding (Wan: patch_size (1, 2, 2); HunyuanVideo: patch_size_t, patch_size)."""
-    spatial = getattr(pipe, "vae_scale_factor_spatial", 8)
-    temporal = getattr(pipe, "vae_scale_factor_temporal", 4)
+    """Video latents (C, F, H, W) as the Wan / HunyuanVideo / LTX pipelines' prepare_latents make them (LTX then
+    packs them into tokens, which we do only around the network call): F = (frames - 1) // t + 1 latent frames for
+    a temporal factor t, H = W = pixels // s; tokens after the patch embedding (Wan: patch_size (1, 2, 2);
+    HunyuanVideo, LTX: patch_size_t, patch_size)."""
+    spatial = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_spatial_compression_ratio", 8)
+    temporal = getattr(pipe, "vae_scale_factor_temporal", None) or getattr(pipe, "vae_temporal_compression_ratio", 4)
     default_pixels, default_frames = VIDEO_DEFAULTS[family]
     pixels = resolution or default_pixels
     frames = frames or default_frames
@@ -277,7 +281,9 @@ def _video_layout(pipe: Any, network: torch.nn.Module, family: str, resolution: 
         "resolution": pixels,
         "num_frames": frames,
         "vae_scale_factor": spatial,
+        "vae_temporal_factor": temporal,
         "patch_size": ph,
+        "patch_size_t": pt,
         "tokens_per_sample": (latent_frames // pt) * (side // ph) * (side // pw),
     }
 
@@ -320,6 +326,8 @@ def transformer_block_groups(network: torch.nn.Module, family: str) -> tuple[Blo
         return (BlockGroup("transformer_blocks", len(network.transformer_blocks), ("attn", "ff", "ff_context")),)
     if family == "wan":  # self-attention, cross-attention to the text, feed-forward
         return (BlockGroup("blocks", len(network.blocks), ("attn1", "attn2", "ffn")),)
+    if family == "ltx":
+        return (BlockGroup("transformer_blocks", len(network.transformer_blocks), ("attn1", "attn2", "ff")),)
     if family in ("flux", "hunyuan_video"):  # double-stream blocks, then single-stream blocks
         return (
             BlockGroup("transformer_blocks", len(network.transformer_blocks), ("attn", "ff", "ff_context")),
@@ -561,6 +569,26 @@ def _forward(network: torch.nn.Module, family: str, layout: dict[str, Any], guid
             ).sample
 
         return hunyuan
+    if family == "ltx":
+        from diffusers import LTXPipeline
+
+        _, frames, h, w = layout["sample_shape"]
+        p, pt = layout["patch_size"], layout["patch_size_t"]
+        spatial, temporal = layout["vae_scale_factor"], layout["vae_temporal_factor"]
+        rope_scale = (temporal / LTX_FRAME_RATE, spatial, spatial)
+
+        def ltx(x: torch.Tensor, tv: float, c: Conds) -> torch.Tensor:  # LTXPipeline's packed tokens, unpacked back
+            out = network(
+                hidden_states=LTXPipeline._pack_latents(x, p, pt),
+                encoder_hidden_states=c["prompt_embeds"],
+                timestep=timesteps(x, tv),
+                encoder_attention_mask=c["prompt_attention_mask"],
+                num_frames=frames // pt, height=h // p, width=w // p,
+                rope_interpolation_scale=rope_scale,
+            ).sample
+            return LTXPipeline._unpack_latents(out, frames // pt, h // p, w // p, p, pt)
+
+        return ltx
     raise ValueError(f"family {family!r}: no forward")
 
 
@@ -582,7 +610,7 @@ def _from_embeddings(family: str, embeds: Mapping[str, torch.Tensor], need_uncon
         raise ValueError(f"conditions for {family}: the dict needs 'prompt_embeds'; keys: {keys} and negative_<key>")
     n = len(embeds["prompt_embeds"])
     embeds = dict(embeds)
-    if family in ("pixart", "sana", "hunyuan_video"):  # attend to every token unless a mask says otherwise
+    if family in ("pixart", "sana", "hunyuan_video", "ltx"):  # attend to every token unless a mask says otherwise
         for prefix in ("", "negative_"):
             if prefix + "prompt_embeds" in embeds and prefix + "prompt_attention_mask" not in embeds:
                 embeds[prefix + "prompt_attention_mask"] = torch.ones(embeds[prefix + "prompt_embeds"].shape[:2])
@@ -643,6 +671,11 @@ def encode_prompts(pipe: Any, family: str, prompts: Sequence[str]) -> dict[str, 
         pe, ne = pipe.encode_prompt(prompt=prompts, negative_prompt=[""] * len(prompts),
                                     do_classifier_free_guidance=True, device=device)
         return {"prompt_embeds": pe, "negative_prompt_embeds": ne}
+    if family == "ltx":
+        pe, pm, ne, nm = pipe.encode_prompt(prompt=prompts, negative_prompt=[""] * len(prompts),
+                                            do_classifier_free_guidance=True, device=device)
+        return {"prompt_embeds": pe, "prompt_attention_mask": pm, "negative_prompt_embeds": ne,
+                "negative_prompt_attention_mask": nm}
     raise ValueError(f"family {family!r} takes no prompts")
 
 
@@ -732,7 +765,11 @@ def _vae_decoder(pipe: Any) -> Callable[[torch.Tensor], torch.Tensor]:
             raise UserInputError("--model", f"{type(pipe).__name__} has no VAE: latents cannot be decoded to images",
                                  "load the pipeline with its VAE")
         latents = samples.to(device=vae.device, dtype=vae.dtype)
-        if vae.config.get("latents_mean") is not None:  # Wan: per-channel statistics, as WanPipeline undoes them
+        if torch.is_tensor(getattr(vae, "latents_mean", None)):  # LTX: statistics as buffers, as LTXPipeline undoes
+            shape = (1, -1) + (1,) * (latents.dim() - 2)
+            mean, std = (getattr(vae, n).view(shape).to(latents) for n in ("latents_mean", "latents_std"))
+            latents = latents * std / vae.config.scaling_factor + mean
+        elif vae.config.get("latents_mean") is not None:  # Wan: per-channel statistics, as WanPipeline undoes them
             shape = (1, -1) + (1,) * (latents.dim() - 2)
             mean = torch.tensor(vae.config.latents_mean, dtype=latents.dtype, device=latents.device).view(shape)
             std = torch.tensor(vae.config.latents_std, dtype=latents.dtype, device=latents.device).view(shape)

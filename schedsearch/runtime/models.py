@@ -81,7 +81,8 @@ def model_layout(info: ModelInfo) -> str:
     return layout_of([(g.path, g.count, g.components) for g in info.block_groups])
 
 
-BLOCK_SKIP_FAMILIES = ("dit", "pixart", "sd3", "flux", "wan")  # their blocks are in diffusers' TransformerBlockRegistry
+# their blocks are in diffusers' TransformerBlockRegistry
+BLOCK_SKIP_FAMILIES = ("dit", "pixart", "sd3", "flux", "wan", "ltx")
 
 
 def model_structure(info: ModelInfo) -> ModelStructure:

@@ -196,8 +196,9 @@ class EcadGenetic(Strategy):
         predicted = self._predict(population + pool)
         candidates = np.arange(len(population), len(population) + len(pool))
         picked = {int(i) - len(population) for i in rank_by_prediction(predicted, candidates, n)}
-        for i, genome in enumerate(children):
-            if i not in picked:
+        kept = {genome_key(children[i]) for i in picked if i < len(children)}
+        for genome in children:
+            if genome_key(genome) not in kept:
                 self._seen.discard(genome_key(genome))
         immigrants = [g for j, g in enumerate(self._immigrants) if len(children) + j in picked]
         self._immigrants = [g for j, g in enumerate(self._immigrants) if len(children) + j not in picked]
