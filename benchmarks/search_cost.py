@@ -54,7 +54,7 @@ CONFIGS = {
     "ecad+screen+share@16": {"options": {"population": 24, "shift_seeds": True, "screen": 8}, "budget": 384,
                              "prepare": 2, "share": True, "samples": 16},
 }
-CHECKPOINTS = (24, 48, 96, 144, 192, 288, 384, 576, 768, 972)
+CHECKPOINTS = (24, *range(48, 973, 48), 972)  # every second generation of 24
 
 
 def main() -> None:
