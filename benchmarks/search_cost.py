@@ -54,7 +54,7 @@ CONFIGS = {
     "ecad+screen+share@16": {"options": {"population": 24, "shift_seeds": True, "screen": 8}, "budget": 384,
                              "prepare": 2, "share": True, "samples": 16},
 }
-CHECKPOINTS = (24, *range(48, 973, 48), 972)  # every second generation of 24
+CHECKPOINTS = (24, 48, 96, 144, 192, *range(288, 973, 96), 972)  # generations of 24: 1, 2, 4, 6, 8, then every 4th
 
 
 def main() -> None:
