@@ -23,14 +23,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from heldout_scores import score_on_heldout
 
-from schedsearch.calibration.calibration_set import CalibrationSet, default_spec
-from schedsearch.evaluation.local import LocalEvaluator
 from schedsearch.results.pareto import hypervolume, non_dominated
 from schedsearch.results.store import ResultStore
 from schedsearch.runtime.models import load_model
 from schedsearch.search.base import Budget
-from schedsearch.search.fixed import score_schedules
 from schedsearch.study import run_search
 
 OBJECTIVES = {"psnr": "max", "macs": "min"}
@@ -124,17 +122,8 @@ def _front(records) -> list:
 
 def _heldout_points(model, fronts: dict, samples: int, cache_dir: Path) -> dict:
     """Every front re-scored on `samples` held-out seeds: {seed: {space: [[psnr, macs, ci_low, ci_high], ...]}}."""
-    spec = default_spec(model.info, samples=samples, split="heldout")
-    calibration = CalibrationSet.open(spec, cache_dir).build(model, progress=True)
-    evaluator = LocalEvaluator(model, calibration, list(OBJECTIVES), cost_cache_dir=str(cache_dir))
-    unique = {s.key: s for per_space in fronts.values() for front in per_space.values() for s in front}
-    study = f"heldout-{samples}"
-    with ResultStore(cache_dir / "heldout.db") as store:
-        score_schedules(study, list(unique.values()), OBJECTIVES, evaluator, store, progress=True)
-        scored = {r.to_schedule().key: r.metrics for r in store.records(study) if r.status == "ok"}
-    missing = [k for k in unique if k not in scored]
-    if missing:
-        raise RuntimeError(f"{len(missing)} front schedules failed on the held-out split; see {cache_dir}/heldout.db")
+    everything = [s for per_space in fronts.values() for front in per_space.values() for s in front]
+    scored, _ = score_on_heldout(model, everything, samples, cache_dir, cache_dir / "heldout.db", OBJECTIVES)
     return {seed: {space: np.array([[scored[s.key]["psnr"], scored[s.key]["macs"], scored[s.key]["psnr.ci95_low"],
                                      scored[s.key]["psnr.ci95_high"]] for s in front])
                    for space, front in per_space.items()}

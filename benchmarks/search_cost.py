@@ -28,15 +28,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from heldout_scores import score_on_heldout
 
-from schedsearch.calibration.calibration_set import CalibrationSet, default_spec
-from schedsearch.evaluation.local import LocalEvaluator
 from schedsearch.methods.cachequant import FEATURE_SAMPLES
 from schedsearch.results.pareto import hypervolume, non_dominated
 from schedsearch.results.store import ResultStore
 from schedsearch.runtime.models import load_model
 from schedsearch.search.base import Budget
-from schedsearch.search.fixed import score_schedules
 from schedsearch.spaces.schedule import Schedule
 from schedsearch.study import build_space, run_search, study_exists
 
@@ -158,23 +156,12 @@ def _checkpoint_fronts(records, prepare: int, samples: int, steps: int) -> list[
 def _heldout_scores(model, curves, samples: int, work: Path, space_options: dict) -> tuple[dict, float]:
     """Held-out metrics of every checkpoint front's schedules and of the baselines (under "__baselines__"), and
     the uncached MACs."""
-    spec = default_spec(model.info, samples=samples, split="heldout")
-    calibration = CalibrationSet.open(spec, work / "cache").build(model, progress=True)
-    evaluator = LocalEvaluator(model, calibration, list(OBJECTIVES), cost_cache_dir=str(work / "cache"))
     named = [(n, s) for space in ("cache", "cachequant")
              for n, s in build_space(space, model.info, "quick", space_options).baselines()]
-    unique = {s.key: s for _, s in named}
-    for per_seed in curves.values():
-        for checkpoints in per_seed.values():
-            for _, _, front in checkpoints:
-                unique.update((s.key, s) for s in front)
-    study = f"heldout-{samples}"
-    with ResultStore(work / "heldout.db") as store:
-        score_schedules(study, list(unique.values()), OBJECTIVES, evaluator, store, progress=True)
-        scored = {r.to_schedule().key: r.metrics for r in store.records(study) if r.status == "ok"}
-    missing = [k for k in unique if k not in scored]
-    if missing:
-        raise RuntimeError(f"{len(missing)} schedules failed on the held-out split; see {work / 'heldout.db'}")
+    fronts = [s for per_seed in curves.values() for checkpoints in per_seed.values()
+              for _, _, front in checkpoints for s in front]
+    scored, evaluator = score_on_heldout(model, [s for _, s in named] + fronts, samples, work / "cache",
+                                         work / "heldout.db", OBJECTIVES)
     plan = build_space("cache", model.info, "quick", space_options).solver
     full = next(o for o in evaluator.objectives if o.name == "macs").value(Schedule(model.info.name, plan))
     scored["__baselines__"] = [{"name": n, **scored[s.key]} for n, s in named]

@@ -60,7 +60,8 @@ def run(out_path: Path) -> dict[str, object]:
         cmd = [sys.executable, "-m", "schedsearch.cli", "search", "--model", "builtin:mnist-dit", "--space", space,
                "--strategy", strategy, "--objectives", objectives, "--budget", str(budget), "--samples",
                str(SAMPLES), "--study", study, "--store", str(store), "--cache-dir", str(work / "cache"),
-               "--preset", "quick", "--quiet", *extra]
+               "--preset", "quick", "--quiet", "--no-share-prefixes", *extra]  # sharing reorders a generation's
+        # records (same keys and metrics); the stored fingerprints hash insertion order, from before sharing
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
         timings[study] = round(time.perf_counter() - start, 1)
         print(f"{study}: {timings[study]} s", file=sys.stderr, flush=True)

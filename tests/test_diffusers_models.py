@@ -545,18 +545,23 @@ def test_models_lists_saved_pipelines_under_a_directory_with_their_family(saved,
     from schedsearch.runtime.models import available_models
 
     root = next(iter(saved.values())).parent
-    ltx = tmp_path / "ltx"
-    ltx.mkdir()
-    (ltx / "model_index.json").write_text('{"_class_name": "LTXPipeline", "transformer": '
-                                          '["diffusers", "LTXVideoTransformer3DModel"], "scheduler": '
-                                          '["diffusers", "FlowMatchEulerDiscreteScheduler"]}')
+    for name, pipeline, denoiser, scheduler in (
+        ("cog", "CogVideoXPipeline", "CogVideoXTransformer3DModel", "CogVideoXDDIMScheduler"),
+        ("ltx", "LTXPipeline", "LTXVideoTransformer3DModel", "FlowMatchEulerDiscreteScheduler"),
+    ):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text(
+            f'{{"_class_name": "{pipeline}", "transformer": ["diffusers", "{denoiser}"], '
+            f'"scheduler": ["diffusers", "{scheduler}"]}}')
     rows = {row["where"]: row for row in available_models(str(root))}
     for family, path in saved.items():
         assert rows[str(path)]["family"] == family and rows[str(path)]["status"] == "local"
         assert rows[str(path)]["name"] == f"diffusers:{path}"
-    unsupported = {row["where"]: row for row in available_models(str(tmp_path))}[str(ltx)]
-    assert unsupported["family"] == "unsupported (LTXVideoTransformer3DModel)"
+    listed = {row["where"]: row for row in available_models(str(tmp_path))}
+    unsupported = listed[str(tmp_path / "cog")]
+    assert unsupported["family"] == "unsupported (CogVideoXTransformer3DModel)"
     assert unsupported["status"] == "not supported"
+    assert listed[str(tmp_path / "ltx")]["family"] == "ltx"
     assert main(["models", "--dir", str(root)]) == 0
     assert main(["models", "--dir", str(tmp_path / "none")]) == 2
     assert "--dir" in capsys.readouterr().err

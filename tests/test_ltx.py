@@ -9,6 +9,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
+from family_checks import quick_cache_search
+from stand_in_text import clip_stand_in
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -22,21 +24,8 @@ TEXT_DIM, TEXT_LEN, FRAMES, PIXELS, GUIDANCE = 16, 6, 9, 32, 3.0  # LTXPipeline 
 
 
 def _text(tmp) -> tuple:
-    """A character-level CLIP tokenizer and a 1-layer encoder standing in for T5 (whose tokenizer cannot be built
-    offline): LTXPipeline only needs input ids, an attention mask and the encoder's first output."""
-    import json
-
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    tokens = ["<|startoftext|>", "<|endoftext|>", *letters, *(ch + "</w>" for ch in letters)]
-    (tmp / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
-    (tmp / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=128)
-    config = CLIPTextConfig(vocab_size=len(tokens), hidden_size=TEXT_DIM, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1,
-                            pad_token_id=1)
-    return tokenizer, CLIPTextModel(config).eval()
+    """A 1-layer stand-in for the pipeline's T5 encoder that takes LTX's 128 tokens."""
+    return clip_stand_in(tmp, TEXT_DIM, 128)
 
 
 def build_ltx(tmp):
@@ -156,11 +145,4 @@ def test_cached_schedule_in_the_pipeline_equals_our_sampler(model, saved, kind):
 
 def test_cache_search_runs_on_ltx(model, tmp_path):
     """ECAD's cache search (block skipping on) from prompts through the pipeline's encoder, MACs counted."""
-    from schedsearch.search.base import Budget
-    from schedsearch.study import run_search
-
-    result = run_search(model=model, space="cache", strategy="ecad", objectives=["psnr", "macs"], study="ltx",
-                        store=tmp_path / "r.db", budget=Budget(evaluations=4), samples=2, prompts=["a cat", "a dog"],
-                        cache_dir=tmp_path / "cache", batch_size=2, space_options={"num_steps": 4},
-                        strategy_options={"population": 4}, progress=False, validate=False)
-    assert result.evaluations >= 4 and result.failed == 0
+    quick_cache_search(model, tmp_path, "ltx")

@@ -9,6 +9,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
+from family_checks import quick_cache_search
+from stand_in_text import clip_stand_in
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -20,21 +22,8 @@ TEXT_DIM, TEXT_LEN, FRAMES, PIXELS = 32, 6, 9, 16
 
 
 def _text(tmp) -> tuple:
-    """A character-level CLIP tokenizer and a 1-layer encoder of width TEXT_DIM that takes Wan's 226 tokens: UMT5's
-    tokenizer cannot be built offline, and WanPipeline only needs input ids, a mask and `last_hidden_state`."""
-    import json
-
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    tokens = ["<|startoftext|>", "<|endoftext|>", *letters, *(ch + "</w>" for ch in letters)]
-    (tmp / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
-    (tmp / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=226)
-    config = CLIPTextConfig(vocab_size=len(tokens), hidden_size=TEXT_DIM, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=226, bos_token_id=0, eos_token_id=1,
-                            pad_token_id=1)
-    return tokenizer, CLIPTextModel(config).eval()
+    """A 1-layer stand-in for the pipeline's T5 encoder that takes Wan's 226 tokens."""
+    return clip_stand_in(tmp, TEXT_DIM, 226)
 
 
 def build_wan(tmp):
@@ -150,14 +139,7 @@ def test_cached_schedule_in_the_pipeline_equals_our_sampler(model, saved):
 
 def test_cache_search_runs_on_wan(model, tmp_path):
     """ECAD's cache search (block skipping on) with PSNR on whole videos and MACs counted on the real forward."""
-    from schedsearch.search.base import Budget
-    from schedsearch.study import run_search
-
-    result = run_search(model=model, space="cache", strategy="ecad", objectives=["psnr", "macs"], study="wan",
-                        store=tmp_path / "r.db", budget=Budget(evaluations=4), samples=2, prompts=["a cat", "a dog"],
-                        cache_dir=tmp_path / "cache", batch_size=2, space_options={"num_steps": 4},
-                        strategy_options={"population": 4}, progress=False, validate=False)
-    assert result.evaluations >= 4 and result.failed == 0
+    quick_cache_search(model, tmp_path, "wan")
 
 
 def test_calibration_sets_of_two_sizes_never_share_a_teacher(model, saved):
