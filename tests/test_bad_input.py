@@ -128,6 +128,8 @@ CASES = [  # (argv, the field the error must name)
     ([*SOLVER_SEARCH[:4], "dp", *SOLVER_SEARCH[5:]], "--strategy"),
     ([*SOLVER_SEARCH, "--no-block-skip"], "--no-block-skip"),
     ([*SEARCH[:4], "tpe", *SEARCH[5:], "--shift-seeds"], "--shift-seeds"),
+    ([*SEARCH[:4], "tpe", *SEARCH[5:], "--screen", "8"], "--screen"),
+    ([*SEARCH, "--screen", "1"], "--screen"),
     ([*SEARCH, "--prompts", "{root}/empty_prompts.txt"], "--prompts"),
     ([*SEARCH[:10], "done", *SEARCH[11:]], "--study"),  # exists: --resume needed
     ([*SEARCH, "--resume"], "--resume"),  # nothing to resume
