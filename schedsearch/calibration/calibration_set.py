@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -243,6 +243,22 @@ class CalibrationSet:
         stats.save(path)
         return stats
 
+
+    def cached_array(self, name: str, key: str, compute: Callable[[], Any]) -> Any:
+        """A numpy array derived from this set (a feature-distance table), computed once by `compute()` and kept
+        beside the teacher as `<name>_<hash of key>.npy` (`key` names what it depends on: plan, unit, samples)."""
+        import io
+
+        import numpy as np
+
+        path = self.root / f"{name}_{hashlib.sha256(key.encode()).hexdigest()[:12]}.npy"
+        if path.is_file():
+            return np.load(path, allow_pickle=False)
+        array = compute()
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        atomic_write_bytes(path, buffer.getvalue())
+        return array
 
     def reference_stats_by_name(self, info: Any) -> Any:
         """`extractor name -> FeatureStats`, the form objective factories take."""

@@ -126,13 +126,9 @@ class LocalEvaluator:
                         raise run.error
                     with torch.no_grad():
                         images = self.model.decode(run.latents)
-                    if not bool(images.isfinite().all()):
-                        raise NonFiniteOutputError(f"schedule {schedules[j].key} produced NaN/inf images")
-                    batch = ScoreBatch(images.float(), spec.conditions[part], spec.seeds[part], teacher)
-                    for acc in accumulators[j]:
-                        acc.update(batch)
+                    _score_batch(schedules[j], images, spec, part, teacher, accumulators[j])
                 except Exception as exc:  # recorded, never dropped: the study goes on
-                    errors[j] = f"{type(exc).__name__}: {exc}\n{''.join(traceback.format_exception(exc, limit=4))}"
+                    errors[j] = _failure_text(exc)
                 seconds[j] += time.perf_counter() - start
                 start = time.perf_counter()
         for j, schedule in enumerate(schedules):
@@ -142,32 +138,25 @@ class LocalEvaluator:
                     metrics.update(acc.result())
                 for objective in cost_objectives:
                     metrics[objective.name] = objective.value(schedule)
-                bad = [k for k, v in metrics.items() if math.isnan(v)]
-                if bad:
-                    errors[j] = f"NonFiniteOutputError: objective(s) {bad} are NaN for schedule {schedule.key}"
+                try:
+                    _check_finite(schedule, metrics)
+                except NonFiniteOutputError as exc:
+                    errors[j] = _failure_text(exc)
             if j in errors:
                 yield Evaluation(schedule, {}, "failed", errors[j], seconds[j], self.device, self.samples, passes[j])
             else:
                 yield Evaluation(schedule, metrics, "ok", "", seconds[j], self.device, self.samples, passes[j])
 
     def evaluate_one(self, schedule: Schedule) -> Evaluation:
+        from schedsearch.runtime.execute import counting_rows
+
         start = time.perf_counter()
-        rows = [0]
-
-        def count(_: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            first = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
-            rows[0] += int(first.shape[0]) if torch.is_tensor(first) and first.ndim else 1
-
-        handle = self.model.network.register_forward_pre_hook(count, with_kwargs=True)
-        try:
-            metrics = self._score(schedule)
-            status, error = "ok", ""
-        except Exception as exc:  # recorded, never dropped: the study goes on
-            metrics = {}
-            status = "failed"
-            error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
-        finally:
-            handle.remove()
+        with counting_rows(self.model.network) as rows:
+            try:
+                metrics = self._score(schedule)
+                status, error = "ok", ""
+            except Exception as exc:  # recorded, never dropped: the study goes on
+                metrics, status, error = {}, "failed", _failure_text(exc)
         return Evaluation(schedule, metrics, status, error, time.perf_counter() - start, self.device, self.samples,
                           rows[0])
 
@@ -194,13 +183,8 @@ class LocalEvaluator:
                     if observer is not None:
                         observations.append(observer.take())
                         seconds.append(time.perf_counter() - start)
-                    if not bool(images.isfinite().all()):
-                        raise NonFiniteOutputError(f"schedule {schedule.key} produced NaN/inf images")
-                    if accumulators:
-                        teacher = self.calibration.teacher(part.start, part.stop) if needs_teacher else None
-                        batch = ScoreBatch(images.float(), spec.conditions[part], spec.seeds[part], teacher)
-                        for acc in accumulators:
-                            acc.update(batch)
+                    teacher = self.calibration.teacher(part.start, part.stop) if needs_teacher else None
+                    _score_batch(schedule, images, spec, part, teacher, accumulators)
                     start = time.perf_counter()
         for acc in accumulators:
             metrics.update(acc.result())
@@ -211,9 +195,7 @@ class LocalEvaluator:
                 metrics[objective.name] = objective.value(schedule)
         if adaptive:  # measured wall time per sample (batch of one): noisy on a shared machine, kept beside
             metrics.update(spread("measured_s", seconds))
-        bad = [k for k, v in metrics.items() if math.isnan(v)]
-        if bad:
-            raise NonFiniteOutputError(f"objective(s) {bad} are NaN for schedule {schedule.key}")
+        _check_finite(schedule, metrics)
         return metrics
 
     def _observer(self, adaptive: bool) -> Any:
@@ -222,3 +204,25 @@ class LocalEvaluator:
         from schedsearch.objectives.cost import UnitObserver
 
         return UnitObserver(self.model.network, self.model.info)
+
+
+def _score_batch(schedule: Schedule, images: torch.Tensor, spec: Any, part: slice, teacher: torch.Tensor | None,
+                 accumulators: Sequence[Any]) -> None:
+    """One batch of a schedule's images into its accumulators; NaN/inf images fail the schedule."""
+    if not bool(images.isfinite().all()):
+        raise NonFiniteOutputError(f"schedule {schedule.key} produced NaN/inf images")
+    if accumulators:
+        batch = ScoreBatch(images.float(), spec.conditions[part], spec.seeds[part], teacher)
+        for acc in accumulators:
+            acc.update(batch)
+
+
+def _check_finite(schedule: Schedule, metrics: dict[str, float]) -> None:
+    bad = [k for k, v in metrics.items() if math.isnan(v)]
+    if bad:
+        raise NonFiniteOutputError(f"objective(s) {bad} are NaN for schedule {schedule.key}")
+
+
+def _failure_text(exc: BaseException) -> str:
+    """A failed evaluation's error: the exception's line, then its last frames."""
+    return f"{type(exc).__name__}: {exc}\n{''.join(traceback.format_exception(exc, limit=4))}"

@@ -42,28 +42,16 @@ class CacheQuant(Procedure):
 def dp_distance(model: Any, calibration: Any, space: Any) -> Any:
     """CacheQuant §3.2: the unit's step-to-step feature distances (T × T) over the evaluated steps of
     `space.solver`, from one full run on the first 8 calibration samples; cached beside the teacher images."""
-    import hashlib
-    import io
-
-    import numpy as np
-
     from schedsearch.calibration.unit_features import unit_feature_distances
-    from schedsearch.results.atomic import atomic_write_bytes
     from schedsearch.spaces.schedule import Schedule
 
     spec = calibration.spec
     k = min(FEATURE_SAMPLES, len(spec))
     unit = (space.group, *space.unit)
-    tag = hashlib.sha256(f"{Schedule(spec.model, space.solver).key}{unit}{k}".encode()).hexdigest()[:12]
-    path = calibration.root / f"unit_distances_{tag}.npy"
-    if path.is_file():
-        table = np.load(path, allow_pickle=False)
-    else:
-        table = unit_feature_distances(model, space.solver, unit, list(spec.conditions[:k]), list(spec.seeds[:k]),
-                                       spec.guidance)
-        buffer = io.BytesIO()
-        np.save(buffer, table, allow_pickle=False)
-        atomic_write_bytes(path, buffer.getvalue())
+    table = calibration.cached_array(
+        "unit_distances", f"{Schedule(spec.model, space.solver).key}{unit}{k}",
+        lambda: unit_feature_distances(model, space.solver, unit, list(spec.conditions[:k]), list(spec.seeds[:k]),
+                                       spec.guidance))
     offset = space.solver.num_steps - space.solver.nfe
     return table[offset:, offset:]
 

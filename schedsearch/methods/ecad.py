@@ -25,8 +25,6 @@ from schedsearch.methods.base import Method
 
 __all__ = ["Ecad", "reuse_error_model", "screen_for", "shifted_refresh_genomes"]
 
-FEATURE_SAMPLES = 8  # calibration samples of the reuse-error run, as CacheQuant's feature run
-
 
 class Ecad(Method):
     name = "ecad"
@@ -105,29 +103,19 @@ def shifted_refresh_genomes(space: Any, genomes: Sequence[Any]) -> list[Any]:
 
 
 def reuse_error_model(model: Any, calibration: Any, space: Any) -> Any:
-    """The reuse-error table of `space.solver` from one full run on the first 8 calibration samples, kept beside
-    the teacher images (computed once per calibration set and plan)."""
-    import hashlib
-    import io
-
-    import numpy as np
-
+    """The reuse-error table of `space.solver` from one full run on the first 8 calibration samples (as
+    CacheQuant's feature run), kept beside the teacher images (computed once per calibration set and plan)."""
     from schedsearch.calibration.reuse_errors import ReuseErrorModel, component_distances
-    from schedsearch.results.atomic import atomic_write_bytes
+    from schedsearch.methods.cachequant import FEATURE_SAMPLES
     from schedsearch.spaces.schedule import Schedule
 
     spec = calibration.spec
     k = min(FEATURE_SAMPLES, len(spec))
-    tag = hashlib.sha256(f"{Schedule(spec.model, space.solver).key}{space.layout}{k}".encode()).hexdigest()[:12]
-    path = calibration.root / f"reuse_errors_{tag}.npy"
-    if path.is_file():
-        return ReuseErrorModel(space.layout, np.load(path, allow_pickle=False))
     conditions = spec.conditions if not isinstance(spec.conditions, Sequence) else list(spec.conditions[:k])
-    table = component_distances(model, space.solver, conditions, list(spec.seeds[:k]), spec.guidance)
-    buffer = io.BytesIO()
-    np.save(buffer, table.distances, allow_pickle=False)
-    atomic_write_bytes(path, buffer.getvalue())
-    return table
+    table = calibration.cached_array(
+        "reuse_errors", f"{Schedule(spec.model, space.solver).key}{space.layout}{k}",
+        lambda: component_distances(model, space.solver, conditions, list(spec.seeds[:k]), spec.guidance).distances)
+    return ReuseErrorModel(space.layout, table)
 
 
 def screen_for(space: Any, errors: Any, objectives: Sequence[Any]) -> Any:

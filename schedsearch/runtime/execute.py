@@ -6,6 +6,7 @@ Streaming on purpose: callers score each batch and drop it, so a study's memory 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -16,6 +17,23 @@ from schedsearch.runtime.policy_runtime import PolicyRuntime
 from schedsearch.runtime.sampler import sample
 from schedsearch.spaces.errors import ScheduleError
 from schedsearch.spaces.schedule import Schedule
+
+
+@contextmanager
+def counting_rows(network: torch.nn.Module) -> Iterator[list[int]]:
+    """Model work while the context is open: `rows[0]` counts one per sample row of every network call (a CFG pair
+    in one batch counts two), by a forward pre-hook on the network, removed on exit."""
+    rows = [0]
+
+    def count(_: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        first = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        rows[0] += int(first.shape[0]) if torch.is_tensor(first) and first.ndim else 1
+
+    handle = network.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        yield rows
+    finally:
+        handle.remove()
 
 
 def check_schedule_for(model: LoadedModel, schedule: Schedule, *, hooks: bool = True) -> Schedule:

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from schedsearch.runtime.cache_hooks import CacheRuntime
+from schedsearch.runtime.execute import counting_rows
 from schedsearch.runtime.models import LoadedModel, initial_noise
-from schedsearch.runtime.sampler import PlanRunner
+from schedsearch.runtime.sampler import PlanRunner, start_latent
 from schedsearch.spaces.cache_plan import ComponentCachePlan
 from schedsearch.spaces.schedule import Schedule
 
@@ -86,14 +87,7 @@ def run_shared_prefixes(
     plans = [s.cache for s in schedules]
     solver = schedules[0].solver
     order = sorted(range(len(schedules)), key=lambda j: plans[j].recompute)
-    rows_counted = [0]
-
-    def count(_: torch.nn.Module, args: tuple, kwargs: dict) -> None:  # as LocalEvaluator counts: a CFG pair is 2
-        first = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
-        rows_counted[0] += int(first.shape[0]) if torch.is_tensor(first) and first.ndim else 1
-
     runtime = CacheRuntime(model.network, model.info, template_plan(plans[0]))
-    handle = model.network.register_forward_pre_hook(count, with_kwargs=True)
     try:
         wrapped = runtime.wrap(denoise)
         x_start = initial_noise(list(seeds), model.info.sample_shape)
@@ -106,52 +100,57 @@ def run_shared_prefixes(
             k = 0 if previous is None else min(_common_prefix(previous, plan.recompute), len(trail) - 1)
             while k > 0 and trail[k] is None:  # past the memory bound: resume from the deepest kept state
                 k -= 1
-            rows_counted[0] = 0
-            try:
-                if k == 0:
-                    held.clear()
-                    x = x_start if x_start.is_floating_point() else x_start.float()
-                    if solver.noise_scale != 1.0:
-                        x = x * solver.noise_scale
-                    runner = PlanRunner(solver, model.noise_schedule, model.info.prediction_type)
-                    runtime.reset()
-                    runtime.context.step_index = -1
-                    trail = []
-                else:
-                    x, saved, kept = trail[k]  # type: ignore[misc]
-                    runner = saved.fork()
-                    runtime.restore(kept)
-                    runtime.context.step_index = k - 1
-                    del trail[k:]
-                    held.clear()
+            with counting_rows(model.network) as rows:
+                try:
+                    if k == 0:
+                        x = start_latent(x_start, solver)
+                        runner = PlanRunner(solver, model.noise_schedule, model.info.prediction_type)
+                        runtime.reset()
+                        runtime.context.step_index = -1
+                        trail = []
+                    else:
+                        x, saved, kept = trail[k]  # type: ignore[misc]
+                        runner = saved.fork()
+                        runtime.restore(kept)
+                        runtime.context.step_index = k - 1
+                        del trail[k:]
+                    held = {}
                     for state in trail:
                         if state is not None:
-                            _keep(state, held, max_bytes=2**62)
-                with torch.no_grad():
-                    for i in range(k, solver.num_steps):
-                        trail.append(_keep((x, runner.fork(), runtime.snapshot()), held, max_bytes))
-                        output = wrapped(x, solver.network_time(i), i) if runner.needs_model(i) else None
-                        x = runner.step(x, output)
-            except Exception as exc:  # this plan fails; the others go on, from scratch
+                            held.update(_storages(state))
+                    with torch.no_grad():
+                        for i in range(k, solver.num_steps):
+                            trail.append(_keep((x, runner.fork(), runtime.snapshot()), held, max_bytes))
+                            output = wrapped(x, solver.network_time(i), i) if runner.needs_model(i) else None
+                            x = runner.step(x, output)
+                except Exception as exc:  # this plan fails; the others go on, from scratch
+                    failure: BaseException | None = exc
+                else:
+                    failure = None
+            if failure is not None:
                 previous, trail = None, []
-                yield SharedRun(j, None, exc, rows_counted[0], solver.num_steps - k)
+                yield SharedRun(j, None, failure, rows[0], solver.num_steps - k)
                 continue
             previous = plan.recompute
-            yield SharedRun(j, x, None, rows_counted[0], solver.num_steps - k)
+            yield SharedRun(j, x, None, rows[0], solver.num_steps - k)
     finally:
-        handle.remove()
         runtime.remove()
 
 
-def _keep(state: tuple[torch.Tensor, PlanRunner, list], held: dict[int, int], max_bytes: int) -> tuple | None:
-    """The state if the trail can hold its new tensors within `max_bytes`, else None (not kept)."""
+def _storages(state: tuple[torch.Tensor, PlanRunner, list]) -> dict[int, int]:
+    """{storage address: bytes} of every tensor a state references (latent, solver history, kept outputs)."""
     x, runner, kept = state
     tensors = [x, *(t for out in runner.history for t in (out.x0, out.eps))]
     for values in kept:
         for value in values.values():
             tensors += [v for v in (value if isinstance(value, tuple) else (value,)) if torch.is_tensor(v)]
-    new = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    new = {k: v for k, v in new.items() if k not in held}
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+
+
+def _keep(state: tuple[torch.Tensor, PlanRunner, list], held: dict[int, int], max_bytes: int) -> tuple | None:
+    """The state if the trail can hold its new tensors within `max_bytes` (and `held` then counts them), else
+    None (not kept)."""
+    new = {k: v for k, v in _storages(state).items() if k not in held}
     if sum(held.values()) + sum(new.values()) > max_bytes:
         return None
     held.update(new)

@@ -195,12 +195,6 @@ class PlanRunner:
         twin.history = list(self.history)
         return twin
 
-    def retarget(self, plan: SolverPlan) -> None:
-        """Continue with `plan`, which must equal the current plan on every step taken so far (the caller's
-        promise: the prefix tree compares whole solver plans)."""
-        self.plan = plan.validate()
-        self.targets = [*plan.timesteps[1:], plan.final_timestep]
-
     def needs_model(self, step_index: int) -> bool:
         """False only for USF's analytical first step, which takes no model output."""
         return not (step_index == 0 and self.plan.first_step == "zero_x0")
@@ -238,6 +232,12 @@ class PlanRunner:
         return x
 
 
+def start_latent(x_start: torch.Tensor, plan: SolverPlan) -> torch.Tensor:
+    """The state before step 0: the noise as a float tensor, times the plan's `noise_scale`."""
+    x = x_start if x_start.is_floating_point() else x_start.float()
+    return x * plan.noise_scale if plan.noise_scale != 1.0 else x
+
+
 def sample(
     denoise: Denoiser,
     x_start: torch.Tensor,
@@ -255,9 +255,7 @@ def sample(
     """
     runner = PlanRunner(plan, noise_schedule, prediction_type)
     ts = plan.timesteps
-    x = x_start if x_start.is_floating_point() else x_start.float()
-    if plan.noise_scale != 1.0:
-        x = x * plan.noise_scale
+    x = start_latent(x_start, plan)
     steps = range(len(ts))
     if progress:
         from tqdm.auto import tqdm
