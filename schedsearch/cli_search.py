@@ -79,10 +79,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     from schedsearch.study import run_search
 
-    for flag, value in (("--shift-seeds", args.shift_seeds), ("--screen", args.screen)):
-        if value is not None and (args.space, args.strategy) != ("cache", "ecad"):
-            raise CliError(flag, f"applies to --space cache with --strategy ecad, not {args.strategy} on "
-                           f"{args.space}", "drop it")
+    if args.shift_seeds is not None and (args.space, args.strategy) != ("cache", "ecad"):
+        raise CliError("--shift-seeds", f"applies to --space cache with --strategy ecad, not {args.strategy} on "
+                       f"{args.space}", "drop it")
+    if args.screen is not None and (args.space, args.strategy) not in (("cache", "ecad"), ("joint", "bilevel")):
+        raise CliError("--screen", f"applies to --space cache with --strategy ecad or --space joint with --strategy "
+                       f"bilevel, not {args.strategy} on {args.space}", "drop it")
     config = study_config(args)
     logging.getLogger("optuna").setLevel(logging.WARNING)  # optuna logs every trial; the progress bar says enough
     result = run_search(config)
@@ -332,7 +334,8 @@ def add_study_commands(sub: Any, parser: Callable[..., argparse.ArgumentParser])
     s.add_argument("--screen", type=int, metavar="K",
                    help="cache + ecad: breed K children per child evaluated and run only those a free reuse-error "
                         "predictor ranks best; generation 0 then holds --population seeds, the rest wait as "
-                        "immigrants (default: off, ECAD's own GA; 8 is a good start)")
+                        "immigrants (default: off, ECAD's own GA; 8 is a good start); joint + bilevel: the same "
+                        "screen on each anchor solver's masks (default 8; 0 turns it off)")
     s.add_argument("--no-share-prefixes", action="store_true",
                    help="evaluate every cache plan from noise on its own (default: a generation's plans run as a "
                         "prefix tree, each shared prefix once; identical results, less model work)")

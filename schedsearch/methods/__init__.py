@@ -7,6 +7,7 @@
 | `dp` | `methods/cachequant.py` | CacheQuant's dynamic-programming refresh steps |
 | `dc-fit` | `methods/dc_solver.py` | DC-Solver's fitted compensation ratios |
 | `nsga2`, `tpe`, `optuna-nsga2` | `methods/general.py` | general-purpose optimisers (pymoo, optuna) on any space |
+| `bilevel` | `methods/bilevel.py` | ours: S³'s predictor on solver genes, then ECAD's screened GA on their masks |
 
 No torch, no numpy at import: the CLI reads this table to build its `--help`.
 """
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from schedsearch.errors import UserInputError
 from schedsearch.methods.base import PRESET_NAMES, SPACE_NAMES, Method
+from schedsearch.methods.bilevel import Bilevel
 from schedsearch.methods.cachequant import CacheQuant
 from schedsearch.methods.dc_solver import DCSolver
 from schedsearch.methods.ecad import Ecad
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["METHODS", "PRESET_NAMES", "SPACE_NAMES", "Method", "check_combination", "get_method", "make_strategy"]
 
 METHODS: dict[str, Method] = {m.name: m for m in (Ecad(), PymooNSGA2(), TPE(), OptunaNSGA2(), CacheQuant(), S3(),
-                                                  DCSolver())}
+                                                  DCSolver(), Bilevel())}
 
 
 def get_method(name: str) -> Method:

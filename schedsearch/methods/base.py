@@ -32,7 +32,7 @@ __all__ = ["PRESET_NAMES", "SPACE_NAMES", "Method", "Procedure"]
 
 PRESET_NAMES = ("quick", "paper")
 # Strategy options a recipe's `prepare` consumes, by method: any other method is told whose they are.
-RECIPE_OPTIONS_OF = {"ecad": ("shift_seeds", "screen")}
+RECIPE_OPTIONS_OF = {"ecad": ("shift_seeds", "screen"), "bilevel": ("screen", "solver_share")}
 RECIPE_OPTIONS = {name for names in RECIPE_OPTIONS_OF.values() for name in names}
 # The names of `schedsearch.spaces.registry.SPACES`, here without importing the spaces (numpy) for `--help`.
 SPACE_NAMES = ("cache", "cachequant", "dc", "joint", "policy", "solver")
