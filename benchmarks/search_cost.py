@@ -51,6 +51,8 @@ CONFIGS = {
                           "prepare": 2, "share": True},
     "ecad+screen+share@16": {"options": {"population": 24, "shift_seeds": True, "screen": 8}, "budget": 384,
                              "prepare": 2, "share": True, "samples": 16},
+    "ecad+screen+share@8": {"options": {"population": 24, "shift_seeds": True, "screen": 8}, "budget": 384,
+                            "prepare": 2, "share": True, "samples": 8},
 }
 CHECKPOINTS = (24, 48, 96, 144, 192, *range(288, 973, 96), 972)  # generations of 24: 1, 2, 4, 6, 8, then every 4th
 
