@@ -39,10 +39,11 @@ FAMILY_BY_CLASS = {
     "WanTransformer3DModel": "wan",
     "HunyuanVideoTransformer3DModel": "hunyuan_video",
     "LTXVideoTransformer3DModel": "ltx",
+    "QwenImageTransformer2DModel": "qwen_image",
 }
-# the pipelines' own `guidance_scale` defaults
+# the pipelines' own `guidance_scale` defaults (Qwen-Image: `true_cfg_scale`, its CFG scale)
 GUIDANCE_DEFAULTS = {"dit": 4.0, "pixart": 4.5, "sana": 4.5, "sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5,
-                     "wan": 5.0, "hunyuan_video": 6.0, "ltx": 3.0}
+                     "wan": 5.0, "hunyuan_video": 6.0, "ltx": 3.0, "qwen_image": 4.0}
 VIDEO_FAMILIES = ("wan", "hunyuan_video", "ltx")
 # guidance-distilled families: guidance is a network input (×1000 for HunyuanVideo), never a CFG pair
 DISTILLED_GUIDANCE_SCALE = {"flux": 1.0, "hunyuan_video": 1000.0}
@@ -61,12 +62,19 @@ EMBEDDING_KEYS = {
     "wan": ("prompt_embeds",),
     "hunyuan_video": ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds"),
     "ltx": ("prompt_embeds", "prompt_attention_mask"),
+    "qwen_image": ("prompt_embeds", "prompt_embeds_mask"),
 }
+# the text mask among a family's EMBEDDING_KEYS: every token is attended when it is not given, and a pair of
+# conditional and unconditional embeddings of different lengths is zero-padded to one length under it
+TEXT_MASK_KEYS = {"pixart": "prompt_attention_mask", "sana": "prompt_attention_mask",
+                  "hunyuan_video": "prompt_attention_mask", "ltx": "prompt_attention_mask",
+                  "qwen_image": "prompt_embeds_mask"}
 DECODE_BATCH = 4  # VAE decoding at full resolution is memory-bound on CPU
 
 Conds = dict[str, torch.Tensor]
 Forward = Callable[[torch.Tensor, float, Conds], torch.Tensor]
 Denoise = Callable[[torch.Tensor, float, int], torch.Tensor]
+Guide = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # (uncond, cond, scale) -> guided output
 # class ids (N,) -> pre-encoded conditions with their `negative_` keys (the builtin flow model's label embedding)
 ClassConditioner = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 
@@ -292,14 +300,15 @@ def _latent_layout(pipe: Any, network: torch.nn.Module, family: str, resolution:
                    frames: int | None = None) -> dict[str, Any]:
     """Unpacked latent shape per sample at the pipeline's default (or the given) resolution, and token counts.
 
-    Flux's pipeline packs 2x2 latent patches into tokens; we keep the unpacked (C, H, W) layout as the sample shape
-    (seeded noise then equals diffusers' `prepare_latents` before packing) and pack only around the network call.
+    Flux's and Qwen-Image's pipelines pack 2x2 latent patches into tokens; we keep the unpacked (C, H, W) layout as
+    the sample shape (seeded noise then equals diffusers' `prepare_latents` before packing; Qwen-Image's (N, 1, C, H,
+    W) noise holds the same numbers) and pack only around the network call.
     """
     if family in VIDEO_FAMILIES:
         return _video_layout(pipe, network, family, resolution, frames)
     scale = _vae_scale_factor(pipe)
     cfg = network.config
-    if family == "flux":
+    if family in ("flux", "qwen_image"):
         pixels = resolution or getattr(pipe, "default_sample_size", 128) * scale
         side = 2 * (pixels // (scale * 2))
         channels, patch = cfg.in_channels // 4, 2
@@ -328,6 +337,8 @@ def transformer_block_groups(network: torch.nn.Module, family: str) -> tuple[Blo
         return (BlockGroup("blocks", len(network.blocks), ("attn1", "attn2", "ffn")),)
     if family == "ltx":
         return (BlockGroup("transformer_blocks", len(network.transformer_blocks), ("attn1", "attn2", "ff")),)
+    if family == "qwen_image":  # MM-DiT blocks only: joint attention, the image and the text stream's MLPs
+        return (BlockGroup("transformer_blocks", len(network.transformer_blocks), ("attn", "img_mlp", "txt_mlp")),)
     if family in ("flux", "hunyuan_video"):  # double-stream blocks, then single-stream blocks
         return (
             BlockGroup("transformer_blocks", len(network.transformer_blocks), ("attn", "ff", "ff_context")),
@@ -589,7 +600,39 @@ def _forward(network: torch.nn.Module, family: str, layout: dict[str, Any], guid
             return LTXPipeline._unpack_latents(out, frames // pt, h // p, w // p, p, pt)
 
         return ltx
+    if family == "qwen_image":
+        return _qwen_image_forward(network, layout)
     raise ValueError(f"family {family!r}: no forward")
+
+
+def _qwen_image_forward(network: torch.nn.Module, layout: dict[str, Any]) -> Forward:
+    """QwenImagePipeline.__call__'s transformer call (pipeline_qwenimage.py): latents packed into 2x2 tokens by its
+    own `_pack_latents`, the timestep cast to the latents' dtype before the division by 1000, the rotary image shape
+    (1, H/2, W/2) per sample, no guidance input; the output unpacked by its own `_unpack_latents`."""
+    from diffusers import QwenImagePipeline
+
+    c, h, w = layout["sample_shape"]
+    scale = layout["vae_scale_factor"]
+
+    def qwen_image(x: torch.Tensor, tv: float, cond: Conds) -> torch.Tensor:
+        n = len(x)
+        timestep = torch.full((n,), tv, dtype=torch.float32, device=x.device).to(x.dtype) / 1000
+        out = network(
+            hidden_states=QwenImagePipeline._pack_latents(x, n, c, h, w),
+            timestep=timestep,
+            encoder_hidden_states=cond["prompt_embeds"],
+            encoder_hidden_states_mask=_qwen_image_mask(cond["prompt_embeds_mask"]),
+            img_shapes=[[(1, h // 2, w // 2)]] * n,
+            return_dict=False,
+        )[0]
+        return QwenImagePipeline._unpack_latents(out, h * scale, w * scale, scale)[:, :, 0]
+
+    return qwen_image
+
+
+def _qwen_image_mask(mask: torch.Tensor) -> torch.Tensor | None:
+    """None for a mask of only valid tokens, as QwenImagePipeline.encode_prompt hands it to the transformer."""
+    return None if mask.all() else mask
 
 
 # ---------------------------------------------------------------------------------------------------- conditions
@@ -610,10 +653,11 @@ def _from_embeddings(family: str, embeds: Mapping[str, torch.Tensor], need_uncon
         raise ValueError(f"conditions for {family}: the dict needs 'prompt_embeds'; keys: {keys} and negative_<key>")
     n = len(embeds["prompt_embeds"])
     embeds = dict(embeds)
-    if family in ("pixart", "sana", "hunyuan_video", "ltx"):  # attend to every token unless a mask says otherwise
+    mask = TEXT_MASK_KEYS.get(family)
+    if mask is not None:  # attend to every token unless a mask says otherwise
         for prefix in ("", "negative_"):
-            if prefix + "prompt_embeds" in embeds and prefix + "prompt_attention_mask" not in embeds:
-                embeds[prefix + "prompt_attention_mask"] = torch.ones(embeds[prefix + "prompt_embeds"].shape[:2])
+            if prefix + "prompt_embeds" in embeds and prefix + mask not in embeds:
+                embeds[prefix + mask] = torch.ones(embeds[prefix + "prompt_embeds"].shape[:2])
     missing = [k for k in keys if k not in embeds]
     if need_uncond:
         missing += [f"negative_{k}" for k in keys if f"negative_{k}" not in embeds]
@@ -621,7 +665,23 @@ def _from_embeddings(family: str, embeds: Mapping[str, torch.Tensor], need_uncon
         raise ValueError(f"conditions for {family}: missing {missing} (needed: {keys}, and their negative_ for CFG)")
     cond = {k: _batched(torch.as_tensor(embeds[k]), n, k) for k in keys}
     uncond = {k: _batched(torch.as_tensor(embeds[f"negative_{k}"]), n, k) for k in keys} if need_uncond else None
+    if uncond is not None and mask is not None:
+        length = max(cond["prompt_embeds"].shape[1], uncond["prompt_embeds"].shape[1])
+        cond, uncond = _pad_text(cond, mask, length), _pad_text(uncond, mask, length)
     return cond, uncond
+
+
+def _pad_text(conds: Conds, mask: str, length: int) -> Conds:
+    """Text embeddings zero-padded (masked out) to `length` tokens, so that a conditional and an unconditional
+    prompt of different lengths (QwenImagePipeline encodes each to its own batch's longest) run as one CFG batch;
+    a padded token is never attended, so the image tokens see the same text either way."""
+    embeds = conds["prompt_embeds"]
+    extra = length - embeds.shape[1]
+    if extra <= 0:
+        return conds
+    pad = embeds.new_zeros(len(embeds), extra, *embeds.shape[2:])
+    no = conds[mask].new_zeros(len(embeds), extra)
+    return conds | {"prompt_embeds": torch.cat([embeds, pad], 1), mask: torch.cat([conds[mask], no], 1)}
 
 
 @torch.no_grad()
@@ -676,7 +736,24 @@ def encode_prompts(pipe: Any, family: str, prompts: Sequence[str]) -> dict[str, 
                                             do_classifier_free_guidance=True, device=device)
         return {"prompt_embeds": pe, "prompt_attention_mask": pm, "negative_prompt_embeds": ne,
                 "negative_prompt_attention_mask": nm}
+    if family == "qwen_image":
+        return _qwen_image_prompts(pipe, prompts, device)
     raise ValueError(f"family {family!r} takes no prompts")
+
+
+def _qwen_image_prompts(pipe: Any, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """Prompts and the empty negative prompt each through QwenImagePipeline.encode_prompt, truncated to its
+    `__call__`'s default max_sequence_length as a `pipe(prompt=...)` call does; each batch is padded to its own
+    longest prompt, and a mask of only valid tokens comes back as None (made explicit here)."""
+    import inspect
+
+    length = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
+    out = {}
+    for prefix, texts in (("", prompts), ("negative_", [""] * len(prompts))):
+        embeds, mask = pipe.encode_prompt(prompt=texts, device=device, max_sequence_length=length)
+        out[prefix + "prompt_embeds"] = embeds
+        out[prefix + "prompt_embeds_mask"] = torch.ones(embeds.shape[:2], dtype=torch.long) if mask is None else mask
+    return out
 
 
 def _conditions(
@@ -722,6 +799,7 @@ def _denoiser_factory(
     class_conditioner: ClassConditioner | None = None,
 ) -> Callable[[Any, float], Denoise]:
     model_time = _model_time(family, schedule)
+    combine = guidance_rule(family, layout)
 
     def make(conditions: Any, guidance: float) -> Denoise:
         # Flux / HunyuanVideo are guidance-distilled: guidance is a network input, never a CFG pair
@@ -743,17 +821,51 @@ def _denoiser_factory(
             if not cfg:
                 return forward(x, model_time(t), cond)
             uncond_out, cond_out = forward(torch.cat([x, x]), model_time(t), both).chunk(2)
-            return uncond_out + guidance * (cond_out - uncond_out)
+            return combine(uncond_out, cond_out, guidance)
 
         return denoise
 
     return make
 
 
+def linear_cfg(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance as most pipelines combine the pair: uncond + scale · (cond - uncond)."""
+    return uncond + scale * (cond - uncond)
+
+
+def guidance_rule(family: str, layout: dict[str, Any]) -> Guide:
+    """How the family's pipeline combines the CFG pair (outputs in the unpacked latent layout)."""
+    if family == "qwen_image":
+        return _qwen_image_cfg(layout)
+    return linear_cfg
+
+
+def _qwen_image_cfg(layout: dict[str, Any]) -> Guide:
+    """QwenImagePipeline.__call__'s norm-preserving true CFG: the linear combination rescaled, per packed latent
+    token (2x2 patches of every channel, packed by the pipeline's own `_pack_latents`), to the norm of the
+    conditional prediction, so guidance turns the prediction without growing it."""
+    from diffusers import QwenImagePipeline
+
+    c, h, w = layout["sample_shape"]
+    scale = layout["vae_scale_factor"]
+
+    def combine(uncond: torch.Tensor, cond: torch.Tensor, guidance: float) -> torch.Tensor:
+        n = len(cond)
+        cond_tokens = QwenImagePipeline._pack_latents(cond, n, c, h, w)
+        combined = QwenImagePipeline._pack_latents(linear_cfg(uncond, cond, guidance), n, c, h, w)
+        norms = torch.norm(cond_tokens, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True)
+        rescaled = combined * norms
+        return QwenImagePipeline._unpack_latents(rescaled, h * scale, w * scale, scale)[:, :, 0]
+
+    return combine
+
+
 # ---------------------------------------------------------------------------------------------------- decode
 
 
-def _vae_decoder(pipe: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+def _vae_decoder(pipe: Any, one_frame: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`one_frame`: image latents through a video VAE as a video of one frame (QwenImagePipeline decodes
+    (N, C, 1, H, W) and keeps frame 0)."""
     vae = getattr(pipe, "vae", None)
     if vae is None and _vae_scale_factor(pipe) == 1:  # a pixel-space pipeline: samples are images
         return lambda samples: samples.float().clamp(-1.0, 1.0)
@@ -765,6 +877,7 @@ def _vae_decoder(pipe: Any) -> Callable[[torch.Tensor], torch.Tensor]:
             raise UserInputError("--model", f"{type(pipe).__name__} has no VAE: latents cannot be decoded to images",
                                  "load the pipeline with its VAE")
         latents = samples.to(device=vae.device, dtype=vae.dtype)
+        latents = latents.unsqueeze(2) if one_frame else latents
         if torch.is_tensor(getattr(vae, "latents_mean", None)):  # LTX: statistics as buffers, as LTXPipeline undoes
             shape = (1, -1) + (1,) * (latents.dim() - 2)
             mean, std = (getattr(vae, n).view(shape).to(latents) for n in ("latents_mean", "latents_std"))
@@ -777,13 +890,30 @@ def _vae_decoder(pipe: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         else:
             scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
             latents = latents / scale + shift
-        images = [vae.decode(chunk).sample for chunk in latents.split(DECODE_BATCH)]
-        return torch.cat(images).float().clamp(-1.0, 1.0)
+        images = torch.cat([vae.decode(chunk).sample for chunk in latents.split(DECODE_BATCH)])
+        images = images[:, :, 0] if one_frame else images
+        return images.float().clamp(-1.0, 1.0)
 
     return decode
 
 
 # ---------------------------------------------------------------------------------------------------- assembly
+
+
+def _check_qwen_image(pipe: Any, network: torch.nn.Module) -> None:
+    """Refuse what QwenImagePipeline's text-to-image call cannot drive: the pipelines that feed the transformer input
+    images (edit, img2img, inpaint, ControlNet, layered), and transformers that need an input it never passes."""
+    from diffusers import QwenImagePipeline
+
+    if not isinstance(pipe, QwenImagePipeline):
+        raise UserInputError("--model", f"{type(pipe).__name__} feeds its QwenImageTransformer2DModel image inputs "
+                             "that schedsearch does not supply", "load the checkpoint as a QwenImagePipeline "
+                             "(text to image)")
+    for setting, why in (("guidance_embeds", "diffusers' forward has no guidance embedding to feed it"),
+                         ("use_additional_t_cond", "QwenImagePipeline never passes its additional_t_cond")):
+        if network.config.get(setting):
+            raise UserInputError("--model", f"QwenImageTransformer2DModel with {setting}=True cannot run in "
+                                 f"QwenImagePipeline: {why}", "use a text-to-image Qwen-Image checkpoint")
 
 
 def loaded_model_from_pipeline(
@@ -809,6 +939,8 @@ def loaded_model_from_pipeline(
     if getattr(pipe, "transformer_2", None) is not None:
         raise UserInputError("--model", f"{type(pipe).__name__} has two transformers (Wan 2.2's high/low-noise "
                              "experts), which schedsearch does not search yet", "use a single-transformer pipeline")
+    if family == "qwen_image":
+        _check_qwen_image(pipe, network)
     layout = _latent_layout(pipe, network, family, resolution, num_frames)
     schedule = noise_schedule_of(pipe.scheduler, layout["tokens_per_sample"])
     if family in ("sd", "sdxl"):
@@ -835,7 +967,8 @@ def loaded_model_from_pipeline(
         extra=extra,
     )
     make = _denoiser_factory(pipe, family, network, layout, schedule, class_conditioner)
-    return LoadedModel(info, network, schedule, make, _vae_decoder(pipe), scheduler=pipe.scheduler)
+    decode = _vae_decoder(pipe, one_frame=family == "qwen_image")
+    return LoadedModel(info, network, schedule, make, decode, scheduler=pipe.scheduler)
 
 
 __all__ = [

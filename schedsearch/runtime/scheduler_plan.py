@@ -62,7 +62,7 @@ def pipeline_sigmas(family: str, scheduler: Any, num_steps: int) -> list[float] 
     """The sigmas a family's pipeline passes to `set_timesteps` itself: Flux, LTX-Video and Qwen-Image (and ~45
     other diffusers pipelines) pass linspace(1, 1/N, N) unless the scheduler uses flow sigmas, HunyuanVideo
     linspace(1, 0, N + 1) without its last; others pass none."""
-    if family in ("flux", "ltx") and not scheduler.config.get("use_flow_sigmas"):
+    if family in ("flux", "ltx", "qwen_image") and not scheduler.config.get("use_flow_sigmas"):
         return [1.0 - i * (1.0 - 1.0 / num_steps) / max(num_steps - 1, 1) for i in range(num_steps)]
     if family == "hunyuan_video":  # HunyuanVideoPipeline: linspace(1, 0, N + 1)[:-1]
         return [1.0 - i / num_steps for i in range(num_steps)]
