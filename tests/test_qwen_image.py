@@ -222,3 +222,79 @@ def test_what_qwen_image_pipeline_cannot_drive_is_refused(case):
         loaded_model_from_pipeline(pipe, resolution=PIXELS)
     assert err.value.field == "--model" and err.value.fix
     assert ("QwenImageImg2ImgPipeline" if case == "img2img" else f"{case}=True") in err.value.problem
+
+
+def test_every_space_and_baseline_runs(model):
+    """Every space but the policy one builds on Qwen-Image, and each of its baselines runs (one sample, the
+    pre-encoded embeddings) to a finite output: solver plans, component caches over the three components of its
+    dual-stream blocks, CacheQuant's unit over them, DC ratios and their joint combinations."""
+    from schedsearch.study import build_space
+
+    cond = embeddings(1)
+    ran = set()
+    for name in ("solver", "cache", "cachequant", "dc", "joint"):
+        named = build_space(name, model.info).baselines()
+        assert named, name
+        for label, schedule in named:
+            if schedule.key in ran:
+                continue
+            ran.add(schedule.key)
+            with apply_schedule(model, schedule) as applied:
+                out = applied.sample(cond, [0], decode=False)
+            assert torch.isfinite(out).all(), f"{name}: {label}"
+
+
+def test_cachequant_search_calibrates_on_the_image_stream(model, tmp_path):
+    """CacheQuant's DP on the unit over both blocks: its feature table is the image tokens' residual (diffusers'
+    block registry: Qwen-Image blocks return (text, image)), calibrated through the pipeline's encoder."""
+    from schedsearch.calibration.unit_features import unit_features
+    from schedsearch.search.base import Budget
+    from schedsearch.study import run_search
+
+    features = unit_features(model, model.default_plan(3), ("transformer_blocks", 0, 2), embeddings(2), [0, 1])
+    assert all(f.shape == (4, 16, 32) for f in features)  # CFG pair x 2 samples, 16 image tokens, width 32
+    result = run_search(model=model, space="cachequant", strategy="dp", objectives=["psnr", "macs"], study="cq",
+                        store=tmp_path / "r.db", budget=Budget(evaluations=3), samples=2, prompts=["a cat", "a dog"],
+                        cache_dir=tmp_path / "cache", batch_size=2, space_options={"num_steps": STEPS},
+                        progress=False, validate=False)
+    assert result.evaluations >= 1 and result.failed == 0
+
+
+def test_search_export_evaluate_and_apply_in_the_pipeline(saved, tmp_path, capsys):
+    """The CLI as users run it: a cache search from prompts, its front exported, an exported schedule scored by
+    `evaluate`, then applied to the stock pipeline called with prompt strings and true CFG, equal to our sampler
+    running the same schedule from the same prompts."""
+    import json
+
+    from schedsearch.cli import main
+    from schedsearch.spaces.schedule import load_schedule
+
+    name, size = f"diffusers:{saved}", ["--resolution", str(PIXELS)]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    common = ["--samples", "2", "--prompts", str(prompts), "--cache-dir", str(tmp_path / "cache"), "--batch-size", "2"]
+    assert main(["search", "--model", name, *size, "--space", "cache", "--strategy", "ecad", "--objectives",
+                 "psnr,macs", "--budget", "4", "--study", "q", "--store", str(tmp_path / "r.db"), "--no-validate",
+                 "--quiet", *common]) == 0
+    assert main(["export", "--store", str(tmp_path / "r.db"), "--study", "q", "--out", str(tmp_path / "front")]) == 0
+    index = json.loads((tmp_path / "front" / "index.json").read_text())
+    cheapest = min(index["schedules"], key=lambda e: e["metrics"]["macs"])  # the front's most reuse
+    path = tmp_path / "front" / cheapest["file"]
+    assert "0" in "".join(load_schedule(path).cache.recompute)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", name, *size, "--schedule", str(path), "--objectives", "psnr,macs",
+                 "--json", *common]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "ok"
+
+    schedule = load_schedule(path)
+    steps = schedule.solver.num_steps
+    model = load_model(name, resolution=PIXELS)
+    x = initial_noise([0, 1], model.info.sample_shape)
+    pipe = _pipe(saved)
+    with apply_schedule(pipe, schedule, resolution=PIXELS), torch.no_grad():
+        theirs = pipe(prompt=["a cat", "a dog"], negative_prompt=["", ""], latents=pipe._pack_latents(x, 2, *LATENT),
+                      num_inference_steps=steps, true_cfg_scale=GUIDANCE, height=PIXELS, width=PIXELS,
+                      output_type="latent").images
+    with apply_schedule(model, schedule) as applied:
+        ours = applied.sample(["a cat", "a dog"], [0, 1], GUIDANCE, decode=False)
+    torch.testing.assert_close(pipe._unpack_latents(theirs, PIXELS, PIXELS, 4)[:, :, 0], ours, rtol=1e-5, atol=1e-5)
