@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 import test_diffusers_models as tdm
 import test_hunyuan_video
 import test_ltx
+import test_qwen_image
 import test_sana
 import test_wan
 
@@ -38,16 +39,20 @@ from schedsearch.search.base import Budget
 from schedsearch.spaces.cache_plan import ComponentCachePlan
 from schedsearch.study import run_search
 
-FAMILIES = ["dit", "pixart", "sana", "sd", "sdxl", "sd3", "flux", "wan", "hunyuan_video", "ltx"]
+FAMILIES = ["dit", "pixart", "sana", "sd", "sdxl", "sd3", "flux", "wan", "hunyuan_video", "ltx", "qwen_image"]
 STEPS = 4
 SIZE = {"flux": {"resolution": 16}, "sana": {"resolution": test_sana.PIXELS},
         "wan": {"resolution": test_wan.PIXELS, "num_frames": test_wan.FRAMES},
         "hunyuan_video": {"resolution": test_hunyuan_video.PIXELS, "num_frames": test_hunyuan_video.FRAMES},
-        "ltx": {"resolution": test_ltx.PIXELS, "num_frames": test_ltx.FRAMES}}
+        "ltx": {"resolution": test_ltx.PIXELS, "num_frames": test_ltx.FRAMES},
+        "qwen_image": {"resolution": test_qwen_image.PIXELS}}
 OWN_TEST = {"sana": test_sana, "wan": test_wan, "hunyuan_video": test_hunyuan_video,
-            "ltx": test_ltx}  # builders, embeddings
+            "ltx": test_ltx, "qwen_image": test_qwen_image}  # builders, embeddings
 # the tiny pipelines that have a text encoder
-PROMPTED = {"sd": ["a cat", "a dog"], "wan": ["a cat", "a dog"], "ltx": ["a cat", "a dog"]}
+PROMPTED = {"sd": ["a cat", "a dog"], "wan": ["a cat", "a dog"], "ltx": ["a cat", "a dog"],
+            "qwen_image": ["a cat", "a dog"]}
+# the CFG scale of the equivalence call where the test's differs from the model's default
+GUIDANCE = {"ltx": test_ltx.GUIDANCE, "qwen_image": test_qwen_image.GUIDANCE}
 
 
 def conditions(family: str):
@@ -61,7 +66,7 @@ def equivalence(family: str, model, path: Path) -> dict:
     x = initial_noise([0, 1], model.info.sample_shape)
     plan = model.default_plan(STEPS)
     with torch.no_grad():
-        guidance = test_ltx.GUIDANCE if family == "ltx" else None
+        guidance = GUIDANCE.get(family)
         ours = sample(model.denoiser(cond, guidance), x, plan, model.noise_schedule, model.info.prediction_type)
         pipe = tdm._pipeline(path)
         if family == "sana":
@@ -70,6 +75,8 @@ def equivalence(family: str, model, path: Path) -> dict:
             theirs = test_hunyuan_video._call(pipe, x, cond, STEPS)
         elif family == "ltx":
             theirs = test_ltx._call(test_ltx._pipe(path), x, cond, STEPS)
+        elif family == "qwen_image":  # true CFG: two calls per step, norm-preserving combination
+            theirs = test_qwen_image._call(test_qwen_image._pipe(path), x, STEPS, **cond)
         elif family == "wan":
             full = {k: v.expand(len(x), *v.shape[1:]) for k, v in cond.items()}
             theirs = pipe(latents=x, guidance_scale=5.0, height=test_wan.PIXELS, width=test_wan.PIXELS,
@@ -151,6 +158,8 @@ def main() -> None:
             pipe = test_hunyuan_video.build_hunyuan()
         elif family == "ltx":
             pipe = test_ltx.build_ltx(work)
+        elif family == "qwen_image":
+            pipe = test_qwen_image.build_qwen_image()
         else:
             pipe = tdm.build_pipeline(family, work)
         pipe.save_pretrained(path)

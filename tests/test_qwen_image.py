@@ -186,13 +186,17 @@ def test_prompts_and_decoding_are_the_pipelines_own(model, saved):
     torch.testing.assert_close(ours * 0.5 + 0.5, theirs, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["fora", "unit"])
+@pytest.mark.parametrize("kind", ["fora", "fora+skip", "unit"])
 def test_cached_schedule_in_the_pipeline_equals_our_sampler(model, saved, kind):
-    """A FORA schedule and a unit over both blocks inside the stock pipeline with true CFG (the transformer called
-    for the prompt, then the negative prompt, each pass with its own cached outputs) equal our batched sampler."""
+    """A FORA schedule (plain reuse, or whole blocks skipped: both streams' residuals, located by diffusers' block
+    registry) and a unit over both blocks inside the stock pipeline with true CFG (the transformer called for the
+    prompt, then the negative prompt, each pass with its own cached outputs) equal our batched sampler."""
+    import dataclasses
+
     plan = model.default_plan(STEPS)
-    cache = (baselines.fora_cache_plan(model_layout(model.info), STEPS, 2) if kind == "fora"
-             else baselines.uniform_unit_plan("transformer_blocks", 0, 2, STEPS, 2))
+    fora = baselines.fora_cache_plan(model_layout(model.info), STEPS, 2)
+    cache = {"fora": fora, "fora+skip": dataclasses.replace(fora, skip_reused_blocks=True),
+             "unit": baselines.uniform_unit_plan("transformer_blocks", 0, 2, STEPS, 2)}[kind]
     schedule = Schedule(model.info.name, plan, cache)
     x = initial_noise([0, 1], model.info.sample_shape)
     cond = embeddings(2)

@@ -878,9 +878,10 @@ def _vae_decoder(pipe: Any, one_frame: bool = False) -> Callable[[torch.Tensor],
                                  "load the pipeline with its VAE")
         latents = samples.to(device=vae.device, dtype=vae.dtype)
         latents = latents.unsqueeze(2) if one_frame else latents
-        if torch.is_tensor(getattr(vae, "latents_mean", None)):  # LTX: statistics as buffers, as LTXPipeline undoes
+        buffers = dict(vae.named_buffers(recurse=False))  # not getattr: diffusers warns on config attributes
+        if "latents_mean" in buffers:  # LTX: statistics as buffers, as LTXPipeline undoes them
             shape = (1, -1) + (1,) * (latents.dim() - 2)
-            mean, std = (getattr(vae, n).view(shape).to(latents) for n in ("latents_mean", "latents_std"))
+            mean, std = (buffers[n].view(shape).to(latents) for n in ("latents_mean", "latents_std"))
             latents = latents * std / vae.config.scaling_factor + mean
         elif vae.config.get("latents_mean") is not None:  # Wan: per-channel statistics, as WanPipeline undoes them
             shape = (1, -1) + (1,) * (latents.dim() - 2)
