@@ -186,17 +186,20 @@ def test_prompts_and_decoding_are_the_pipelines_own(model, saved):
     torch.testing.assert_close(ours * 0.5 + 0.5, theirs, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["fora", "fora+skip", "unit"])
+@pytest.mark.parametrize("kind", ["fora", "fora+skip", "unit", "unipc+fora"])
 def test_cached_schedule_in_the_pipeline_equals_our_sampler(model, saved, kind):
     """A FORA schedule (plain reuse, or whole blocks skipped: both streams' residuals, located by diffusers' block
-    registry) and a unit over both blocks inside the stock pipeline with true CFG (the transformer called for the
-    prompt, then the negative prompt, each pass with its own cached outputs) equal our batched sampler."""
+    registry), a unit over both blocks, and a searched solver (UniPC on its own timesteps) with FORA, inside the
+    stock pipeline with true CFG (the transformer called for the prompt, then the negative prompt, each pass with
+    its own cached outputs) equal our batched sampler."""
     import dataclasses
 
     plan = model.default_plan(STEPS)
     fora = baselines.fora_cache_plan(model_layout(model.info), STEPS, 2)
-    cache = {"fora": fora, "fora+skip": dataclasses.replace(fora, skip_reused_blocks=True),
-             "unit": baselines.uniform_unit_plan("transformer_blocks", 0, 2, STEPS, 2)}[kind]
+    if kind == "unipc+fora":
+        plan = baselines.unipc_plan(baselines.linspace_timesteps(1000, STEPS), 2, "bh2", "data")
+    cache = {"fora+skip": dataclasses.replace(fora, skip_reused_blocks=True),
+             "unit": baselines.uniform_unit_plan("transformer_blocks", 0, 2, STEPS, 2)}.get(kind, fora)
     schedule = Schedule(model.info.name, plan, cache)
     x = initial_noise([0, 1], model.info.sample_shape)
     cond = embeddings(2)
@@ -208,7 +211,8 @@ def test_cached_schedule_in_the_pipeline_equals_our_sampler(model, saved, kind):
     handle.remove()
     with apply_schedule(model, schedule) as applied:
         ours = applied.sample(cond, [0, 1], GUIDANCE, decode=False)
-    uncached = _ours(model, cond, x)
+    with apply_schedule(model, Schedule(model.info.name, plan)) as applied:
+        uncached = applied.sample(cond, [0, 1], GUIDANCE, decode=False)
     assert len(calls) == 2 * STEPS
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     assert (uncached - ours).abs().max() > 1e-4
@@ -302,3 +306,21 @@ def test_search_export_evaluate_and_apply_in_the_pipeline(saved, tmp_path, capsy
     with apply_schedule(model, schedule) as applied:
         ours = applied.sample(["a cat", "a dog"], [0, 1], GUIDANCE, decode=False)
     torch.testing.assert_close(pipe._unpack_latents(theirs, PIXELS, PIXELS, 4)[:, :, 0], ours, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_refuses_an_img2img_checkpoint_with_the_field_and_fix(saved, tmp_path, capsys):
+    """The same weights saved as a QwenImageImg2ImgPipeline: `info` exits 2 naming --model and the fix."""
+    import json
+
+    from schedsearch.cli import main
+
+    other = tmp_path / "img2img"
+    other.mkdir()
+    for part in saved.iterdir():
+        if part.is_dir():
+            (other / part.name).symlink_to(part)
+    index = json.loads((saved / "model_index.json").read_text()) | {"_class_name": "QwenImageImg2ImgPipeline"}
+    (other / "model_index.json").write_text(json.dumps(index))
+    assert main(["info", "--model", f"diffusers:{other}", "--resolution", str(PIXELS)]) == 2
+    err = capsys.readouterr().err
+    assert "error: --model: QwenImageImg2ImgPipeline" in err and "; load the checkpoint as a QwenImagePipeline" in err
