@@ -43,8 +43,9 @@ def build_space(name: str, info: Any, preset: str = "quick", options: Mapping[st
 
 
 # Families whose stock pipeline calls the transformer once for the conditional and once for the unconditional batch
-# per step, under cache contexts "cond"/"uncond" (diffusers' WanPipeline): a policy's state and decisions are per pass.
-CFG_SPLIT_FAMILIES = ("wan",)
+# per step, under cache contexts "cond"/"uncond" (WanPipeline, QwenImagePipeline): a policy's state and decisions
+# are per pass.
+CFG_SPLIT_FAMILIES = ("wan", "qwen_image")
 
 
 def _probe_policies(model: Any, kinds: Sequence[str], plan: Any, fixed: Mapping[str, Any], conditions: Any,

@@ -324,3 +324,15 @@ def test_cli_refuses_an_img2img_checkpoint_with_the_field_and_fix(saved, tmp_pat
     assert main(["info", "--model", f"diffusers:{other}", "--resolution", str(PIXELS)]) == 2
     err = capsys.readouterr().err
     assert "error: --model: QwenImageImg2ImgPipeline" in err and "; load the checkpoint as a QwenImagePipeline" in err
+
+
+def test_cache_space_skips_blocks_and_policy_space_is_refused(model):
+    """Qwen-Image's blocks are in diffusers' block registry, so the cache space offers whole-block skipping; its
+    pipeline runs cond and uncond as separate calls, so an adaptive policy tuned on batched CFG is refused."""
+    from schedsearch.errors import UserInputError
+    from schedsearch.study import build_space
+
+    assert build_space("cache", model.info).block_skip
+    with pytest.raises(UserInputError, match="separate calls") as err:
+        build_space("policy", model.info, model=model)
+    assert err.value.field == "--space policy"
