@@ -22,8 +22,8 @@ TEXT_DIM, TEXT_LEN, FRAMES, PIXELS = 32, 6, 9, 16
 
 
 def _text(tmp) -> tuple:
-    """A 1-layer stand-in for the pipeline's T5 encoder that takes Wan's 226 tokens."""
-    return clip_stand_in(tmp, TEXT_DIM, 226)
+    """A 1-layer stand-in for the pipeline's T5 encoder that takes the 512 tokens WanPipeline.__call__ pads to."""
+    return clip_stand_in(tmp, TEXT_DIM, 512)
 
 
 def build_wan(tmp):

@@ -25,8 +25,10 @@ from typing import Any
 import torch
 
 from schedsearch.errors import UserInputError
+from schedsearch.runtime.experts import ExpertPair, experts_of
 from schedsearch.runtime.models import BlockGroup, LoadedModel, ModelInfo, ModelNotAvailableError
 from schedsearch.runtime.noise import FlowSchedule, NoiseSchedule, VPSchedule
+from schedsearch.spaces.baselines import expert_of_time
 
 # denoiser class name -> family ("sd" UNets with SDXL's text_time added conditioning become "sdxl")
 FAMILY_BY_CLASS = {
@@ -481,8 +483,10 @@ def flux_image_ids(height: int, width: int) -> torch.Tensor:
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).float()
 
 
-def _forward(network: torch.nn.Module, family: str, layout: dict[str, Any], guidance: float) -> Forward:
-    """One network call on a batch x with batched conditions; returns the output in x's layout."""
+def _forward(network: torch.nn.Module, family: str, layout: dict[str, Any], guidance: float,
+             expert: int | None = None) -> Forward:
+    """One network call on a batch x with batched conditions; returns the output in x's layout. `expert`: which
+    transformer of an `ExpertPair` (Wan 2.2) makes the call."""
     channels = layout["sample_shape"][0]
     dtype = network.dtype
     time_dtype = dtype if family == "flux" else torch.float32  # as the pipelines pass it (bf16 would round t)
@@ -562,9 +566,7 @@ def _forward(network: torch.nn.Module, family: str, layout: dict[str, Any], guid
 
         return flux
     if family == "wan":
-        return lambda x, tv, c: network(
-            hidden_states=x, timestep=timesteps(x, tv), encoder_hidden_states=c["prompt_embeds"]
-        ).sample
+        return _wan_forward(network, layout, expert)
     if family == "hunyuan_video":
         use_guidance = bool(network.config.guidance_embeds)
 
@@ -603,6 +605,22 @@ def _forward(network: torch.nn.Module, family: str, layout: dict[str, Any], guid
     if family == "qwen_image":
         return _qwen_image_forward(network, layout)
     raise ValueError(f"family {family!r}: no forward")
+
+
+def _wan_forward(network: torch.nn.Module, layout: dict[str, Any], expert: int | None) -> Forward:
+    """WanPipeline.__call__'s transformer call: the float32 timestep per sample, or with the pipeline's
+    `expand_timesteps` (Wan 2.2 TI2V-5B) one per latent token, F · ⌈H/2⌉ · ⌈W/2⌉ of them as its
+    `mask[0][0][:, ::2, ::2]` makes them (every token at t: text to video has no conditioning frame)."""
+    route = {} if expert is None else {"expert": expert}
+    _, frames, h, w = layout["sample_shape"]
+    tokens = frames * ((h + 1) // 2) * ((w + 1) // 2) if layout.get("expand_timesteps") else None
+
+    def wan(x: torch.Tensor, tv: float, c: Conds) -> torch.Tensor:
+        shape = (len(x),) if tokens is None else (len(x), tokens)
+        timestep = torch.full(shape, tv, dtype=torch.float32, device=x.device)
+        return network(hidden_states=x, timestep=timestep, encoder_hidden_states=c["prompt_embeds"], **route).sample
+
+    return wan
 
 
 def _qwen_image_forward(network: torch.nn.Module, layout: dict[str, Any]) -> Forward:
@@ -727,9 +745,11 @@ def encode_prompts(pipe: Any, family: str, prompts: Sequence[str]) -> dict[str, 
     if family == "flux":
         pe, ppe, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device)
         return {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
-    if family == "wan":
+    if family == "wan":  # at __call__'s max_sequence_length (512), not encode_prompt's (226): zero-padded to it,
+        # the text tokens the transformer attends to are what `pipe(prompt=...)` gives it
         pe, ne = pipe.encode_prompt(prompt=prompts, negative_prompt=[""] * len(prompts),
-                                    do_classifier_free_guidance=True, device=device)
+                                    do_classifier_free_guidance=True, device=device,
+                                    max_sequence_length=_call_default(pipe, "max_sequence_length"))
         return {"prompt_embeds": pe, "negative_prompt_embeds": ne}
     if family == "ltx":
         pe, pm, ne, nm = pipe.encode_prompt(prompt=prompts, negative_prompt=[""] * len(prompts),
@@ -739,6 +759,13 @@ def encode_prompts(pipe: Any, family: str, prompts: Sequence[str]) -> dict[str, 
     if family == "qwen_image":
         return _qwen_image_prompts(pipe, prompts, device)
     raise ValueError(f"family {family!r} takes no prompts")
+
+
+def _call_default(pipe: Any, argument: str) -> Any:
+    """The default of an argument of the pipeline's `__call__`: what a `pipe(prompt=...)` call uses."""
+    import inspect
+
+    return inspect.signature(type(pipe).__call__).parameters[argument].default
 
 
 def _qwen_image_prompts(pipe: Any, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
@@ -800,8 +827,9 @@ def _denoiser_factory(
 ) -> Callable[[Any, float], Denoise]:
     model_time = _model_time(family, schedule)
     combine = guidance_rule(family, layout)
+    boundary = layout.get("expert_boundary")
 
-    def make(conditions: Any, guidance: float) -> Denoise:
+    def make(conditions: Any, guidance: float, guidance_2: float | None = None) -> Denoise:
         # Flux / HunyuanVideo are guidance-distilled: guidance is a network input, never a CFG pair
         cfg = family not in DISTILLED_GUIDANCE_SCALE and guidance != 1.0
         cond, uncond = _conditions(pipe, family, network, layout, conditions, cfg, class_conditioner)
@@ -810,7 +838,11 @@ def _denoiser_factory(
         if cfg:
             uncond = _to(uncond, network.device, network.dtype)
             both = {k: torch.cat([uncond[k], v]) for k, v in cond.items()}  # one forward of batch 2N
-        forward = _forward(network, family, layout, guidance)
+        if boundary is None:
+            forwards, scales = (_forward(network, family, layout, guidance),), (guidance,)
+        else:  # Wan 2.2: per expert its transformer and scale (WanPipeline: guidance_scale_2 = guidance_scale if None)
+            forwards = tuple(_forward(network, family, layout, guidance, expert=e) for e in (0, 1))
+            scales = (guidance, guidance if guidance_2 is None else guidance_2)
         n = len(next(iter(cond.values())))
 
         @torch.no_grad()
@@ -818,10 +850,12 @@ def _denoiser_factory(
             if len(x) != n:
                 raise ValueError(f"conditions: {n} conditions for a batch of {len(x)} samples")
             x = x.to(device=network.device, dtype=network.dtype)
+            expert = 0 if boundary is None else expert_of_time(t, boundary)
+            forward = forwards[expert]
             if not cfg:
                 return forward(x, model_time(t), cond)
             uncond_out, cond_out = forward(torch.cat([x, x]), model_time(t), both).chunk(2)
-            return combine(uncond_out, cond_out, guidance)
+            return combine(uncond_out, cond_out, scales[expert])
 
         return denoise
 
@@ -917,6 +951,46 @@ def _check_qwen_image(pipe: Any, network: torch.nn.Module) -> None:
                                  f"QwenImagePipeline: {why}", "use a text-to-image Qwen-Image checkpoint")
 
 
+def _two_transformers(pipe: Any) -> bool:
+    """Does the pipeline's loop run two transformers (Wan 2.2 A14B)? WanPipeline.__call__ switches to `transformer_2`
+    below `boundary_ratio · T` only when the config sets `boundary_ratio`; without it `transformer_2` never runs.
+    What it cannot run is refused here, before anything is built."""
+    second = getattr(pipe, "transformer_2", None)
+    ratio = pipe.config.get("boundary_ratio") if hasattr(pipe, "config") else None
+    if second is None and ratio is None:
+        return False
+    from diffusers import WanPipeline
+
+    name = type(pipe).__name__
+    if not isinstance(pipe, WanPipeline):
+        raise UserInputError("--model", f"{name} has two transformers and feeds them inputs schedsearch does not "
+                             "supply", "load the checkpoint as a WanPipeline (text to video)")
+    if ratio is None:
+        return False
+    if second is None or getattr(pipe, "transformer", None) is None:
+        missing = "transformer_2" if second is None else "transformer"
+        raise UserInputError("--model", f"{name} has boundary_ratio={ratio} but no `{missing}`: each noise range "
+                             "needs its transformer", "load the pipeline with both transformers")
+    return True
+
+
+def _expert_boundary(pipe: Any, schedule: NoiseSchedule) -> dict[str, Any]:
+    """What `spaces.baselines.expert_of_time` needs to place a step on either side of WanPipeline's boundary
+    (`boundary_ratio * scheduler.config.num_train_timesteps`, compared with the network timestep)."""
+    total = int(pipe.scheduler.config.num_train_timesteps)
+    shift = schedule.shift if isinstance(schedule, FlowSchedule) else None
+    return {"timestep": float(pipe.config.boundary_ratio) * total, "ratio": float(pipe.config.boundary_ratio),
+            "num_train_timesteps": total, "flow_shift": shift}
+
+
+def _check_same_blocks(network: ExpertPair, family: str, groups: tuple[BlockGroup, ...]) -> None:
+    """One cache-plan layout serves both transformers, so they must have the same blocks (widths may differ)."""
+    other = transformer_block_groups(network.experts[1], family)
+    if other != groups:
+        raise UserInputError("--model", f"transformer_2 has blocks {other} but transformer {groups}: one cache plan "
+                             "cannot address both", "use two transformers with the same number of blocks")
+
+
 def loaded_model_from_pipeline(
     pipe: Any,
     name: str = "diffusers:<in-memory>",
@@ -932,27 +1006,34 @@ def loaded_model_from_pipeline(
     With `class_conditioner` (and `num_classes`) the model is class-conditional: conditions are class ids that the
     conditioner turns into the family's pre-encoded embeddings, as `builtin:mnist-flow` does in place of text
     encoders."""
+    two = _two_transformers(pipe)
     network = denoiser_of(pipe)
     family = family_of(network)
     if getattr(pipe, "scheduler", None) is None:
         raise UserInputError("--model", f"{type(pipe).__name__} has no scheduler: its config defines the noise "
                              "schedule", "load the pipeline with its scheduler")
-    if getattr(pipe, "transformer_2", None) is not None:
-        raise UserInputError("--model", f"{type(pipe).__name__} has two transformers (Wan 2.2's high/low-noise "
-                             "experts), which schedsearch does not search yet", "use a single-transformer pipeline")
     if family == "qwen_image":
         _check_qwen_image(pipe, network)
+    if two:
+        network = ExpertPair(network, pipe.transformer_2)
     layout = _latent_layout(pipe, network, family, resolution, num_frames)
+    if family == "wan" and pipe.config.get("expand_timesteps"):  # Wan 2.2 TI2V-5B: a timestep per latent token
+        layout["expand_timesteps"] = True
     schedule = noise_schedule_of(pipe.scheduler, layout["tokens_per_sample"])
+    if two:
+        layout["expert_boundary"] = _expert_boundary(pipe, schedule)
+    first = experts_of(network)[0]  # the block structure, widths and class every expert shares (checked below)
     if family in ("sd", "sdxl"):
         groups = unet_block_groups(network)
         extra = {"deepcache_unit": deepcache_unit(network)}
         side = layout["sample_shape"][1]
         layout["tokens_per_sample"] = tuple((side // 2**i) ** 2 for i in range(len(network.down_blocks)))
     else:
-        groups, extra = transformer_block_groups(network, family), {}
-    extra |= _cost_extra(network, family) | {k: v for k, v in layout.items() if k != "sample_shape"}
-    extra |= {"absent_components": absent_components(network, groups), "denoiser_class": type(network).__name__}
+        groups, extra = transformer_block_groups(first, family), {}
+    if two:
+        _check_same_blocks(network, family, groups)
+    extra |= _cost_extra(first, family) | {k: v for k, v in layout.items() if k != "sample_shape"}
+    extra |= {"absent_components": absent_components(first, groups), "denoiser_class": type(first).__name__}
     if isinstance(schedule, FlowSchedule):
         extra["flow_shift"] = schedule.shift
     info = ModelInfo(

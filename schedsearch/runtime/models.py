@@ -127,10 +127,19 @@ class LoadedModel:
     scheduler: Any = None  # the pipeline's own diffusers scheduler (None for the builtin DiT)
 
     def denoiser(
-        self, conditions: Any, guidance: float | None = None
+        self, conditions: Any, guidance: float | None = None, guidance_2: float | None = None
     ) -> Callable[[torch.Tensor, float, int], torch.Tensor]:
-        """The CFG-combined model output at (x, t); `conditions` are class ids or prompts, one per sample."""
-        return self._make_denoiser(conditions, self.info.guidance_default if guidance is None else guidance)
+        """The CFG-combined model output at (x, t); `conditions` are class ids or prompts, one per sample.
+
+        `guidance_2`: the scale of the low-noise transformer of a two-transformer model (Wan 2.2's
+        `guidance_scale_2`; None: `guidance`, as WanPipeline defaults it); refused on a one-network model, as
+        WanPipeline refuses it without a `boundary_ratio`."""
+        guidance = self.info.guidance_default if guidance is None else guidance
+        if guidance_2 is None:
+            return self._make_denoiser(conditions, guidance)
+        if "expert_boundary" not in self.info.extra:
+            raise UserInputError("guidance_2", f"{self.info.name} runs one network", "drop guidance_2")
+        return self._make_denoiser(conditions, guidance, guidance_2)
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         """Network-space samples -> images in [-1, 1] (identity for pixel models, the VAE for latent ones)."""

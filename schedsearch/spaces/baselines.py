@@ -7,8 +7,9 @@ gives diffusers' result (tests/test_sampler_equivalence.py) and a search can sta
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -148,6 +149,43 @@ def evenly_spaced_cache_plan(layout: str, num_steps: int, recompute_steps: int) 
 def first_evaluated_step(plan: SolverPlan) -> int:
     """Index of the first step that runs the model (1 under USF's analytical first step, else 0)."""
     return 1 if plan.first_step == "zero_x0" else 0
+
+
+def expert_of_time(t: float, boundary: Mapping[str, Any]) -> int:
+    """Which expert of a two-transformer model (Wan 2.2) runs at model time t: 0 (`transformer`, high noise) where
+    the timestep the network gets is >= the boundary, else 1 (`transformer_2`), as WanPipeline.__call__ compares
+    `t >= boundary_ratio * num_train_timesteps`. `boundary`: {"timestep": ratio · T, "num_train_timesteps": T,
+    "flow_shift": the flow schedule's shift, or None for a VP schedule}. The network timestep of a flow model is the
+    shifted σ(t)·T (FlowSchedule's formula, in its order of operations); both sides are compared in float32, as the
+    pipeline compares its float32 (or int64) timestep tensor with a Python float, so a step that lands exactly on
+    the boundary goes where the pipeline sends it."""
+    value = float(t)
+    shift = boundary.get("flow_shift")
+    if shift is not None:
+        total = boundary["num_train_timesteps"]
+        s = value / total
+        value = shift * s / (1.0 + (shift - 1.0) * s) * total
+    return 0 if np.float32(value) >= np.float32(boundary["timestep"]) else 1
+
+
+def step_experts(plan: SolverPlan, boundary: Mapping[str, Any] | None) -> tuple[int, ...]:
+    """The expert of every step of `plan` (all 0 for a one-network model, `boundary` None)."""
+    if boundary is None:
+        return (0,) * plan.num_steps
+    return tuple(expert_of_time(plan.network_time(i), boundary) for i in range(plan.num_steps))
+
+
+def forced_recompute_steps(plan: SolverPlan, boundary: Mapping[str, Any] | None = None) -> tuple[int, ...]:
+    """Steps a cache plan must recompute in full: the first evaluated step, and on a two-transformer model the first
+    evaluated step of each expert, where that transformer has nothing cached yet (its hooks keep their own outputs:
+    the other transformer's are of other weights)."""
+    first = first_evaluated_step(plan)
+    experts = step_experts(plan, boundary)
+    starts = {first}
+    for i in range(first + 1, plan.num_steps):
+        if experts[i] not in experts[first:i]:
+            starts.add(i)
+    return tuple(sorted(starts))
 
 
 def dpmpp_2m_plan(num_train_timesteps: int, num_steps: int) -> SolverPlan:
