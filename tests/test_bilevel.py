@@ -110,6 +110,23 @@ def test_a_resumed_solver_phase_continues_it() -> None:
     assert np.all(np.array(resumed.ask())[:, 2:] == 1)
 
 
+def test_sub_genomes_lifting_to_one_genome_are_told_each() -> None:
+    """Two cache sub-genomes may lift to one joint genome (a gene the plan does not use); asked twice in a batch,
+    the genome is told twice, each to the engine that asked it."""
+
+    def coarse_cache_for(genes: np.ndarray) -> Subproblem:
+        sub = cache_for(genes)
+        return Subproblem(BITS, lambda c: np.concatenate([genes, c[:4], np.ones(N_BITS - 4)]), sub.lower, sub.initial,
+                          sub.forbid)
+
+    strategy = make()
+    strategy.cache_for = coarse_cache_for
+    X, _ = drive(strategy, 20 + 6 * 6)
+    keys = [x.tobytes() for x in X[20:]]
+    assert len(set(keys)) < len(keys)  # duplicates did occur, and every one was told
+    assert not strategy._asked
+
+
 def test_telling_a_genome_it_did_not_ask_is_an_error() -> None:
     strategy = make()
     strategy.ask()

@@ -74,7 +74,9 @@ class BilevelSearch(Strategy):
         self._anchors: list[tuple[Subproblem, EcadGenetic]] = []
         self._anchor_genes: list[np.ndarray] = []
         self._told = [0] * anchors
-        self._asked: dict[bytes, int] = {}  # joint genome -> engine (-1: phase 1) of genomes asked, not told
+        # joint genome -> the engines (-1: phase 1) that asked it and were not told yet: two sub-genomes may lift to
+        # one joint genome (e.g. a block-skip bit that no fully reused block uses), even within one batch
+        self._asked: dict[bytes, list[int]] = {}
 
     @property
     def batch_size(self) -> int:
@@ -103,7 +105,7 @@ class BilevelSearch(Strategy):
     def _hand_out(self, engine: int, genomes: list[np.ndarray]) -> list[np.ndarray]:
         genomes = [self.spec.clip(g) for g in genomes]
         for g in genomes:
-            self._asked[genome_key(g)] = engine
+            self._asked.setdefault(genome_key(g), []).append(engine)
         return genomes
 
     def _start_phase2(self) -> None:
@@ -131,9 +133,12 @@ class BilevelSearch(Strategy):
         routed: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         for g, v in zip(genomes, values, strict=True):
             g = self.spec.clip(g)
-            engine = self._asked.pop(genome_key(g), None)
-            if engine is None:
+            engines = self._asked.get(genome_key(g))
+            if not engines:
                 raise ValueError("BilevelSearch.tell: a genome this strategy did not ask")
+            engine = engines.pop(0)
+            if not engines:
+                del self._asked[genome_key(g)]
             sub = self.solver if engine < 0 else self._anchors[engine][0]
             routed.setdefault(engine, []).append((sub.lower(g), v))
         for engine, rows in routed.items():
