@@ -14,8 +14,9 @@ from stand_in_text import clip_stand_in
 
 diffusers = pytest.importorskip("diffusers")
 
-from schedsearch.runtime.models import initial_noise, load_model  # noqa: E402
+from schedsearch.runtime.models import initial_noise, load_model, model_layout  # noqa: E402
 from schedsearch.runtime.sampler import sample  # noqa: E402
+from schedsearch.spaces.schedule import Schedule  # noqa: E402
 
 TEXT_DIM, FRAMES, PIXELS, BOUNDARY, STEPS = 32, 9, 16, 0.875, 6
 PROMPTS = ["a cat", "a dog"]
@@ -98,3 +99,50 @@ def test_default_plan_is_the_pipelines_own_call(model, pipe):
     assert (same_scale - ours).abs().max() > 1e-3
     default_scale = call(pipe, x, num_inference_steps=STEPS, guidance_scale=5.0)  # guidance_scale_2 = 5.0
     assert (same_scale - default_scale).abs().max() < 1e-5
+
+
+def fora(model, interval: int) -> Schedule:
+    from schedsearch.spaces import baselines
+
+    cache = baselines.fora_cache_plan(model_layout(model.info), STEPS, interval)
+    return Schedule(model.info.name, model.default_plan(STEPS), cache)
+
+
+def test_cached_schedule_in_the_stock_pipeline_equals_our_sampler(model, pipe):
+    """FORA every 2 (recomputing at steps 0, 2, 4: step 2 is transformer_2's first) applied to the stock WanPipeline
+    and run by a normal pipe(prompt=...) call, which picks the transformer itself (hooks on both, two calls per
+    step), equals our sampler; and the cache changed the result."""
+    from schedsearch.runtime.apply import apply_schedule
+
+    schedule = fora(model, 2)
+    x = initial_noise([0, 1], model.info.sample_shape)
+    with apply_schedule(pipe, schedule, strict=False, resolution=PIXELS, num_frames=FRAMES):
+        theirs = call(pipe, x, num_inference_steps=STEPS, guidance_scale=5.0, guidance_scale_2=2.0)
+    plan = schedule.solver
+    with apply_schedule(model, schedule) as applied, torch.no_grad():
+        denoise = applied.runtime.wrap(model.denoiser(PROMPTS, 5.0, guidance_2=2.0))
+        ours = sample(denoise, x, plan, model.noise_schedule, "flow_prediction")
+    with torch.no_grad():
+        uncached = sample(model.denoiser(PROMPTS, 5.0, guidance_2=2.0), x, plan, model.noise_schedule,
+                          "flow_prediction")
+    assert (theirs - ours).abs().max() < 1e-5
+    assert (uncached - ours).abs().max() > 1e-4
+    untouched = call(pipe, x, num_inference_steps=STEPS, guidance_scale=5.0, guidance_scale_2=2.0)
+    assert (untouched - uncached).abs().max() < 1e-5  # removed: the stock pipeline is itself again
+
+
+def test_a_reuse_at_a_transformers_first_step_is_refused(model, pipe):
+    """FORA every 3 reuses at step 2, where transformer_2 has computed nothing: refused before any work, by our
+    sampler's entry point, apply_schedule on the pipeline and on the model, naming the step and the fix."""
+    from schedsearch.runtime.apply import apply_schedule
+    from schedsearch.runtime.execute import run_batches
+    from schedsearch.spaces.errors import ScheduleError
+
+    schedule = fora(model, 3)
+    with pytest.raises(ScheduleError, match=r"cache.recompute\[2\]: step 2 is the first step transformer_2 runs"):
+        next(run_batches(model, schedule, PROMPTS, [0, 1], decode=False))
+    with pytest.raises(ScheduleError, match="recompute every slot at step 2"):
+        apply_schedule(pipe, schedule, strict=False, resolution=PIXELS, num_frames=FRAMES)
+    assert not hasattr(pipe.transformer_2.blocks[0].attn1, "_diffusers_hook")  # nothing was attached
+    with pytest.raises(ScheduleError, match="transformer_2"):
+        apply_schedule(model, schedule)

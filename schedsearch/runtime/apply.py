@@ -22,7 +22,8 @@ import torch
 from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from schedsearch.runtime.cache_hooks import CacheRuntime
+from schedsearch.runtime.cache_hooks import CacheRuntime, check_expert_starts
+from schedsearch.runtime.experts import experts_of
 from schedsearch.runtime.models import LoadedModel
 from schedsearch.runtime.noise import FlowSchedule, NoiseSchedule
 from schedsearch.runtime.policy_runtime import PolicyRuntime
@@ -240,6 +241,7 @@ def apply_schedule(
         if strict and schedule.model != target.info.name:
             raise _mismatch(schedule, target.info.name)
         schedule.validate(target.info.num_train_timesteps, max_timestep=target.info.max_timestep)
+        check_expert_starts(target.info, schedule.solver, schedule.cache)
         from schedsearch.runtime.execute import attach_runtime
 
         runtime = attach_runtime(target, schedule)
@@ -267,6 +269,7 @@ def apply_schedule(
         )
     model = loaded_model_from_pipeline(target, name=schedule.model, resolution=resolution, num_frames=num_frames)
     schedule.validate(model.info.num_train_timesteps, max_timestep=model.info.max_timestep)
+    check_expert_starts(model.info, schedule.solver, schedule.cache)
     original, config = target.scheduler, target._internal_dict
     undo: list[Callable[[], None]] = []
     runtime = None
@@ -279,9 +282,10 @@ def apply_schedule(
         scheduler = ScheduleScheduler(
             schedule.solver, model.noise_schedule, prediction_type_of(original), base=original, on_reset=on_reset
         )
-        if runtime is not None:
-            handle = model.network.register_forward_pre_hook(_step_driver(runtime, scheduler))
-            undo.append(handle.remove)
+        if runtime is not None:  # on each transformer the pipeline calls (Wan 2.2: both, one counter of calls)
+            drive = _step_driver(runtime, scheduler)
+            for network in experts_of(model.network):
+                undo.append(network.register_forward_pre_hook(drive).remove)
         target.scheduler = scheduler
         undo.append(lambda: _restore_scheduler(target, original, config))
     except BaseException:

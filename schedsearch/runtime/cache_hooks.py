@@ -4,6 +4,11 @@ Like diffusers' own `hooks/first_block_cache.py`, each hook replaces its module'
 `HookRegistry`; unlike those rule-based caches, the decision is read from an explicit plan at the sampler's step
 index. State is kept per CFG branch (`branch`): our denoisers run cond and uncond as one batch ("batch"), a caller
 that runs them as separate passes sets `branch` to "cond"/"uncond" before each. State resets between runs.
+
+A model of two transformers (Wan 2.2, `runtime.experts.ExpertPair`) gets the plan's hooks on both, each hook with its
+own state: a plan's row at a step applies to whichever transformer runs that step, and a reuse takes that
+transformer's own last output, never the other's (other weights). Each transformer's first step therefore has
+nothing to reuse: `check_expert_starts` refuses a plan that reuses there before anything runs.
 """
 
 from __future__ import annotations
@@ -18,10 +23,14 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 
 from schedsearch.errors import UserInputError
+from schedsearch.runtime.experts import experts_of
 from schedsearch.runtime.models import ModelInfo, block_module_name, model_layout
+from schedsearch.spaces.baselines import forced_recompute_steps, step_experts
 from schedsearch.spaces.cache_plan import CachePlan, ComponentCachePlan, UnitCachePlan, block_names, slot_names
+from schedsearch.spaces.errors import ScheduleError
+from schedsearch.spaces.schedule import SolverPlan
 
-__all__ = ["CachePlanMismatchError", "CacheRuntime", "model_layout"]
+__all__ = ["CachePlanMismatchError", "CacheRuntime", "check_expert_starts", "model_layout"]
 
 COMPONENT_HOOK = "schedsearch_component_reuse"
 UNIT_HOOK = "schedsearch_unit_reuse"
@@ -206,11 +215,32 @@ def block_metadata(module: torch.nn.Module) -> TransformerBlockMetadata | None:
         return None
 
 
+def check_expert_starts(info: ModelInfo, solver: SolverPlan, cache: CachePlan | None) -> None:
+    """Refuse, before any work, a cache plan that reuses at the first step a transformer of a two-transformer model
+    runs (Wan 2.2): that transformer has computed nothing yet, and the other's outputs come from other weights."""
+    boundary = info.extra.get("expert_boundary") if info.extra else None
+    if boundary is None or cache is None:
+        return
+    experts = step_experts(solver, boundary)
+    for step in forced_recompute_steps(solver, boundary)[1:]:
+        full = cache.refresh_mask()[step] if isinstance(cache, UnitCachePlan) else "0" not in cache.recompute[step]
+        if not full:
+            name = "transformer_2" if experts[step] else "transformer"
+            field = "cache.refresh_steps" if isinstance(cache, UnitCachePlan) else f"cache.recompute[{step}]"
+            raise ScheduleError(field, f"step {step} is the first step {name} runs (below boundary_ratio="
+                                f"{boundary['ratio']}), so it has nothing cached to reuse",
+                                f"recompute every slot at step {step}")
+
+
 class CacheRuntime:
-    """Hooks for one plan on one network. Use as a context manager; `wrap(denoise)` drives the step index."""
+    """Hooks for one plan on one network (on each transformer of an `ExpertPair`, each with its own state). Use as
+    a context manager; `wrap(denoise)` drives the step index."""
 
     def __init__(self, network: torch.nn.Module, info: ModelInfo, plan: CachePlan) -> None:
         self.network, self.info, self.plan = network, info, plan
+        self.networks = experts_of(network)
+        if info.extra and "expert_boundary" in info.extra and len(self.networks) != 2:
+            raise TypeError(f"CacheRuntime: {info.name} runs two transformers: pass its ExpertPair (model.network)")
         self.context = StepContext()
         self._hooked: list[tuple[torch.nn.Module, str]] = []
         if isinstance(plan, ComponentCachePlan):
@@ -227,9 +257,16 @@ class CacheRuntime:
                 f"cache.layout: plan is for {plan.layout!r} but {self.info.name} has {expected!r}"
             )
         plan.validate()
-        blocks = self._blocks()
-        skips = self._block_skips(plan, blocks)  # checked before anything is attached
+        every = [self._blocks(network) for network in self.networks]
+        skips = [self._block_skips(plan, blocks) for blocks in every]  # checked before anything is attached
         bits = np.array([[c == "1" for c in row] for row in plan.recompute], dtype=bool)  # (steps, slots)
+        for blocks, block_skips in zip(every, skips, strict=True):
+            self._attach_component_hooks(plan, blocks, bits)
+            for block, (skip, metadata) in block_skips.items():
+                self._register(blocks[block], BlockSkipHook(self.context, skip, metadata, block), BLOCK_HOOK)
+
+    def _attach_component_hooks(self, plan: ComponentCachePlan, blocks: dict[str, torch.nn.Module],
+                                bits: np.ndarray) -> None:
         for slot, name in enumerate(slot_names(plan.layout)):
             block, component = name.rsplit(".", 1)
             module = getattr(blocks[block], component)
@@ -240,13 +277,11 @@ class CacheRuntime:
             for i, part in enumerate(parts):
                 label = f"{name}.{i}" if len(parts) > 1 else name
                 self._register(part, ComponentReuseHook(self.context, bits[:, slot], label, slot), COMPONENT_HOOK)
-        for block, (skip, metadata) in skips.items():
-            self._register(blocks[block], BlockSkipHook(self.context, skip, metadata, block), BLOCK_HOOK)
 
-    def _blocks(self) -> dict[str, torch.nn.Module]:
-        """'path.block' -> the block module (a UNet group of one block is its path itself)."""
+    def _blocks(self, network: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """'path.block' -> the block module of `network` (a UNet group of one block is its path itself)."""
         return {
-            f"{g.path}.{b}": self.network.get_submodule(block_module_name(self.network, g.path, g.count, b))
+            f"{g.path}.{b}": network.get_submodule(block_module_name(network, g.path, g.count, b))
             for g in self.info.block_groups
             for b in range(g.count)
         }
@@ -289,12 +324,13 @@ class CacheRuntime:
             )
         plan.validate()
         refresh = np.array(plan.refresh_mask(), dtype=bool)
-        shared: dict[str, Any] = {}
-        for b in range(plan.start, plan.end):
-            module = self.network.get_submodule(f"{plan.group}.{b}")
-            hook = UnitReuseHook(self.context, refresh, shared, first=b == plan.start, last=b == plan.end - 1,
-                                 metadata=block_metadata(module))
-            self._register(module, hook, UNIT_HOOK)
+        for network in self.networks:
+            shared: dict[str, Any] = {}  # the unit's residual: one per transformer
+            for b in range(plan.start, plan.end):
+                module = network.get_submodule(f"{plan.group}.{b}")
+                hook = UnitReuseHook(self.context, refresh, shared, first=b == plan.start, last=b == plan.end - 1,
+                                     metadata=block_metadata(module))
+                self._register(module, hook, UNIT_HOOK)
 
     def _attach_deepcache(self, plan: UnitCachePlan) -> None:
         """DeepCache (Ma et al. 2024, §3.2) on a UNet: every module of the deep branch returns its output from the

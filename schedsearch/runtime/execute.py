@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from schedsearch.runtime.cache_hooks import CacheRuntime
+from schedsearch.runtime.cache_hooks import CacheRuntime, check_expert_starts
 from schedsearch.runtime.models import LoadedModel, initial_noise
 from schedsearch.runtime.policy_runtime import PolicyRuntime
 from schedsearch.runtime.sampler import sample
@@ -47,6 +47,7 @@ def check_schedule_for(model: LoadedModel, schedule: Schedule, *, hooks: bool = 
             "load the model the schedule was found for, or search again for this one",
         )
     schedule = schedule.validate(model.info.num_train_timesteps, max_timestep=model.info.max_timestep)
+    check_expert_starts(model.info, schedule.solver, schedule.cache)
     if hooks and schedule.cache is not None:
         CacheRuntime(model.network, model.info, schedule.cache).remove()
     if hooks and schedule.policy is not None:

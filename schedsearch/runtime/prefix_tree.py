@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from schedsearch.runtime.cache_hooks import CacheRuntime
+from schedsearch.runtime.cache_hooks import CacheRuntime, check_expert_starts
 from schedsearch.runtime.execute import counting_rows
 from schedsearch.runtime.models import LoadedModel, initial_noise
 from schedsearch.runtime.sampler import PlanRunner, start_latent
@@ -102,6 +102,7 @@ def run_shared_prefixes(
                 k -= 1
             with counting_rows(model.network) as rows:
                 try:
+                    check_expert_starts(model.info, solver, plan)
                     if k == 0:
                         x = start_latent(x_start, solver)
                         runner = PlanRunner(solver, model.noise_schedule, model.info.prediction_type)
