@@ -146,3 +146,63 @@ def test_a_reuse_at_a_transformers_first_step_is_refused(model, pipe):
     assert not hasattr(pipe.transformer_2.blocks[0].attn1, "_diffusers_hook")  # nothing was attached
     with pytest.raises(ScheduleError, match="transformer_2"):
         apply_schedule(model, schedule)
+
+
+def forced_rows_recompute(schedule, boundary) -> bool:
+    from schedsearch.spaces.baselines import forced_recompute_steps
+
+    cache, forced = schedule.cache, forced_recompute_steps(schedule.solver, boundary)
+    return cache is None or all("0" not in cache.recompute[i] for i in forced)
+
+
+def test_spaces_force_each_transformers_first_step(model):
+    """The cache space leaves transformer_2's first step out of the genome (an all-reuse genome recomputes it), its
+    encode refuses a plan reusing there, refresh placements get it; the joint space forces it wherever the decoded
+    timesteps put the boundary. No genome or baseline of either can express a reuse there."""
+    import numpy as np
+
+    from schedsearch.runtime.models import model_structure
+    from schedsearch.spaces.cache_mask import CacheMaskSpace
+    from schedsearch.spaces.joint import JointSpace
+
+    boundary = model.info.extra["expert_boundary"]
+    structure = model_structure(model.info)
+    space = CacheMaskSpace(structure, num_steps=STEPS)  # DPM-Solver++ at t = 999, 833, ...: σ·T 999.7, 937.5, 857
+    assert space.forced == (0, 2) and space.genome_steps == (1, 3, 4, 5)
+    reuse_all = space.decode(np.zeros(space.genome.size)).cache.recompute
+    assert [row == "1" * len(space.slots) for row in reuse_all] == [True, False, True, False, False, False]
+    hand = Schedule(model.info.name, space.solver, fora(model, 3).cache)  # reuses at step 2
+    with pytest.raises(ValueError, match=r"steps \[0, 2\] must recompute"):
+        space.encode(hand)
+    assert space.refresh_schedule([0, 4]).cache.recompute[2] == "1" * len(space.slots)
+    assert space.whole_stack_refresh(space.encode(space.refresh_schedule([0, 4]))) == ((0, 2, 4), False)
+    joint = JointSpace(structure, nfe_range=(4, 8))
+    rng = np.random.default_rng(0)
+    decoded = [joint.decode(joint.genome.random(rng)) for _ in range(50)]
+    decoded += [joint.decode(np.append(g[: joint._mask.start], np.zeros(joint.genome.size - joint._mask.start)))
+                for g in (joint.genome.random(rng) for _ in range(20))]
+    assert all(forced_rows_recompute(s, boundary) for s in decoded)
+    assert any(s.cache is not None and set(s.cache.recompute[1]) == {"0"} for s in decoded)  # others are free
+    for s in decoded[:10]:
+        assert joint.decode(joint.encode(s)) == s
+
+
+def test_every_baseline_of_the_cache_joint_and_solver_spaces_runs(model):
+    """Each baseline (one sample) runs to a finite output past the forced-recompute check."""
+    from schedsearch.runtime.apply import apply_schedule
+    from schedsearch.study import build_space
+
+    boundary = model.info.extra["expert_boundary"]
+    ran = set()
+    options = {"cache": {"num_steps": STEPS}, "joint": {"nfe_range": (4, 6)}, "solver": {"nfe_range": (4, 6)}}
+    for name, opts in options.items():
+        named = build_space(name, model.info, options=opts).baselines()
+        assert named, name
+        for label, schedule in named:
+            assert forced_rows_recompute(schedule, boundary), f"{name}: {label}"
+            if schedule.key in ran:
+                continue
+            ran.add(schedule.key)
+            with apply_schedule(model, schedule) as applied:
+                out = applied.sample(["a cat"], [0], decode=False)
+            assert torch.isfinite(out).all(), f"{name}: {label}"

@@ -86,8 +86,10 @@ BLOCK_SKIP_FAMILIES = ("dit", "pixart", "sd3", "flux", "wan", "ltx", "qwen_image
 
 
 def model_structure(info: ModelInfo) -> ModelStructure:
-    """The integers a space is built from (spaces never see the model): layout, blocks, the cacheable unit."""
+    """The integers a space is built from (spaces never see the model): layout, blocks, the cacheable unit, and for a
+    two-transformer model the boundary between its experts (`spaces.baselines.expert_of_time`)."""
     unit = info.extra.get("deepcache_unit") if info.extra else None
+    boundary = info.extra.get("expert_boundary") if info.extra else None
     if unit:
         unit_group, unit_blocks = "deepcache", 1
     else:
@@ -101,6 +103,7 @@ def model_structure(info: ModelInfo) -> ModelStructure:
         unit_blocks=unit_blocks,
         has_cross_attention=any("attn2" in g.components for g in info.block_groups),
         block_skip=info.family in BLOCK_SKIP_FAMILIES,
+        extra={} if boundary is None else {"expert_boundary": dict(boundary)},
     )
 
 

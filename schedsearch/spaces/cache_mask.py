@@ -6,6 +6,10 @@ evaluated one (step 0, or step 1 under the analytical first step), one bit per s
 a skipped AFS step before it) has nothing to reuse and is always recomputed, so it is left out of the genome.
 ECAD's constraint (the schedule differs from all-recompute, §3.2) is `all_recompute_genomes()`, for the GA to forbid.
 
+Ours, for models of two transformers (Wan 2.2, `ModelStructure.extra["expert_boundary"]`): the first step the
+low-noise transformer runs has nothing cached in it either, so it is forced to recompute and left out of the genome
+too (`baselines.forced_recompute_steps`); no genome, seed or refresh placement can express a reuse there.
+
 Ours, beyond ECAD: on models whose blocks diffusers can skip (`ModelStructure.block_skip`: every transformer family)
 one more bit, last, is `skip_reused_blocks`: a block whose components are all reused at a step is skipped whole,
 modulation included (see `cache_plan`). It lets one genome express FORA's and DeepCache's block-residual reuse next
@@ -30,6 +34,7 @@ from schedsearch.spaces.baselines import (
     evenly_spaced_indices,
     every_n_cache_plan,
     first_evaluated_step,
+    forced_recompute_steps,
     tgate_interval_cache_plan,
     unique_named,
     windowed_every_n_cache_plan,
@@ -50,10 +55,12 @@ def resolve_solver(structure: ModelStructure, num_steps: int | None, solver: Sol
     return solver.validate(structure.num_train_timesteps)
 
 
-def mask_rows(bits: np.ndarray, num_steps: int, num_slots: int, forced: int) -> tuple[str, ...]:
-    """Rows of '0'/'1' from `num_steps * num_slots` bits (row-major); rows 0..forced all '1'."""
+def mask_rows(bits: np.ndarray, num_steps: int, num_slots: int, forced: int,
+              also: Sequence[int] = ()) -> tuple[str, ...]:
+    """Rows of '0'/'1' from `num_steps * num_slots` bits (row-major); rows 0..forced and the rows `also` all '1'."""
     grid = np.asarray(bits, dtype=float).reshape(num_steps, num_slots) > 0.5
     grid[: forced + 1] = True
+    grid[list(also)] = True
     return tuple("".join("1" if b else "0" for b in row) for row in grid)
 
 
@@ -102,7 +109,12 @@ class CacheMaskSpace(SearchSpace):
         self.first = first_evaluated_step(self.solver)
         if self.num_steps <= self.first + 1:
             raise ValueError(f"num_steps: {self.num_steps} steps leave no step to cache after the first evaluated one")
-        self.genome_steps = tuple(range(self.first + 1, self.num_steps))
+        # the first evaluated step, and each later transformer's first (Wan 2.2): recomputed, not genes
+        self.forced = forced_recompute_steps(self.solver, structure.extra.get("expert_boundary"))
+        self.genome_steps = tuple(i for i in range(self.first + 1, self.num_steps) if i not in self.forced)
+        if not self.genome_steps:
+            raise ValueError(f"num_steps: each of the {self.num_steps} steps is some transformer's first: nothing "
+                             "to cache; use more steps")
         if block_skip and not structure.block_skip:
             raise ValueError(f"block_skip: the blocks of {structure.name} cannot be skipped whole (not a transformer)")
         self.block_skip = structure.block_skip if block_skip is None else block_skip
@@ -113,8 +125,9 @@ class CacheMaskSpace(SearchSpace):
 
     def decode(self, genome: np.ndarray) -> Schedule:
         x = self.genome.clip(genome)
-        bits = np.concatenate([np.ones((self.first + 1) * len(self.slots)), x[: self.mask_size]])
-        rows = mask_rows(bits, self.num_steps, len(self.slots), self.first)
+        grid = np.ones((self.num_steps, len(self.slots)))
+        grid[list(self.genome_steps)] = x[: self.mask_size].reshape(len(self.genome_steps), len(self.slots))
+        rows = mask_rows(grid.reshape(-1), self.num_steps, len(self.slots), self.first)
         skip = self.block_skip and bool(x[self.mask_size] > 0.5)
         return Schedule(self.structure.name, self.solver, canonical_plan(self.layout, rows, skip),
                         meta={"space": self.name})
@@ -125,11 +138,13 @@ class CacheMaskSpace(SearchSpace):
             raise ValueError(f"schedule.solver: differs from this {self.name} space's fixed solver plan")
         if not isinstance(cache, ComponentCachePlan) or cache.layout != self.layout:
             raise ValueError(f"schedule.cache: expected a component plan for layout {self.layout!r}")
-        if any("0" in row for row in cache.recompute[: self.first + 1]):
-            raise ValueError(f"schedule.cache.recompute: steps 0..{self.first} must recompute every slot")
+        forced = sorted({*range(self.first + 1), *self.forced})
+        if any("0" in cache.recompute[i] for i in forced):
+            raise ValueError(f"schedule.cache.recompute: steps {forced} must recompute every slot (the first step "
+                             "each transformer runs has nothing cached)")
         if cache.skip_reused_blocks and not self.block_skip:
             raise ValueError("schedule.cache.skip_reused_blocks: this space has no block-skip gene (block_skip=False)")
-        mask = rows_to_bits(cache.recompute[self.first + 1 :])
+        mask = rows_to_bits([cache.recompute[i] for i in self.genome_steps])
         return np.append(mask, float(cache.skip_reused_blocks)) if self.block_skip else mask
 
     def all_recompute_genomes(self) -> list[np.ndarray]:
@@ -141,9 +156,10 @@ class CacheMaskSpace(SearchSpace):
         return bool(np.all(self.genome.clip(genome)[: self.mask_size] == 1.0))
 
     def _schedule(self, name: str, plan: ComponentCachePlan) -> tuple[str, Schedule]:
-        """Baseline made for the evaluated steps: prefix the skipped AFS step, force the first evaluated one."""
+        """Baseline made for the evaluated steps: prefix the skipped AFS step, force the first evaluated one (and
+        each later transformer's first)."""
         plan = replace(plan, recompute=("1" * len(self.slots),) * self.first + plan.recompute)
-        plan = with_recompute_rows(plan, range(self.first + 1))
+        plan = with_recompute_rows(plan, {*range(self.first + 1), *self.forced})
         return name, Schedule(self.structure.name, self.solver, plan, meta={"space": self.name, "baseline": name})
 
     def baselines(self) -> list[tuple[str, Schedule]]:
@@ -184,11 +200,13 @@ class CacheMaskSpace(SearchSpace):
 
     def refresh_schedule(self, refresh_steps: Sequence[int], skip_reused_blocks: bool = False) -> Schedule:
         """Every slot recomputed on `refresh_steps`, every slot reused elsewhere: a whole-stack unit refreshed on
-        those steps (exactly so with `skip_reused_blocks`). How CacheQuant's DP refresh steps seed this space."""
+        those steps (exactly so with `skip_reused_blocks`). How CacheQuant's DP refresh steps seed this space. A
+        later transformer's first step (Wan 2.2) is refreshed whether given or not: it cannot be anything else."""
         steps = set(refresh_steps)
         if self.first not in steps or not steps <= set(range(self.num_steps)):
             raise ValueError(f"refresh_steps: {sorted(steps)} must include step {self.first} and lie in "
                              f"[0, {self.num_steps})")
+        steps |= set(self.forced)
         width = len(self.slots)
         rows = tuple("1" * width if i in steps or i < self.first else "0" * width for i in range(self.num_steps))
         plan = canonical_plan(self.layout, rows, skip_reused_blocks and self.block_skip)
@@ -201,7 +219,8 @@ class CacheMaskSpace(SearchSpace):
         grid = x[: self.mask_size].reshape(len(self.genome_steps), len(self.slots)) > 0.5
         if not np.all(grid.all(axis=1) | ~grid.any(axis=1)):
             return None
-        steps = (self.first, *(s for s, full in zip(self.genome_steps, grid.all(axis=1), strict=True) if full))
+        full_steps = {s for s, full in zip(self.genome_steps, grid.all(axis=1), strict=True) if full}
+        steps = tuple(sorted({*self.forced, *full_steps}))
         return steps, self.block_skip and bool(x[self.mask_size] > 0.5)
 
     def _block_skip_seeds(self, seeds: list[tuple[str, Schedule]]) -> list[tuple[str, Schedule]]:

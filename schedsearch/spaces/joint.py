@@ -5,7 +5,8 @@ Genome = [S³ solver genes (solver.SolverSpace, §3 of Liu et al. 2024)]
        + [DC-Solver ratios (Zhao et al. 2024, §3.2): one real per step i ≥ dc_order, i < M]
 with M = the solver space's max steps. The step count varies with the solver genes, so the mask and ratio genes are
 indexed by absolute step: a schedule of n steps uses rows/ratios 0..n-1 and ignores the rest; the first evaluated
-step (and a skipped AFS step) is forced to recompute everything.
+step (and a skipped AFS step) is forced to recompute everything, and on a model of two transformers (Wan 2.2) so is
+the first step of the second one, wherever the decoded timesteps put it (`baselines.forced_recompute_steps`).
 
 Why absolute step rows and not a per-(step-fraction, block, component) mask: every hand-made schedule (FORA every N,
 TGATE, evenly spaced) is defined on step indices, and absolute rows express each exactly at every step count, so
@@ -22,7 +23,14 @@ from typing import Any
 import numpy as np
 
 from schedsearch.spaces.base import GenomeSpec, ModelStructure, SearchSpace
-from schedsearch.spaces.baselines import first_evaluated_step, fora_cache_plan, unique_named, with_dc_ratios
+from schedsearch.spaces.baselines import (
+    first_evaluated_step,
+    fora_cache_plan,
+    forced_recompute_steps,
+    unique_named,
+    with_dc_ratios,
+    with_recompute_rows,
+)
 from schedsearch.spaces.cache_mask import CacheMaskSpace, cache_summary, canonical_plan, mask_rows
 from schedsearch.spaces.cache_plan import ComponentCachePlan, slot_names
 from schedsearch.spaces.compensation import ratio_summary, round_ratios
@@ -58,6 +66,7 @@ class JointSpace(SearchSpace):
         if dc_order not in (1, 2, 3):
             raise ValueError(f"dc_order: {dc_order} is not 1, 2 or 3")
         self.structure = structure
+        self.boundary = structure.extra.get("expert_boundary")
         self.solver_space = SolverSpace(structure, nfe_range=nfe_range, **solver_options)
         self.nfe_range = self.solver_space.nfe_range
         self.cache = cache
@@ -95,7 +104,8 @@ class JointSpace(SearchSpace):
         plan = dataclasses.replace(with_dc_ratios(plan, ratios), dc_order=self.dc_order)
         cache = None
         if self.cache:
-            rows = mask_rows(x[self._mask][: n * len(self.slots)], n, len(self.slots), first)
+            rows = mask_rows(x[self._mask][: n * len(self.slots)], n, len(self.slots), first,
+                             also=forced_recompute_steps(plan, self.boundary))
             if any("0" in row for row in rows):
                 skip = self._skip is not None and bool(x[self._skip] > 0.5)
                 cache = canonical_plan(self.layout, rows, skip)
@@ -116,9 +126,10 @@ class JointSpace(SearchSpace):
             if not self.cache or not isinstance(cache, ComponentCachePlan) or cache.layout != self.layout:
                 raise ValueError(f"schedule.cache: this {self.name} space caches components of {self.layout!r} "
                                  f"(cache={self.cache})")
-            if any("0" in row for row in cache.recompute[: first + 1]) or cache.recompute_fraction() == 1.0:
-                raise ValueError("schedule.cache: the first evaluated step must recompute everything, and an "
-                                 "all-recompute plan is written as cache=None")
+            forced = {*range(first + 1), *forced_recompute_steps(plan, self.boundary)}
+            if any("0" in cache.recompute[i] for i in forced) or cache.recompute_fraction() == 1.0:
+                raise ValueError("schedule.cache: the first evaluated step (and each transformer's first) must "
+                                 "recompute everything, and an all-recompute plan is written as cache=None")
             grid = np.ones((self.max_steps, len(self.slots)))
             grid[:n] = [[c == "1" for c in row] for row in cache.recompute]
             x[self._mask] = grid.reshape(-1)
@@ -156,7 +167,8 @@ class JointSpace(SearchSpace):
                 for k in (2, 3):
                     fora = fora_cache_plan(self.layout, plan.num_steps - first, k)
                     rows = ("1" * len(self.slots),) * first + fora.recompute
-                    cache = ComponentCachePlan(self.layout, rows)
+                    cache = with_recompute_rows(ComponentCachePlan(self.layout, rows),
+                                                forced_recompute_steps(plan, self.boundary))
                     if cache.recompute_fraction() < 1.0:
                         label = f"{name}+fora{k}"
                         out.append((label, Schedule(self.structure.name, plan, cache,
