@@ -10,6 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
+from family_checks import quick_cache_search
 from stand_in_text import clip_stand_in
 
 diffusers = pytest.importorskip("diffusers")
@@ -206,3 +207,39 @@ def test_every_baseline_of_the_cache_joint_and_solver_spaces_runs(model):
             with apply_schedule(model, schedule) as applied:
                 out = applied.sample(["a cat"], [0], decode=False)
             assert torch.isfinite(out).all(), f"{name}: {label}"
+
+
+def test_macs_are_counted_per_transformer(model):
+    """MACs counted on the real forward of each transformer (transformer_2's feed-forward is 1.5× as wide), and a
+    schedule is charged, step by step, the MACs of the transformer that runs the step."""
+    from schedsearch.objectives.cost import ExpertCostTable
+    from schedsearch.objectives.standard import MACs
+
+    macs = MACs(model)
+    table = macs.table()
+    assert isinstance(table, ExpertCostTable) and len(table.experts) == 2
+    high, low = table.experts
+    assert low.slots["blocks.0.ffn"] == 1.5 * high.slots["blocks.0.ffn"]
+    assert low.slots["blocks.0.attn1"] == high.slots["blocks.0.attn1"]
+    uncached = Schedule(model.info.name, model.default_plan(STEPS))  # 2 steps of transformer, 4 of transformer_2
+    assert macs.value(uncached) == 2 * (2 * high.full + 4 * low.full)  # a CFG pair counts twice
+    cached = fora(model, 2)  # reuses at steps 1 (transformer), 3 and 5 (transformer_2)
+    reused = (high.full - high.base) + 2 * (low.full - low.base)
+    assert macs.value(cached) == pytest.approx(macs.value(uncached) - 2 * reused, rel=1e-9)
+
+
+def test_cache_search_runs_on_wan22(model, tmp_path):
+    """ECAD's cache search, PSNR on whole videos, MACs counted per transformer: nothing it proposes fails (no plan
+    reuses at a transformer's first step)."""
+    quick_cache_search(model, tmp_path, "wan22")
+
+
+def test_block_observers_see_whichever_transformer_runs(model):
+    """CacheQuant's unit features hook the network's blocks by path: on the pair they are hooked on both
+    transformers, so every step has its feature (transformer_2's steps included), and the hooks come off again."""
+    from schedsearch.calibration.unit_features import unit_features
+
+    features = unit_features(model, model.default_plan(STEPS), ("blocks", 0, 2), PROMPTS, [0, 1], 5.0)
+    assert all(f is not None and f.shape == (4, 3, 24) for f in features)  # CFG pair × 2, 3 tokens, width 24
+    assert all(not block._forward_hooks and not block._forward_pre_hooks
+               for expert in model.network.experts for block in expert.blocks)

@@ -18,7 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from schedsearch.errors import UserInputError
+from schedsearch.runtime.experts import ExpertPair
 from schedsearch.runtime.models import ModelInfo, block_module_name, model_layout
+from schedsearch.spaces.baselines import step_experts
 from schedsearch.spaces.cache_plan import CachePlan, ComponentCachePlan, UnitCachePlan, block_names, slot_names
 from schedsearch.spaces.schedule import SolverPlan
 
@@ -35,6 +38,15 @@ class CostTable:
     @property
     def full(self) -> float:
         return self.base + sum(self.slots.values()) + sum(self.block_overhead.values())
+
+
+@dataclass(frozen=True)
+class ExpertCostTable(CostTable):
+    """The cost of a model of two transformers (Wan 2.2): one table per transformer (`experts`, in the order of
+    `runtime.experts.ExpertPair`; they may differ in width), so a step is charged what the transformer running it
+    costs. Its own fields are the first transformer's, for readers of a single table."""
+
+    experts: tuple[CostTable, ...] = ()
 
 
 def _dit_like_macs(network: torch.nn.Module, info: ModelInfo, encoder_tokens: int) -> CostTable:
@@ -281,14 +293,31 @@ def analytic_macs_table(network: torch.nn.Module, info: ModelInfo, encoder_token
 
 def measured_macs_table(network: torch.nn.Module, info: ModelInfo, forward: Callable[[], Any], batch: int) -> CostTable:
     """Per-sample MACs counted by FlopCounterMode on a real forward (math attention, so attention is counted);
-    works for every family, and is the independent check of the analytic table."""
+    works for every family, and is the independent check of the analytic table. On an `ExpertPair` the forward is
+    counted once routed to each transformer (the same inputs through either): an `ExpertCostTable`."""
+    if isinstance(network, ExpertPair):
+        tables = []
+        for e, expert in enumerate(network.experts):
+            with network.routed_to(e):
+                counts = _flop_counts(forward)
+            tables.append(_counted_table(counts, f"{type(network).__name__}.experts.{e}", expert, info, batch))
+        first = tables[0]
+        return ExpertCostTable(first.unit, first.base, first.slots, first.block_overhead, tuple(tables))
+    return _counted_table(_flop_counts(forward), type(network).__name__, network, info, batch)
+
+
+def _flop_counts(forward: Callable[[], Any]) -> dict[str, dict[Any, int]]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         forward()
-    counts = counter.get_flop_counts()
-    root = type(network).__name__
+    return counter.get_flop_counts()
+
+
+def _counted_table(counts: dict[str, dict[Any, int]], root: str, network: torch.nn.Module, info: ModelInfo,
+                   batch: int) -> CostTable:
+    """A cost table from FlopCounterMode's counts of `network`, named `root` in them."""
 
     def macs(name: str) -> float:
         key = f"{root}.{name}" if name else root
@@ -354,15 +383,25 @@ def schedule_cost(
     table: CostTable, plan: SolverPlan, info: ModelInfo, cache: CachePlan | None = None, multiplier: float = 1.0
 ) -> float:
     """Σ over evaluated steps of base + recomputed components + blocks that run, times `multiplier` (2 for the
-    MACs of a CFG pair; 1 for a latency table measured on the real batch)."""
+    MACs of a CFG pair; 1 for a latency table measured on the real batch). An `ExpertCostTable` charges each step
+    the table of the transformer that runs it."""
     steps = evaluated_steps(plan)
+    if isinstance(table, ExpertCostTable):
+        experts = step_experts(plan, info.extra["expert_boundary"])
+        return sum(_steps_cost(t, plan, info, cache, [i for i in steps if experts[i] == e])
+                   for e, t in enumerate(table.experts)) * multiplier
+    return _steps_cost(table, plan, info, cache, steps) * multiplier
+
+
+def _steps_cost(table: CostTable, plan: SolverPlan, info: ModelInfo, cache: CachePlan | None,
+                steps: list[int]) -> float:
     slot_cost = np.array([table.slots[n] for n in slot_names_of(info)])
     blocks = list(table.block_overhead)
     block_cost = np.array([table.block_overhead[b] for b in blocks])
     total = len(steps) * table.base
     total += float((recompute_matrix(plan, cache, info)[steps] @ slot_cost).sum())
     total += float((block_run_matrix(plan, cache, blocks)[steps] @ block_cost).sum())
-    return total * multiplier
+    return total
 
 
 def measured_latency_table(
@@ -371,6 +410,9 @@ def measured_latency_table(
     """Seconds per evaluation (at the batch `forward` uses) of every component and block, timed with module hooks
     over `repeats` full forwards (median); measured once per model and device so that a schedule's latency can be
     predicted without running it."""
+    if isinstance(network, ExpertPair):
+        raise UserInputError("--objectives", f"latency_s: {info.name} runs two transformers, and a latency table "
+                             "holds one", "use macs (counted per transformer) or nfe")
     names = slot_names_of(info)
     blocks = [f"{g.path}.{b}" for g in info.block_groups for b in range(g.count)]
     samples: dict[str, list[float]] = {n: [] for n in [*names, *blocks, ""]}
