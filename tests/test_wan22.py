@@ -23,11 +23,11 @@ TEXT_DIM, FRAMES, PIXELS, BOUNDARY, STEPS = 32, 9, 16, 0.875, 6
 PROMPTS = ["a cat", "a dog"]
 
 
-def _transformer(seed: int, ffn_dim: int):
+def _transformer(seed: int, ffn_dim: int, num_layers: int = 2):
     torch.manual_seed(seed)
     return diffusers.WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-        text_dim=TEXT_DIM, freq_dim=256, ffn_dim=ffn_dim, num_layers=2, cross_attn_norm=True,
+        text_dim=TEXT_DIM, freq_dim=256, ffn_dim=ffn_dim, num_layers=num_layers, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
     )
 
@@ -100,6 +100,31 @@ def test_default_plan_is_the_pipelines_own_call(model, pipe):
     assert (same_scale - ours).abs().max() > 1e-3
     default_scale = call(pipe, x, num_inference_steps=STEPS, guidance_scale=5.0)  # guidance_scale_2 = 5.0
     assert (same_scale - default_scale).abs().max() < 1e-5
+
+
+def test_what_the_pipeline_cannot_run_is_refused(pipe, saved):
+    """Refused before any work, naming the setting and the fix: boundary_ratio without transformer_2 (the
+    pipeline's loop would call None), transformers of different depths (one plan layout cannot address both),
+    guidance_2 on a one-transformer model (WanPipeline refuses guidance_scale_2 without boundary_ratio), each as
+    `<field>: <problem>; <fix>`; the CLI describes the two-transformer pipeline."""
+    from schedsearch.cli import main
+    from schedsearch.errors import UserInputError
+    from schedsearch.runtime.diffusers_models import loaded_model_from_pipeline
+
+    parts = {k: v for k, v in pipe.components.items() if k != "transformer_2"}
+    missing = r"--model: WanPipeline has boundary_ratio=0.875 but no `transformer_2`"
+    with pytest.raises(UserInputError, match=missing) as err:
+        loaded_model_from_pipeline(diffusers.WanPipeline(**parts, transformer_2=None, boundary_ratio=BOUNDARY))
+    assert str(err.value).endswith("; load the pipeline with both transformers")  # the CLI prints error: <this>
+    deeper = diffusers.WanPipeline(**parts, transformer_2=_transformer(1, 32, num_layers=3), boundary_ratio=BOUNDARY)
+    with pytest.raises(UserInputError, match="same number of blocks"):
+        loaded_model_from_pipeline(deeper)
+    one = loaded_model_from_pipeline(diffusers.WanPipeline(**parts, transformer_2=None), resolution=PIXELS,
+                                     num_frames=FRAMES)
+    assert "expert_boundary" not in one.info.extra
+    with pytest.raises(UserInputError, match=r"guidance_2: .* runs one network"):
+        one.denoiser(PROMPTS, 5.0, guidance_2=2.0)
+    assert main(["info", "--model", f"diffusers:{saved}", "--resolution", str(PIXELS), "--frames", str(FRAMES)]) == 0
 
 
 def fora(model, interval: int) -> Schedule:
@@ -243,3 +268,49 @@ def test_block_observers_see_whichever_transformer_runs(model):
     assert all(f is not None and f.shape == (4, 3, 24) for f in features)  # CFG pair × 2, 3 tokens, width 24
     assert all(not block._forward_hooks and not block._forward_pre_hooks
                for expert in model.network.experts for block in expert.blocks)
+
+
+def build_ti2v(tmp):
+    """diffusers' Wan 2.2 TI2V-5B test components: one transformer, the 48-channel VAE (16× spatial), and the
+    pipeline's `expand_timesteps` (a timestep per latent token)."""
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=48, in_channels=12, out_channels=12, is_residual=True,
+                                     patch_size=2, latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
+                                     dim_mult=[1, 1, 1, 1], num_res_blocks=1, scale_factor_spatial=16,
+                                     scale_factor_temporal=4, temperal_downsample=[False, True, True])
+    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  flow_shift=3.0)
+    torch.manual_seed(0)
+    transformer = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=48, out_channels=48,
+        text_dim=TEXT_DIM, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    )
+    tokenizer, text_encoder = clip_stand_in(tmp, TEXT_DIM, 512)
+    return diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                                 transformer=transformer, expand_timesteps=True)
+
+
+def test_ti2v_5b_is_supported(tmp_path):
+    """TI2V-5B (expand_timesteps=True, one transformer): the transformer gets a timestep per latent token, shaped
+    as WanPipeline makes it (its mask[:, ::2, ::2] over the 3 × 2 × 2 latent: 3 tokens); the default plan equals
+    pipe(prompt=...) to 1e-5 at 32 px; decoding goes through its 48-channel VAE."""
+    build_ti2v(tmp_path).save_pretrained(tmp_path / "pipe")
+    ti2v = load_model(f"diffusers:{tmp_path / 'pipe'}", resolution=32, num_frames=FRAMES)
+    assert ti2v.info.extra["expand_timesteps"] and "expert_boundary" not in ti2v.info.extra
+    assert ti2v.info.sample_shape == (48, 3, 2, 2)
+    pipe = diffusers.WanPipeline.from_pretrained(tmp_path / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    x = initial_noise([0, 1], ti2v.info.sample_shape)
+    shapes = []
+    handle = ti2v.network.register_forward_pre_hook(lambda m, a, k: shapes.append(tuple(k["timestep"].shape)),
+                                                    with_kwargs=True)
+    with torch.no_grad():
+        ours = sample(ti2v.denoiser(PROMPTS, 5.0), x, ti2v.default_plan(3), ti2v.noise_schedule, "flow_prediction")
+    handle.remove()
+    with torch.no_grad():
+        theirs = pipe(prompt=PROMPTS, negative_prompt="", latents=x, height=32, width=32, num_frames=FRAMES,
+                      num_inference_steps=3, guidance_scale=5.0, output_type="latent").frames
+    assert shapes == [(4, 3)] * 3  # the CFG batch of 2 × 2 samples, 3 tokens
+    assert (ours - theirs).abs().max() < 1e-5
+    assert ti2v.decode(ours[:1]).shape == (1, 3, FRAMES, 32, 32)
