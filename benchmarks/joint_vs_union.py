@@ -9,11 +9,12 @@ Searches, each in its own store, three strategy seeds:
   the masks of the two best solvers it found; its first half is the `solver` search itself (same seeds, options
   and strategy seed), so `bilevel` against `solver ∪ cache` isolates what caching good solvers adds;
 - `joint-ga`: ECAD's GA on the whole `joint` genome (`joint_vs_separate.py`'s joint search).
-The joint searches get twice the evaluations of each separate one: equal total budget against the union. At
-checkpoints (a quarter, half, three quarters and all of the budget) each search-split front is re-scored on
-`--heldout-samples` held-out seeds (one shared store), and its hypervolume is divided by that of the joint space's
-baselines' held-out front (every hand-made solver, FORA on them, ECAD's heuristic cache seeds), one reference point
-for all (1 dB below the worst baseline PSNR, 1.05× the largest baseline MACs). Model work is denoiser forward passes
+The joint searches get twice the evaluations of each separate one: equal total budget against the union (records
+past the budget, from a generation that overshoots it, are left out). At checkpoints (a quarter, half, three
+quarters and all of the budget) each search-split front is re-scored on `--heldout-samples` held-out seeds (one
+shared store), and its hypervolume is divided by that of the joint space's baselines' held-out front (every
+hand-made solver, FORA on them, ECAD's heuristic cache seeds), one reference point for all (1 dB below the worst
+baseline PSNR, 1.05× the largest baseline MACs). Model work is denoiser forward passes
 read from the records (CacheQuant's and the screen's 8-sample feature runs included: one each per cache space).
 
     python benchmarks/joint_vs_union.py [--seeds 0,1,2] [--budget 160] [--work-dir DIR] [--searches ...]
@@ -152,7 +153,7 @@ def _checkpoints(name: str, records: list, args: argparse.Namespace) -> list[dic
     passes = features * FEATURE_SAMPLES * steps * 2  # feature runs: samples × steps × CFG pair
     points, schedules, out = [], [], []
     ends = [round(f * args.budget * multiple) for f in FRACTIONS]
-    ends[-1] = max(ends[-1], len(records))
+    ends[-1] = min(ends[-1], len(records))  # equal evaluations: a GA's last generation may overshoot the budget
     for i, record in enumerate(records, start=1):
         passes += int(record.summary.get("forward_passes", 0))
         if record.status == "ok":
