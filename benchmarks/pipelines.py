@@ -30,6 +30,7 @@ import test_ltx
 import test_qwen_image
 import test_sana
 import test_wan
+import test_wan22
 
 from schedsearch.objectives.cost import analytic_macs_table, measured_macs_table
 from schedsearch.runtime.cache_hooks import CacheRuntime
@@ -39,20 +40,23 @@ from schedsearch.search.base import Budget
 from schedsearch.spaces.cache_plan import ComponentCachePlan
 from schedsearch.study import run_search
 
-FAMILIES = ["dit", "pixart", "sana", "sd", "sdxl", "sd3", "flux", "wan", "hunyuan_video", "ltx", "qwen_image"]
+FAMILIES = ["dit", "pixart", "sana", "sd", "sdxl", "sd3", "flux", "wan", "wan22", "hunyuan_video", "ltx",
+            "qwen_image"]  # rows; "wan22" is family "wan" with two transformers (Wan 2.2 A14B)
 STEPS = 4
 SIZE = {"flux": {"resolution": 16}, "sana": {"resolution": test_sana.PIXELS},
         "wan": {"resolution": test_wan.PIXELS, "num_frames": test_wan.FRAMES},
+        "wan22": {"resolution": test_wan22.PIXELS, "num_frames": test_wan22.FRAMES},
         "hunyuan_video": {"resolution": test_hunyuan_video.PIXELS, "num_frames": test_hunyuan_video.FRAMES},
         "ltx": {"resolution": test_ltx.PIXELS, "num_frames": test_ltx.FRAMES},
         "qwen_image": {"resolution": test_qwen_image.PIXELS}}
-OWN_TEST = {"sana": test_sana, "wan": test_wan, "hunyuan_video": test_hunyuan_video,
+OWN_TEST = {"sana": test_sana, "wan": test_wan, "wan22": test_wan22, "hunyuan_video": test_hunyuan_video,
             "ltx": test_ltx, "qwen_image": test_qwen_image}  # builders, embeddings
 # the tiny pipelines that have a text encoder
-PROMPTED = {"sd": ["a cat", "a dog"], "wan": ["a cat", "a dog"], "ltx": ["a cat", "a dog"],
+PROMPTED = {"sd": ["a cat", "a dog"], "wan": ["a cat", "a dog"], "wan22": ["a cat", "a dog"], "ltx": ["a cat", "a dog"],
             "qwen_image": ["a cat", "a dog"]}
 # the CFG scale of the equivalence call where the test's differs from the model's default
 GUIDANCE = {"ltx": test_ltx.GUIDANCE, "qwen_image": test_qwen_image.GUIDANCE}
+GUIDANCE_2 = {"wan22": 2.0}  # Wan 2.2's low-noise scale (guidance_scale_2), unlike the high-noise 5.0
 
 
 def conditions(family: str):
@@ -66,8 +70,9 @@ def equivalence(family: str, model, path: Path) -> dict:
     x = initial_noise([0, 1], model.info.sample_shape)
     plan = model.default_plan(STEPS)
     with torch.no_grad():
-        guidance = GUIDANCE.get(family)
-        ours = sample(model.denoiser(cond, guidance), x, plan, model.noise_schedule, model.info.prediction_type)
+        guidance, guidance_2 = GUIDANCE.get(family), GUIDANCE_2.get(family)
+        ours = sample(model.denoiser(cond, guidance, guidance_2), x, plan, model.noise_schedule,
+                      model.info.prediction_type)
         pipe = tdm._pipeline(path)
         if family == "sana":
             theirs = test_sana._stock(path, x, cond, STEPS)[0].images
@@ -77,10 +82,13 @@ def equivalence(family: str, model, path: Path) -> dict:
             theirs = test_ltx._call(test_ltx._pipe(path), x, cond, STEPS)
         elif family == "qwen_image":  # true CFG: two calls per step, norm-preserving combination
             theirs = test_qwen_image._call(test_qwen_image._pipe(path), x, STEPS, **cond)
-        elif family == "wan":
+        elif family in ("wan", "wan22"):  # Wan 2.2: the low-noise transformer at guidance_scale_2
             full = {k: v.expand(len(x), *v.shape[1:]) for k, v in cond.items()}
-            theirs = pipe(latents=x, guidance_scale=5.0, height=test_wan.PIXELS, width=test_wan.PIXELS,
-                          num_frames=test_wan.FRAMES, num_inference_steps=STEPS, output_type="latent", **full).frames
+            second = {"guidance_scale_2": guidance_2} if guidance_2 is not None else {}
+            size = OWN_TEST[family]
+            theirs = pipe(latents=x, guidance_scale=5.0, height=size.PIXELS, width=size.PIXELS,
+                          num_frames=size.FRAMES, num_inference_steps=STEPS, output_type="latent", **full,
+                          **second).frames
         else:
             theirs = tdm.stock_call(family, pipe, x, cond, STEPS)
     return {"equivalence": float((ours - theirs).abs().max()), "scheduler": type(pipe.scheduler).__name__,
@@ -118,13 +126,16 @@ def macs(model) -> dict:
     x = initial_noise([0], model.info.sample_shape)
     one = {k: v[:1] for k, v in cond.items()} if isinstance(cond, dict) else cond[:1]
     denoise = model.denoiser(one, guidance=1.0)
-    counted = measured_macs_table(model.network, model.info, lambda: denoise(x, 500.0, 0), batch=1).full
+    table = measured_macs_table(model.network, model.info, lambda: denoise(x, 500.0, 0), batch=1)
+    counted = table.full
+    per_transformer = [t.full for t in getattr(table, "experts", ())]  # Wan 2.2: each transformer's own count
     # the analytic table assumes the family's production text length (e.g. Flux 512); give it the tiny one's
     text = cond["prompt_embeds"].shape[1] if isinstance(cond, dict) else tdm.TEXT_LEN
     try:
         analytic = analytic_macs_table(model.network, model.info, encoder_tokens=text).full
     except NotImplementedError:
-        return {"macs_counted": counted, "macs_analytic": None}
+        out = {"macs_counted": counted, "macs_analytic": None}
+        return out | ({"macs_counted_per_transformer": per_transformer} if per_transformer else {})
     return {"macs_counted": counted, "macs_analytic": analytic, "macs_analytic_over_counted": analytic / counted}
 
 
@@ -152,6 +163,8 @@ def main() -> None:
         path = work / family
         if family == "wan":
             pipe = test_wan.build_wan(work)
+        elif family == "wan22":
+            pipe = test_wan22.build_wan22(work)
         elif family == "sana":
             pipe = test_sana.build_sana()
         elif family == "hunyuan_video":
@@ -164,7 +177,7 @@ def main() -> None:
             pipe = tdm.build_pipeline(family, work)
         pipe.save_pretrained(path)
         model = load_model(f"diffusers:{path}", **SIZE.get(family, {}))
-        row = {"family": family, "denoiser": type(model.network).__name__}
+        row = {"family": family, "denoiser": model.info.extra["denoiser_class"]}
         parts = ((equivalence, (family, model, path)), (hook_overhead, (model, args.rounds)), (macs, (model,)),
                  (quick_study, (family, model, work)))
         for part, part_args in parts:

@@ -65,6 +65,13 @@ def pipe(saved):
     return loaded
 
 
+def embeddings(n: int) -> dict:
+    """Pre-encoded prompts (the text encoder's width, 6 tokens) and a negative prompt."""
+    g = torch.Generator().manual_seed(1)
+    return {"prompt_embeds": torch.randn(n, 6, TEXT_DIM, generator=g),
+            "negative_prompt_embeds": torch.randn(1, 6, TEXT_DIM, generator=g)}
+
+
 def call(pipe, x, **kwargs):
     """pipe(prompt=...) as users call it, at the test's size, with given starting latents; the final latents."""
     with torch.no_grad():
@@ -125,6 +132,18 @@ def test_what_the_pipeline_cannot_run_is_refused(pipe, saved):
     with pytest.raises(UserInputError, match=r"guidance_2: .* runs one network"):
         one.denoiser(PROMPTS, 5.0, guidance_2=2.0)
     assert main(["info", "--model", f"diffusers:{saved}", "--resolution", str(PIXELS), "--frames", str(FRAMES)]) == 0
+
+
+def test_a_runtime_policy_is_refused(model):
+    """A runtime policy keeps one network's state: refused before any work, with the static-plan fix."""
+    from schedsearch.runtime.execute import run_batches
+    from schedsearch.spaces.errors import ScheduleError
+    from schedsearch.spaces.policy_plan import KNOBS, RuntimePolicy
+
+    policy = RuntimePolicy("first_block_cache", tuple((k.name, k.default) for k in KNOBS["first_block_cache"]))
+    schedule = Schedule(model.info.name, model.default_plan(STEPS), policy=policy)
+    with pytest.raises(ScheduleError, match=r"policy: .* runs two transformers.*; use a static cache plan"):
+        next(run_batches(model, schedule, PROMPTS, [0, 1], decode=False))
 
 
 def fora(model, interval: int) -> Schedule:

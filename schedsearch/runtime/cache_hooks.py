@@ -226,10 +226,11 @@ def check_expert_starts(info: ModelInfo, solver: SolverPlan, cache: CachePlan | 
         full = cache.refresh_mask()[step] if isinstance(cache, UnitCachePlan) else "0" not in cache.recompute[step]
         if not full:
             name = "transformer_2" if experts[step] else "transformer"
-            field = "cache.refresh_steps" if isinstance(cache, UnitCachePlan) else f"cache.recompute[{step}]"
+            unit = isinstance(cache, UnitCachePlan)
+            field = "cache.refresh_steps" if unit else f"cache.recompute[{step}]"
             raise ScheduleError(field, f"step {step} is the first step {name} runs (below boundary_ratio="
                                 f"{boundary['ratio']}), so it has nothing cached to reuse",
-                                f"recompute every slot at step {step}")
+                                f"refresh the unit at step {step}" if unit else f"recompute every slot at step {step}")
 
 
 class CacheRuntime:

@@ -60,6 +60,9 @@ def attach_runtime(model: LoadedModel, schedule: Schedule) -> CacheRuntime | Pol
     if schedule.cache is not None:
         return CacheRuntime(model.network, model.info, schedule.cache)
     if schedule.policy is not None:
+        if "expert_boundary" in model.info.extra:
+            raise ScheduleError("policy", f"{model.info.name} runs two transformers, and a runtime policy keeps the "
+                                "state of one", "use a static cache plan (--space cache)")
         try:
             return PolicyRuntime(model, schedule.policy, schedule.solver)
         except ValueError as exc:  # the runtime's own check of its config against this network

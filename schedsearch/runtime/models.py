@@ -109,8 +109,11 @@ def model_structure(info: ModelInfo) -> ModelStructure:
 
 def block_module_name(network: torch.nn.Module, path: str, count: int, index: int) -> str:
     """Module name of block `index` of a group: `path.index` in a ModuleList; `path` itself for a single-unit
-    group (a UNet block such as `down_blocks.0`, whose slot names still carry the index 0)."""
-    single = count == 1 and not isinstance(network.get_submodule(path), torch.nn.ModuleList)
+    group (a UNet block such as `down_blocks.0`, whose slot names still carry the index 0). The same in every
+    transformer of an `ExpertPair`, so its first answers."""
+    from schedsearch.runtime.experts import experts_of
+
+    single = count == 1 and not isinstance(experts_of(network)[0].get_submodule(path), torch.nn.ModuleList)
     return path if single else f"{path}.{index}"
 
 
