@@ -9,7 +9,7 @@ import torch
 from schedsearch.calibration.calibration_set import CalibrationSet, default_spec
 from schedsearch.evaluation.local import LocalEvaluator
 from schedsearch.runtime.execute import run_batches
-from schedsearch.runtime.prefix_tree import group_key, run_shared_prefixes
+from schedsearch.runtime.prefix_tree import PrefixStates, group_key, run_shared_prefixes
 from schedsearch.study import build_space
 
 STEPS = 6
@@ -86,3 +86,58 @@ def test_evaluator_with_shared_prefixes_scores_as_one_at_a_time(builtin_model, s
     for e in shared:
         assert e.status == "ok" and e.metrics == alone[e.schedule.key].metrics
     assert sum(e.forward_passes for e in shared) < sum(e.forward_passes for e in alone.values())
+
+
+def test_states_kept_across_calls_resume_later_plans_bit_identically(builtin_model, space) -> None:
+    """A second call with the first call's states resumes from prefixes the first call's plans ran: the same
+    latents as separate runs, fewer steps than the second call run on its own."""
+    schedules = plans(space, 14, seed=5, skip=True)
+    first, second = schedules[:7], schedules[7:]
+    conditions, seeds = [2, 9], [21, 22]
+    denoise = builtin_model.denoiser(conditions, None)
+    states = PrefixStates()
+    list(run_shared_prefixes(builtin_model, first, denoise, seeds, states=states))
+    kept = list(run_shared_prefixes(builtin_model, second, denoise, seeds, states=states))
+    fresh = list(run_shared_prefixes(builtin_model, second, denoise, seeds))
+    assert sum(r.steps_run for r in kept) < sum(r.steps_run for r in fresh)
+    for run in kept:
+        (_, alone), = run_batches(builtin_model, second[run.index], conditions, seeds, decode=False)
+        assert torch.equal(run.latents, alone)
+    # other seeds are another context: nothing to resume from
+    other = list(run_shared_prefixes(builtin_model, second[:1], builtin_model.denoiser([4], None), [99],
+                                     states=states))
+    assert other[0].steps_run == STEPS
+
+
+def test_prefix_states_count_each_storage_once_and_drop_the_least_recently_used() -> None:
+    from schedsearch.runtime.noise import VPSchedule
+    from schedsearch.runtime.sampler import PlanRunner
+    from schedsearch.spaces.baselines import dpm_solver_plan, linspace_timesteps
+
+    runner = PlanRunner(dpm_solver_plan(linspace_timesteps(1000, 4)), VPSchedule.linear(), "epsilon")
+    shared = torch.zeros(1000)  # 4,000 bytes, in every state
+    states = PrefixStates(max_bytes=4000 + 2 * 800)
+    for i in range(3):
+        states.put("c", ("1",) * (i + 1), (torch.zeros(200), runner, [{"batch": shared}]))
+    # the shared tensor counted once: 4,000 + 3 × 800 > bound, so the oldest state went
+    assert len(states) == 2 and states.held_bytes == 4000 + 2 * 800
+    assert states.deepest("c", ("1",) * 3, limit=3)[0] == 3
+    assert states.deepest("c", ("1",) * 3, limit=1) == (0, None)  # ("1",) was dropped
+    states.deepest("c", ("1",) * 2, limit=2)  # touch the 2-row state: the 3-row one is now the oldest
+    states.put("c", ("0",), (torch.zeros(200), runner, []))
+    assert states.deepest("c", ("1",) * 3, limit=3)[0] == 2
+    assert states.deepest("other", ("1",) * 2, limit=2) == (0, None)
+
+
+def test_evaluator_keeps_states_between_generations(builtin_model, space, tmp_path) -> None:
+    spec = default_spec(builtin_model.info, samples=3, teacher_steps=12)
+    calibration = CalibrationSet.open(spec, tmp_path).build(builtin_model, batch_size=3, progress=False)
+    schedules = plans(space, 10, seed=7, skip=False)
+    objectives = ["psnr", "macs"]
+    alone = {e.schedule.key: e for e in LocalEvaluator(builtin_model, calibration, objectives).evaluate(schedules)}
+    evaluator = LocalEvaluator(builtin_model, calibration, objectives, share_prefixes=True)
+    list(evaluator.evaluate(schedules[:5]))
+    later = list(evaluator.evaluate(schedules[5:]))
+    fresh = list(LocalEvaluator(builtin_model, calibration, objectives, share_prefixes=True).evaluate(schedules[5:]))
+    assert all(e.metrics == alone[e.schedule.key].metrics for e in later)
+    assert sum(e.forward_passes for e in later) < sum(e.forward_passes for e in fresh)

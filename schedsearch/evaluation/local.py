@@ -62,6 +62,7 @@ class LocalEvaluator:
         calibration.spec.head(self.samples)  # range check
         self.batch_size = batch_size
         self.share_prefixes = share_prefixes
+        self._prefix_states: Any = None  # the prefix tree's kept states, across calls (one study's generations)
         if objectives and isinstance(objectives[0], str):
             context = ObjectiveContext(model, calibration.reference_stats_by_name(model.info), cost_cache_dir,
                                        dict(options or {}))
@@ -80,7 +81,8 @@ class LocalEvaluator:
     def evaluate(self, schedules: Iterable[Schedule]) -> Iterator[Evaluation]:
         """One evaluation per schedule, as each finishes. With `share_prefixes`, static component cache plans of
         one solver plan run as a prefix tree (`runtime/prefix_tree.py`): bit-identical results, each shared
-        prefix computed once, yielded in prefix order."""
+        prefix computed once, yielded in prefix order. The tree's states are kept across calls (within its memory
+        bound), so a plan of a later call resumes where a plan of an earlier one left its prefix."""
         schedules = list(schedules)
         if not self.share_prefixes or not isinstance(self.calibration.spec.conditions, Sequence):
             for schedule in schedules:
@@ -92,7 +94,7 @@ class LocalEvaluator:
         for schedule in schedules:
             groups.setdefault(group_key(schedule) or ("alone", schedule.key), []).append(schedule)
         for members in groups.values():
-            if len(members) == 1:
+            if group_key(members[0]) is None:
                 yield self.evaluate_one(members[0])
             else:
                 yield from self._evaluate_group(members)
@@ -100,8 +102,10 @@ class LocalEvaluator:
     def _evaluate_group(self, schedules: list[Schedule]) -> Iterator[Evaluation]:
         """Score plans that share prefixes: every plan on each sample batch through the prefix tree, each plan's
         images streamed into its own accumulators. Results come when the last batch is done."""
-        from schedsearch.runtime.prefix_tree import run_shared_prefixes
+        from schedsearch.runtime.prefix_tree import PrefixStates, run_shared_prefixes
 
+        if self._prefix_states is None:
+            self._prefix_states = PrefixStates()
         spec = self.calibration.spec.head(self.samples)
         image_objectives = [o for o in self.objectives if isinstance(o, ImageObjective)]
         cost_objectives = [o for o in self.objectives if isinstance(o, CostObjective)]
@@ -118,7 +122,8 @@ class LocalEvaluator:
             denoise = self.model.denoiser(list(spec.conditions[part]), spec.guidance)
             teacher = self.calibration.teacher(part.start, part.stop) if needs_teacher else None
             start = time.perf_counter()
-            for run in run_shared_prefixes(self.model, [schedules[j] for j in live], denoise, spec.seeds[part]):
+            for run in run_shared_prefixes(self.model, [schedules[j] for j in live], denoise, spec.seeds[part],
+                                           states=self._prefix_states):
                 j = live[run.index]
                 passes[j] += run.forward_passes
                 try:
