@@ -1,7 +1,8 @@
 """Search cost: hypervolume on held-out samples against the model work spent, ECAD (the reference: its GA, every plan
-run from noise) against ECAD with the reuse-error screen and bounded seeds (`--screen 8`), then with prefix sharing
-(`share_prefixes`, bit-identical records), then with 16 samples per evaluation instead of 32, on the builtin DiT's
-cache space (20 DPM-Solver++ steps, PSNR to the 100-step teacher ↑ / MACs ↓).
+run from noise) against ECAD with the reuse-error screen and bounded seeds (`--screen 8`), then with 16 samples per
+evaluation instead of 32 and prefix sharing (`share_prefixes`: each generation's plans as a prefix tree, resuming
+from the states earlier generations left; bit-identical records), then with 8 samples, on the builtin DiT's cache
+space (20 DPM-Solver++ steps, PSNR to the 100-step teacher ↑ / MACs ↓).
 
 Each (configuration, strategy seed) is one study in its own store (resumable: re-running continues each study to
 its budget). Model work is denoiser forward passes (one per sample row of every denoiser call; a CFG pair is two),
@@ -47,8 +48,6 @@ CONFIGS = {
     "ecad": {"options": {"population": 24, "shift_seeds": True}, "budget": 972, "prepare": 1, "share": False},
     "ecad+screen": {"options": {"population": 24, "shift_seeds": True, "screen": 8}, "budget": 384, "prepare": 2,
                     "share": False},
-    "ecad+screen+share": {"options": {"population": 24, "shift_seeds": True, "screen": 8}, "budget": 384,
-                          "prepare": 2, "share": True},
     "ecad+screen+share@16": {"options": {"population": 24, "shift_seeds": True, "screen": 8}, "budget": 384,
                              "prepare": 2, "share": True, "samples": 16},
     "ecad+screen+share@8": {"options": {"population": 24, "shift_seeds": True, "screen": 8}, "budget": 384,
@@ -81,6 +80,7 @@ def main() -> None:
     space_options = {"num_steps": args.steps}
     curves: dict[str, dict[int, list[tuple[int, int, list]]]] = {}
     timing: dict[str, dict[int, float]] = {}
+    saved: dict[str, dict[int, float]] = {}  # fraction of the passes prefix sharing saved, by configuration and seed
     for name in configs:
         config = CONFIGS[name]
         samples = config.get("samples") or args.samples
@@ -98,6 +98,9 @@ def main() -> None:
             with ResultStore(store_path) as store:
                 records = store.records("ecad")
             curves.setdefault(name, {})[seed] = _checkpoint_fronts(records, prepare, samples, args.steps)
+            if config["share"]:  # what the same records cost run from noise: every plan, every step
+                spent = sum(int(r.summary.get("forward_passes", 0)) for r in records)
+                saved.setdefault(name, {})[seed] = 1 - spent / (len(records) * samples * args.steps * 2)
             print(json.dumps({"config": name, "seed": seed, "evaluations": len(records),
                               "wall_time_s": timing[name][seed]}), file=sys.stderr)
     heldout, full = _heldout_scores(model, curves, args.heldout_samples, work, space_options)
@@ -120,6 +123,7 @@ def main() -> None:
                              "heldout_over_baselines": hypervolume(pts, DIRECTIONS, ref) / hv_base,
                              "front_size": len(front)})
             runs[seed] = {"checkpoints": rows, "wall_time_s_this_run": timing[name][seed],
+                          "passes_saved_by_sharing": saved.get(name, {}).get(seed),
                           **{f"passes_to_{level:.2f}": _first_reaching(rows, level) for level in LEVELS}}
         out["runs"][name] = runs
     for level in LEVELS:
@@ -189,8 +193,8 @@ def _figure(out: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    colors = {"ecad": "tab:orange", "ecad+screen": "tab:green", "ecad+screen+share": "tab:blue",
-              "ecad+screen+share@16": "tab:purple"}
+    colors = {"ecad": "tab:orange", "ecad+screen": "tab:green", "ecad+screen+share@16": "tab:purple",
+              "ecad+screen+share@8": "tab:blue"}
     for name, runs in out["runs"].items():
         for i, run in enumerate(runs.values()):
             rows = run["checkpoints"]
