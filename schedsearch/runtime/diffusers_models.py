@@ -758,6 +758,8 @@ def encode_prompts(pipe: Any, family: str, prompts: Sequence[str]) -> dict[str, 
                 "negative_prompt_attention_mask": nm}
     if family == "qwen_image":
         return _qwen_image_prompts(pipe, prompts, device)
+    if family == "hunyuan_video":
+        return _hunyuan_video_prompts(pipe, prompts, device)
     raise ValueError(f"family {family!r} takes no prompts")
 
 
@@ -783,6 +785,31 @@ def _qwen_image_prompts(pipe: Any, prompts: list[str], device: torch.device) -> 
     return out
 
 
+def _hunyuan_video_prompts(pipe: Any, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """HunyuanVideoPipeline.encode_prompt at its `__call__`'s default prompt_template and max_sequence_length, as
+    `pipe(prompt=...)` calls it: the Llama encoder's hidden states with the template's tokens cropped off and their
+    mask, and CLIP's (text_encoder_2) pooled embedding. Guidance-distilled: its default call has no negative prompt."""
+    if getattr(pipe, "text_encoder_2", None) is None or getattr(pipe, "tokenizer_2", None) is None:
+        raise ValueError(f"{type(pipe).__name__} has no text_encoder_2/tokenizer_2 (CLIP, for the pooled embedding): "
+                         f"pass pre-encoded conditions, a dict with keys {EMBEDDING_KEYS['hunyuan_video']}")
+    embeds, pooled, mask = pipe.encode_prompt(
+        prompt=prompts, prompt_template=_call_default(pipe, "prompt_template"), device=device,
+        max_sequence_length=_call_default(pipe, "max_sequence_length"))
+    return {"prompt_embeds": embeds, "prompt_attention_mask": mask, "pooled_prompt_embeds": pooled}
+
+
+def _refuse_true_cfg(embeds: Mapping[str, Any]) -> None:
+    """HunyuanVideoPipeline runs true CFG (a second transformer call on the negative prompt, `true_cfg_scale` > 1)
+    only when given a negative prompt; schedsearch samples its default guidance-distilled call, as it does Flux's, so
+    negative embeddings would be silently ignored: refused instead, before any work."""
+    negatives = sorted(k for k in embeds if k.startswith("negative_"))
+    if negatives:
+        raise UserInputError("conditions", f"{negatives} given, but schedsearch runs HunyuanVideo's default "
+                             "guidance-distilled call (one transformer call per step, guidance embedded), not its "
+                             "true CFG (true_cfg_scale > 1 with a negative prompt)",
+                             "drop the negative_ keys; set the embedded guidance with guidance")
+
+
 def _conditions(
     pipe: Any,
     family: str,
@@ -802,6 +829,8 @@ def _conditions(
         return {"class_labels": labels}, {"class_labels": null}
     if isinstance(conditions, str):
         conditions = [conditions]
+    if family == "hunyuan_video" and isinstance(conditions, Mapping):
+        _refuse_true_cfg(conditions)
     embeds = conditions if isinstance(conditions, Mapping) else encode_prompts(pipe, family, conditions)
     cond, uncond = _from_embeddings(family, embeds, need_uncond)
     if family == "sdxl":  # micro-conditioning (original size, crop top-left, target size) as the pipeline sets it
