@@ -18,3 +18,28 @@ def quick_cache_search(model: Any, tmp_path: Path, study: str) -> Any:
                         strategy_options={"population": 4}, progress=False, validate=False)
     assert result.evaluations >= 4 and result.failed == 0
     return result
+
+
+SPACES = ("solver", "cache", "cachequant", "dc", "joint")
+
+
+def every_baseline_runs(model: Any, conditions: Any, spaces: tuple[str, ...] = SPACES) -> int:
+    """Every baseline of each space (each schedule once) sampled on one sample through `apply_schedule`, to a finite
+    output; the number of schedules run."""
+    import torch
+
+    from schedsearch.runtime.apply import apply_schedule
+    from schedsearch.study import build_space
+
+    ran = set()
+    for name in spaces:
+        named = build_space(name, model.info).baselines()
+        assert named, name
+        for label, schedule in named:
+            if schedule.key in ran:
+                continue
+            ran.add(schedule.key)
+            with apply_schedule(model, schedule) as applied:
+                out = applied.sample(conditions, [0], decode=False)
+            assert torch.isfinite(out).all(), f"{name}: {label}"
+    return len(ran)
