@@ -1051,7 +1051,7 @@ def loaded_model_from_pipeline(
     schedule = noise_schedule_of(pipe.scheduler, layout["tokens_per_sample"])
     if two:
         layout["expert_boundary"] = _expert_boundary(pipe, schedule)
-    first = experts_of(network)[0]  # the block structure, widths and class every expert shares (checked below)
+    first = experts_of(network)[0]  # blocks every expert shares (checked below); class and widths: the first's
     if family in ("sd", "sdxl"):
         groups = unet_block_groups(network)
         extra = {"deepcache_unit": deepcache_unit(network)}
