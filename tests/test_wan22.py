@@ -336,3 +336,13 @@ def test_ti2v_5b_is_supported(tmp_path):
     assert shapes == [(4, 3)] * 3  # the CFG batch of 2 × 2 samples, 3 tokens
     assert (ours - theirs).abs().max() < 1e-5
     assert ti2v.decode(ours[:1]).shape == (1, 3, FRAMES, 32, 32)
+
+
+def test_the_evaluators_row_counter_sees_both_transformers(model):
+    """The evaluators count model work on `model.network` (a pre-hook on the pair): every step's CFG batch counts,
+    the low-noise transformer's steps included."""
+    from schedsearch.runtime.execute import counting_rows, run_batches
+
+    with counting_rows(model.network) as rows:
+        list(run_batches(model, Schedule(model.info.name, model.default_plan(STEPS)), PROMPTS, [0, 1], decode=False))
+    assert rows[0] == STEPS * 2 * 2  # 6 steps × (cond + uncond) × 2 samples

@@ -233,6 +233,8 @@ def apply_schedule(
         loaded model's name); False skips the check (timesteps and cache shape are still validated).
     resolution: for pipelines, the image size (pixels) that will be generated if not the pipeline's default; flow
         models' shift depends on it; `num_frames` likewise for video pipelines.
+    A pipeline of two transformers (Wan 2.2) gets the cache hooks and the step driver on both: its own loop picks
+    the transformer of each step, as without a schedule.
     Pipelines then run the schedule when called with `num_inference_steps=schedule.solver.num_steps`; a LoadedModel's
     `AppliedSchedule.sample(conditions, seeds, guidance)` runs it. USF's analytical first step ("zero_x0") saves a
     model call that a pipeline's loop always makes, so such plans run on a LoadedModel only.
