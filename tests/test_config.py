@@ -68,14 +68,25 @@ def test_every_method_builds_its_engine_with_its_presets():
     structure = ModelStructure(name="builtin:mnist-dit", num_train_timesteps=1000,
                                layout="transformer_blocks[2](attn1,ff)", num_blocks=2,
                                unit_group="transformer_blocks", unit_blocks=2, block_skip=True)
+    from schedsearch.methods.bilevel import bilevel_subproblems
+
     for name, method in METHODS.items():
-        space = make_space((method.spaces or ("cache",))[0], structure, num_steps=6) if name != "dc-fit" else \
-            make_space("dc", structure, nfe=5)
+        if name == "dc-fit":
+            space = make_space("dc", structure, nfe=5)
+        elif name == "bilevel":
+            space = make_space("joint", structure, nfe_range=(3, 5))
+        else:
+            space = make_space((method.spaces or ("cache",))[0], structure, num_steps=6)
         options = {"distance": [[0.0] * 6] * 6} if name == "dp" else {"genomes": []} if name == "dc-fit" else {}
+        if name == "bilevel":  # the cache subproblems are built lazily, from the model, when phase 2 starts
+            solver, cache_for = bilevel_subproblems(None, None, space, (), None)
+            options = {"solver": solver, "cache_for": cache_for, "solver_evaluations": 8}
         for preset in ("quick", "paper"):
             strategy = make_strategy(name, space, 2, preset=preset, options=options)
             if name in ("ecad", "nsga2"):  # ECAD's population: 16 quick, 72 as published
                 assert strategy.population_size == {"quick": 16, "paper": 72}[preset]
+            if name == "bilevel":
+                assert strategy.cache_options["population"] == {"quick": 16, "paper": 72}[preset]
 
 
 def test_error_classes_share_one_base():
