@@ -154,6 +154,19 @@ def test_calibration_sets_of_two_sizes_never_share_a_teacher(model, saved):
     assert CalibrationSpec.from_dict(b.to_dict()).hash == b.hash
 
 
+def test_teachers_of_the_older_prompt_encoding_are_not_reused(model):
+    """Wan prompts are encoded at the call's 512 tokens (what pipe(prompt=...) feeds the transformer); a teacher
+    cached from the older 226-token encoding had the same spec otherwise, so the encoding names the set."""
+    import dataclasses
+
+    from schedsearch.calibration.calibration_set import CalibrationSpec, default_spec
+
+    spec = default_spec(model.info, samples=2, prompts=["a cat"])
+    assert spec.text_encoding == "max_sequence_length=512"
+    assert CalibrationSpec.from_dict(spec.to_dict()) == spec
+    assert dataclasses.replace(spec, text_encoding=None).hash != spec.hash
+
+
 def test_cli_takes_the_video_size(saved, tmp_path, capsys):
     """--resolution and --frames reach the pipeline; a video grid is one row per sample, its frames in a row; a
     study at another size is refused on --resume by name; the builtin models refuse a size."""

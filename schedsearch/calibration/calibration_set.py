@@ -49,6 +49,9 @@ class CalibrationSpec:
     # so a teacher of one size is never reused for another; None for the fixed-size builtin models (their hashes
     # predate the field and stay as they were)
     sample_shape: tuple[int, ...] | None = None
+    # how prompts were encoded, where a family's encoding changed (Wan: at the call's 512 tokens), so teacher images
+    # of the older encoding are never reused; None elsewhere (hashes unchanged)
+    text_encoding: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.conditions) != len(self.seeds) or not self.seeds:
@@ -71,6 +74,7 @@ class CalibrationSpec:
             "split": self.split,
             "fid_reference": self.fid_reference,
             **({} if self.sample_shape is None else {"sample_shape": list(self.sample_shape)}),
+            **({} if self.text_encoding is None else {"text_encoding": self.text_encoding}),
         }
 
     @property
@@ -84,7 +88,7 @@ class CalibrationSpec:
         if not 1 <= n <= len(self):
             raise ValueError(f"samples: {n} is not in [1, {len(self)}] (the calibration set's size)")
         return CalibrationSpec(self.model, self.conditions[:n], self.seeds[:n], self.guidance, self.teacher,
-                               self.split, self.fid_reference, self.sample_shape)
+                               self.split, self.fid_reference, self.sample_shape, self.text_encoding)
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> CalibrationSpec:
@@ -93,7 +97,7 @@ class CalibrationSpec:
         shape = data.get("sample_shape")
         return CalibrationSpec(data["model"], tuple(data["conditions"]), tuple(data["seeds"]), float(data["guidance"]),
                                Schedule.from_dict(data["teacher"]), data["split"], data["fid_reference"],
-                               None if shape is None else tuple(shape))
+                               None if shape is None else tuple(shape), data.get("text_encoding"))
 
 
 def teacher_schedule(model_name: str, num_train_timesteps: int, steps: int = 100) -> Schedule:
@@ -155,6 +159,7 @@ def default_spec(
         split=split,
         fid_reference=fid_reference or ("real" if builtin else "teacher"),
         sample_shape=None if builtin else tuple(int(v) for v in info.sample_shape),
+        text_encoding=(getattr(info, "extra", None) or {}).get("text_encoding"),
     )
 
 

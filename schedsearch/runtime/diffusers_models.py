@@ -71,6 +71,9 @@ EMBEDDING_KEYS = {
 TEXT_MASK_KEYS = {"pixart": "prompt_attention_mask", "sana": "prompt_attention_mask",
                   "hunyuan_video": "prompt_attention_mask", "ltx": "prompt_attention_mask",
                   "qwen_image": "prompt_embeds_mask"}
+# families whose prompt encoding changed after teacher images may have been cached from it: the new encoding's
+# name enters the calibration set's hash (absent for the others, whose hashes stay as they were)
+TEXT_ENCODING_CHANGES = {"wan": "max_sequence_length=512"}  # Wan: __call__'s 512 tokens, not encode_prompt's 226
 DECODE_BATCH = 4  # VAE decoding at full resolution is memory-bound on CPU
 
 Conds = dict[str, torch.Tensor]
@@ -1065,6 +1068,8 @@ def loaded_model_from_pipeline(
     extra |= {"absent_components": absent_components(first, groups), "denoiser_class": type(first).__name__}
     if isinstance(schedule, FlowSchedule):
         extra["flow_shift"] = schedule.shift
+    if family in TEXT_ENCODING_CHANGES:  # the calibration set's identity: teachers of an older encoding are not reused
+        extra["text_encoding"] = TEXT_ENCODING_CHANGES[family]
     info = ModelInfo(
         name=name,
         family=family,
