@@ -6,8 +6,9 @@ Searches, each in its own store, three strategy seeds:
 - `cache`: ECAD's GA on the `cache` space (10 DPM-Solver++ steps), as `joint_vs_separate.py` runs it;
 - `cache+screen`: the same with the reuse-error screen (`--screen 8`), the best cache search of `search_cost.py`;
 - `bilevel` (ours, the `joint` space): S³'s predictor on solver genes for half the budget, then the screened GA on
-  the masks of the two best solvers it found; its first half is the `solver` search itself (same seeds, options
-  and strategy seed), so `bilevel` against `solver ∪ cache` isolates what caching good solvers adds;
+  the masks of the two best solvers it found; its first half starts as the `solver` search (same seeds, options and
+  strategy seed: the first 41–42 records are the same), then departs from it, because its predictor learns from
+  the solver genes of the schedules as evaluated (decoded and encoded again) rather than as proposed;
 - `joint-ga`: ECAD's GA on the whole `joint` genome (`joint_vs_separate.py`'s joint search).
 The joint searches get twice the evaluations of each separate one: equal total budget against the union (records
 past the budget, from a generation that overshoots it, are left out). At checkpoints (a quarter, half, three
