@@ -234,9 +234,11 @@ def test_spaces_force_each_transformers_first_step(model):
 
 def test_every_baseline_of_the_cache_joint_and_solver_spaces_runs(model):
     """At the spaces' default step counts, every cache and joint baseline recomputes each transformer's first step,
-    and every baseline of the solver, cache, DC and joint spaces runs (one sample) to a finite output. CacheQuant's
-    unit space does not force that refresh itself: its uniform refreshes that miss it are refused before any work,
-    naming the step."""
+    every CacheQuant unit baseline and decoded genome refreshes there, and every baseline of the solver, cache,
+    CacheQuant, DC and joint spaces runs (one sample) to a finite output; a hand-made unit plan that misses that
+    refresh is refused before any work, naming the step."""
+    import numpy as np
+
     from schedsearch.runtime.execute import check_schedule_for
     from schedsearch.spaces.errors import ScheduleError
     from schedsearch.study import build_space
@@ -245,15 +247,20 @@ def test_every_baseline_of_the_cache_joint_and_solver_spaces_runs(model):
     for name in ("cache", "joint"):
         for label, schedule in build_space(name, model.info).baselines():
             assert forced_rows_recompute(schedule, boundary), f"{name}: {label}"
-    assert every_baseline_runs(model, embeddings(1), spaces=("solver", "cache", "dc", "joint")) > 50
-    refused = 0
-    for _, schedule in build_space("cachequant", model.info).baselines():
-        try:
-            check_schedule_for(model, schedule)
-        except ScheduleError as err:
-            assert "first step transformer_2 runs" in str(err) and "; refresh the unit at step" in str(err)
-            refused += 1
-    assert refused
+    unit = build_space("cachequant", model.info)
+    assert len(unit.forced) == 2  # the first evaluated step and transformer_2's first
+    for _, schedule in unit.baselines():
+        assert set(unit.forced) <= set(schedule.cache.refresh_steps)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        assert set(unit.forced) <= set(unit.decode(rng.integers(0, 2, unit.genome.size)).cache.refresh_steps)
+    assert every_baseline_runs(model, embeddings(1)) > 50
+    missing = unit.plan(tuple(s for s in range(0, unit.num_steps, 4) if s != unit.forced[1]))
+    with pytest.raises(ScheduleError, match="; refresh the unit at step") as err:
+        check_schedule_for(model, Schedule(model.info.name, unit.solver, missing))
+    assert "first step transformer_2 runs" in str(err.value)
+    with pytest.raises(ValueError, match="refreshed steps"):
+        unit.encode(Schedule(model.info.name, unit.solver, missing))
 
 
 def test_macs_are_counted_per_transformer(model):

@@ -5,6 +5,8 @@ bit per solver step, 1 = recompute (refresh) the unit, 0 = reuse its cached resi
 evaluated step is always refreshed, a skipped AFS step before it never is, and with `max_group` (CacheQuant's group
 length bound 2N) a refresh is inserted wherever the gap since the last one would exceed it. One bit per step keeps
 the genome equal to `search.dynamic.refresh_bits`, so the DP's plans are genomes of this space as they are.
+On a model of two transformers (Wan 2.2) the first step each transformer runs is refreshed too, like the first
+evaluated step: that transformer has no residual of its own cached yet (`baselines.forced_recompute_steps`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from schedsearch.spaces.base import GenomeSpec, ModelStructure, SearchSpace
-from schedsearch.spaces.baselines import first_evaluated_step, unique_named
+from schedsearch.spaces.baselines import first_evaluated_step, forced_recompute_steps, unique_named
 from schedsearch.spaces.cache_mask import resolve_solver
 from schedsearch.spaces.cache_plan import UnitCachePlan
 from schedsearch.spaces.schedule import Schedule, SolverPlan
@@ -55,13 +57,15 @@ class CacheIntervalSpace(SearchSpace):
         self.max_group = max_group
         self.num_steps = self.solver.num_steps
         self.first = first_evaluated_step(self.solver)
+        self.forced = forced_recompute_steps(self.solver, (structure.extra or {}).get("expert_boundary"))
         self.genome = GenomeSpec.bits(self.num_steps, [f"refresh{i}" for i in range(self.num_steps)])
 
     def repair(self, refresh: Sequence[bool]) -> tuple[int, ...]:
-        """Refresh steps from per-step flags: first evaluated step on, earlier ones off, gaps ≤ max_group."""
+        """Refresh steps from per-step flags: first evaluated step on, earlier ones off, each transformer's first
+        step on, gaps ≤ max_group."""
         out = [self.first]
         for i in range(self.first + 1, self.num_steps):
-            if refresh[i] or (self.max_group is not None and i - out[-1] >= self.max_group):
+            if refresh[i] or i in self.forced or (self.max_group is not None and i - out[-1] >= self.max_group):
                 out.append(i)
         return tuple(out)
 
@@ -87,7 +91,7 @@ class CacheIntervalSpace(SearchSpace):
         x = self.refresh_genome(cache.refresh_steps)
         if self.repair(x > 0.5) != tuple(cache.refresh_steps):
             raise ValueError(f"schedule.cache.refresh_steps: {list(cache.refresh_steps)} break this space's rules "
-                             f"(first evaluated step {self.first}, max_group {self.max_group})")
+                             f"(refreshed steps {list(self.forced)}, max_group {self.max_group})")
         return x
 
     def baselines(self) -> list[tuple[str, Schedule]]:
@@ -96,7 +100,7 @@ class CacheIntervalSpace(SearchSpace):
         for n in (2, 3, 4, 5):
             if self.max_group is not None and n > self.max_group:
                 continue
-            steps = tuple(range(self.first, self.num_steps, n))
+            steps = tuple(sorted({*range(self.first, self.num_steps, n), *self.forced}))
             name = f"uniform-every{n}"
             out.append((name, Schedule(self.structure.name, self.solver, self.plan(steps),
                                        meta=self._meta(baseline=name))))
