@@ -43,3 +43,54 @@ def every_baseline_runs(model: Any, conditions: Any, spaces: tuple[str, ...] = S
                 out = applied.sample(conditions, [0], decode=False)
             assert torch.isfinite(out).all(), f"{name}: {label}"
     return len(ran)
+
+
+def cli_search_export_evaluate(name: str, size: list[str], prompts: list[str], tmp_path: Path, capsys: Any) -> Any:
+    """The CLI as users run it on a pipeline: a 4-evaluation cache search from a prompt file, its front exported,
+    the cheapest exported schedule (one that reuses something) scored by `evaluate`; returns that schedule."""
+    import json
+
+    from schedsearch.cli import main
+    from schedsearch.spaces.schedule import load_schedule
+
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(prompts) + "\n")
+    common = ["--samples", "2", "--prompts", str(prompt_file), "--cache-dir", str(tmp_path / "cache"),
+              "--batch-size", "2"]
+    assert main(["search", "--model", name, *size, "--space", "cache", "--strategy", "ecad", "--objectives",
+                 "psnr,macs", "--budget", "4", "--study", "s", "--store", str(tmp_path / "r.db"), "--no-validate",
+                 "--quiet", *common]) == 0
+    assert main(["export", "--store", str(tmp_path / "r.db"), "--study", "s", "--out", str(tmp_path / "front")]) == 0
+    index = json.loads((tmp_path / "front" / "index.json").read_text())
+    cheapest = min(index["schedules"], key=lambda e: e["metrics"]["macs"])  # the front's most reuse
+    path = tmp_path / "front" / cheapest["file"]
+    schedule = load_schedule(path)
+    assert "0" in "".join(schedule.cache.recompute)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", name, *size, "--schedule", str(path), "--objectives", "psnr,macs",
+                 "--json", *common]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "ok"
+    return schedule
+
+
+def true_cfg_per_pass(model: Any, applied: Any, cond: Any, neg: Any, guidance: float, scale: float, x: Any,
+                      plan: Any, separate: bool = True) -> Any:
+    """Our sampler under `applied` (an `apply_schedule` on the model) running true CFG as the pipelines do: the
+    conditional and the negative pass as two calls per step, each with its own cache (`separate=False`: one cache
+    for both, the wrong way a test contrasts with)."""
+    from schedsearch.runtime.apply import branch_of_call
+    from schedsearch.runtime.sampler import sample
+
+    runtime = applied.runtime
+    on_cond, on_neg = model.denoiser(cond, guidance), model.denoiser(neg, guidance)
+
+    def true_cfg(z: Any, t: float, i: int) -> Any:
+        runtime.context.step_index = i
+        runtime.context.branch = branch_of_call(0)
+        c = on_cond(z, t, i)
+        runtime.context.branch = branch_of_call(1 if separate else 0)
+        u = on_neg(z, t, i)
+        return u + scale * (c - u)
+
+    runtime.reset()
+    return sample(true_cfg, x, plan, model.noise_schedule, model.info.prediction_type)

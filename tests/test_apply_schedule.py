@@ -17,6 +17,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+from family_checks import true_cfg_per_pass  # noqa: E402
 from test_diffusers_models import _pipeline, build_pipeline, embeddings  # noqa: E402
 
 import schedsearch  # noqa: E402
@@ -193,9 +194,6 @@ def test_flux_true_cfg_runs_a_cached_schedule_with_a_cache_per_pass(tmp_path):
     """Flux with true CFG calls the transformer twice per step (cond, then uncond). A FORA schedule applied to the
     stock pipeline keeps one cache per pass and equals our sampler doing the same by hand; before, the second call
     was refused mid-run ("the denoiser was called twice")."""
-    from schedsearch.runtime.apply import branch_of_call
-    from schedsearch.runtime.sampler import sample
-
     build_pipeline("flux", tmp_path).save_pretrained(tmp_path / "flux")
     name = f"diffusers:{tmp_path / 'flux'}"
     model = load_model(name, resolution=16)
@@ -212,26 +210,7 @@ def test_flux_true_cfg_runs_a_cached_schedule_with_a_cache_per_pass(tmp_path):
         theirs = pipe._unpack_latents(out, 16, 16, pipe.vae_scale_factor)
 
     with apply_schedule(model, schedule) as applied, torch.no_grad():
-        runtime = applied.runtime
-        on_cond, on_uncond = model.denoiser(cond, 3.5), model.denoiser(neg, 3.5)
-
-        def true_cfg(z: torch.Tensor, t: float, i: int) -> torch.Tensor:
-            runtime.context.step_index = i
-            runtime.context.branch = branch_of_call(0)
-            c = on_cond(z, t, i)
-            runtime.context.branch = branch_of_call(1)
-            u = on_uncond(z, t, i)
-            return u + 2.0 * (c - u)
-
-        runtime.reset()
-        ours = sample(true_cfg, x, plan, model.noise_schedule, model.info.prediction_type)
-        def one_cache(z: torch.Tensor, t: float, i: int) -> torch.Tensor:  # both passes share one cache: wrong
-            runtime.context.step_index, runtime.context.branch = i, branch_of_call(0)
-            c = on_cond(z, t, i)
-            u = on_uncond(z, t, i)
-            return u + 2.0 * (c - u)
-
-        runtime.reset()
-        shared = sample(one_cache, x, plan, model.noise_schedule, model.info.prediction_type)
+        ours = true_cfg_per_pass(model, applied, cond, neg, 3.5, 2.0, x, plan)
+        shared = true_cfg_per_pass(model, applied, cond, neg, 3.5, 2.0, x, plan, separate=False)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
     assert (shared - ours).abs().max() > 1e-3  # the per-pass caches matter

@@ -12,7 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
-from family_checks import every_baseline_runs, quick_cache_search
+from family_checks import cli_search_export_evaluate, every_baseline_runs, quick_cache_search, true_cfg_per_pass
 from stand_in_text import clip_stand_in
 
 diffusers = pytest.importorskip("diffusers")
@@ -245,28 +245,8 @@ def test_search_export_evaluate_and_apply_in_the_pipeline(saved_text, tmp_path, 
     """The CLI as users run it: a cache search from prompts, its front exported, the exported schedule with the most
     reuse scored by `evaluate`, then applied to the stock pipeline called with prompt strings, equal to our sampler
     running the same schedule from the same prompts."""
-    import json
-
-    from schedsearch.cli import main
-    from schedsearch.spaces.schedule import load_schedule
-
     name, size = f"diffusers:{saved_text}", ["--resolution", str(PIXELS), "--frames", str(FRAMES)]
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
-    common = ["--samples", "2", "--prompts", str(prompts), "--cache-dir", str(tmp_path / "cache"), "--batch-size", "2"]
-    assert main(["search", "--model", name, *size, "--space", "cache", "--strategy", "ecad", "--objectives",
-                 "psnr,macs", "--budget", "4", "--study", "h", "--store", str(tmp_path / "r.db"), "--no-validate",
-                 "--quiet", *common]) == 0
-    assert main(["export", "--store", str(tmp_path / "r.db"), "--study", "h", "--out", str(tmp_path / "front")]) == 0
-    index = json.loads((tmp_path / "front" / "index.json").read_text())
-    cheapest = min(index["schedules"], key=lambda e: e["metrics"]["macs"])
-    path = tmp_path / "front" / cheapest["file"]
-    schedule = load_schedule(path)
-    assert "0" in "".join(schedule.cache.recompute)
-    capsys.readouterr()
-    assert main(["evaluate", "--model", name, *size, "--schedule", str(path), "--objectives", "psnr,macs",
-                 "--json", *common]) == 0
-    assert json.loads(capsys.readouterr().out)["status"] == "ok"
+    schedule = cli_search_export_evaluate(name, size, PROMPTS, tmp_path, capsys)
 
     model = load_model(name, resolution=PIXELS, num_frames=FRAMES)
     x = initial_noise([0, 1], model.info.sample_shape)
@@ -310,8 +290,6 @@ def test_true_cfg_in_the_pipeline_keeps_a_cache_per_pass(model, saved):
     """The stock pipeline's true CFG (true_cfg_scale > 1 and a negative prompt: the transformer on the prompt, then on
     the negative prompt) under a FORA schedule keeps one cache per pass, as for Flux: equal to our denoisers on
     each prompt, each with its own branch of the cache, combined as the pipeline combines them."""
-    from schedsearch.runtime.apply import branch_of_call
-
     plan = model.default_plan(4)
     schedule = Schedule(model.info.name, plan, baselines.fora_cache_plan(model_layout(model.info), 4, 2))
     cond, neg = embeddings(2), {k: v.flip(0) for k, v in embeddings(2).items()}
@@ -320,19 +298,7 @@ def test_true_cfg_in_the_pipeline_keeps_a_cache_per_pass(model, saved):
     with apply_schedule(pipe, schedule, resolution=PIXELS, num_frames=FRAMES), torch.no_grad():
         theirs = _call(pipe, x, cond, 4, true_cfg_scale=2.0, **{f"negative_{k}": v for k, v in neg.items()})
     with apply_schedule(model, schedule) as applied, torch.no_grad():
-        runtime = applied.runtime
-        on_cond, on_neg = model.denoiser(cond, 6.0), model.denoiser(neg, 6.0)
-
-        def true_cfg(z: torch.Tensor, t: float, i: int) -> torch.Tensor:
-            runtime.context.step_index = i
-            runtime.context.branch = branch_of_call(0)
-            c = on_cond(z, t, i)
-            runtime.context.branch = branch_of_call(1)
-            u = on_neg(z, t, i)
-            return u + 2.0 * (c - u)
-
-        runtime.reset()
-        ours = sample(true_cfg, x, plan, model.noise_schedule, "flow_prediction")
+        ours = true_cfg_per_pass(model, applied, cond, neg, 6.0, 2.0, x, plan)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
 

@@ -14,7 +14,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from family_checks import every_baseline_runs  # noqa: E402
+from family_checks import cli_search_export_evaluate, every_baseline_runs  # noqa: E402
 
 from schedsearch.errors import UserInputError  # noqa: E402
 from schedsearch.runtime.apply import apply_schedule  # noqa: E402
@@ -261,29 +261,8 @@ def test_search_export_evaluate_and_apply_in_the_pipeline(saved, tmp_path, capsy
     """The CLI as users run it: a cache search from prompts, its front exported, an exported schedule scored by
     `evaluate`, then applied to the stock pipeline called with prompt strings and true CFG, equal to our sampler
     running the same schedule from the same prompts."""
-    import json
-
-    from schedsearch.cli import main
-    from schedsearch.spaces.schedule import load_schedule
-
     name, size = f"diffusers:{saved}", ["--resolution", str(PIXELS)]
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a cat\na dog\n")
-    common = ["--samples", "2", "--prompts", str(prompts), "--cache-dir", str(tmp_path / "cache"), "--batch-size", "2"]
-    assert main(["search", "--model", name, *size, "--space", "cache", "--strategy", "ecad", "--objectives",
-                 "psnr,macs", "--budget", "4", "--study", "q", "--store", str(tmp_path / "r.db"), "--no-validate",
-                 "--quiet", *common]) == 0
-    assert main(["export", "--store", str(tmp_path / "r.db"), "--study", "q", "--out", str(tmp_path / "front")]) == 0
-    index = json.loads((tmp_path / "front" / "index.json").read_text())
-    cheapest = min(index["schedules"], key=lambda e: e["metrics"]["macs"])  # the front's most reuse
-    path = tmp_path / "front" / cheapest["file"]
-    assert "0" in "".join(load_schedule(path).cache.recompute)
-    capsys.readouterr()
-    assert main(["evaluate", "--model", name, *size, "--schedule", str(path), "--objectives", "psnr,macs",
-                 "--json", *common]) == 0
-    assert json.loads(capsys.readouterr().out)["status"] == "ok"
-
-    schedule = load_schedule(path)
+    schedule = cli_search_export_evaluate(name, size, ["a cat", "a dog"], tmp_path, capsys)
     steps = schedule.solver.num_steps
     model = load_model(name, resolution=PIXELS)
     x = initial_noise([0, 1], model.info.sample_shape)
