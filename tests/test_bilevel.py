@@ -175,3 +175,45 @@ def test_a_bilevel_study_on_the_builtin_dit(builtin_model, tmp_path) -> None:
     assert best in solvers and all(space.decode(space.encode(s)).key == s.key for s in cached)
     # one reuse-error table and one DP feature table per anchor, kept beside the teacher
     assert len(list((tmp_path / "c").rglob("reuse_errors_*.npy"))) == 2
+
+
+def test_phase_one_counts_distinct_solvers_as_the_store_does() -> None:
+    """Two proposals that decode to one schedule leave one record (the second is answered from the store): phase 1
+    still ends after `solver_evaluations` tells (a repeating predictor cannot hold it up), its anchors come from the
+    distinct solvers, and a study rebuilt from its records (one per schedule) picks the same anchors and asks what
+    the uninterrupted one asks."""
+    step = 0.1
+
+    def canonical(g):
+        return np.concatenate([np.round(np.asarray(g[:2]) / step) * step, np.asarray(g[2:])])
+
+    def lower(g):
+        return canonical(g)[:2] if np.all(np.asarray(g[2:]) == 1) else None
+
+    coarse = Subproblem(SOLVER, lambda s: np.concatenate([s, np.ones(N_BITS)]), lower)
+
+    def build() -> BilevelSearch:
+        strategy = make(seed=1)
+        strategy.solver = coarse
+        return strategy
+
+    whole = build()
+    asked, store = 0, {}
+    while asked < 20:  # phase 1's batches end exactly at its 20 tells
+        genomes = whole.ask()
+        asked += len(genomes)
+        values = objectives([canonical(g) for g in genomes])
+        whole.tell(genomes, values)
+        for g, v in zip(genomes, values, strict=True):
+            store.setdefault(canonical(g).tobytes(), (canonical(g), v))
+    assert asked == 20 and len(store) < 20 and not whole.anchors  # repeats happened; phase 1 is over all the same
+    for _ in range(3):
+        genomes = whole.ask()
+        values = objectives(genomes)
+        whole.tell(genomes, values)
+        for g, v in zip(genomes, values, strict=True):
+            store.setdefault(g.tobytes(), (g, v))
+    resumed = build()
+    resumed.warm_start([g for g, _ in store.values()], np.array([v for _, v in store.values()]))
+    assert [a.tolist() for a in resumed.anchors] == [a.tolist() for a in whole.anchors]
+    assert np.array_equal(np.array(whole.ask()), np.array(resumed.ask()))

@@ -70,10 +70,14 @@ class BilevelSearch(Strategy):
         seeds = [s for s in (solver.lower(g) for g in self.initial) if s is not None]
         self._outer = PredictorSearch(solver.spec, n_objectives, seed=seed, initial=seeds or solver.initial,
                                       forbid=solver.forbid, **(solver_options or {}))
-        self._phase1: list[tuple[np.ndarray, np.ndarray]] = []  # (solver genes, values) told
+        # (solver genes, values) told, one per distinct solver (a proposal that decodes to a schedule already
+        # evaluated is answered from the store without a new record), and how many were told in all: phase 1 ends
+        # after `solver_evaluations` tells, so a predictor that repeats itself cannot hold it up
+        self._phase1: list[tuple[np.ndarray, np.ndarray]] = []
+        self._phase1_told = 0
         self._anchors: list[tuple[Subproblem, EcadGenetic]] = []
         self._anchor_genes: list[np.ndarray] = []
-        self._told = [0] * anchors
+        self._told: list[set[bytes]] = [set() for _ in range(anchors)]  # each anchor's distinct genomes told
         # joint genome -> the engines (-1: phase 1) that asked it and were not told yet: two sub-genomes may lift to
         # one joint genome (e.g. a block-skip bit that no fully reused block uses), even within one batch
         self._asked: dict[bytes, list[int]] = {}
@@ -81,7 +85,7 @@ class BilevelSearch(Strategy):
     @property
     def batch_size(self) -> int:
         if not self._anchors:
-            return min(self._outer.batch_size, self.solver_evaluations - len(self._phase1))
+            return min(self._outer.batch_size, self.solver_evaluations - self._phase1_told)
         return self._anchors[0][1].batch_size
 
     @property
@@ -91,11 +95,11 @@ class BilevelSearch(Strategy):
 
     # -- ask --
     def ask(self, n: int | None = None) -> list[np.ndarray]:
-        if len(self._phase1) < self.solver_evaluations:
-            n = self.batch_size if n is None else min(n, self.solver_evaluations - len(self._phase1))
+        if self._phase1_told < self.solver_evaluations:
+            n = self.batch_size if n is None else min(n, self.solver_evaluations - self._phase1_told)
             return self._hand_out(-1, [self.solver.lift(g) for g in self._outer.ask(n)])
         self._start_phase2()
-        for i in sorted(range(len(self._anchors)), key=lambda i: (self._told[i], i)):
+        for i in sorted(range(len(self._anchors)), key=lambda i: (len(self._told[i]), i)):
             sub, engine = self._anchors[i]
             genomes = engine.ask(n)
             if genomes:
@@ -120,7 +124,7 @@ class BilevelSearch(Strategy):
         front = ok[NonDominatedSorting().do(F[ok], only_non_dominated_front=True)]
         order = front[np.lexsort((front, F[front, 0]))]
         self._anchor_genes = [X[i] for i in order[: self.n_anchors]]
-        self._told = [0] * len(self._anchor_genes)
+        self._told = [set() for _ in self._anchor_genes]
         for i, genes in enumerate(self._anchor_genes):
             sub = self.cache_for(genes)
             engine = EcadGenetic(sub.spec, self.n_objectives, seed=self.seed * 1000 + i, initial=sub.initial,
@@ -145,14 +149,21 @@ class BilevelSearch(Strategy):
             sub_genomes, sub_values = [g for g, _ in rows], np.array([v for _, v in rows])
             if engine < 0:
                 self._outer.tell(sub_genomes, sub_values)
-                self._phase1 += rows
+                self._phase1_told += len(rows)
+                seen = {genome_key(g) for g, _ in self._phase1}
+                for g, v in rows:
+                    if genome_key(g) not in seen:
+                        seen.add(genome_key(g))
+                        self._phase1.append((g, v))
             else:
                 self._anchors[engine][1].tell(sub_genomes, sub_values)
-                self._told[engine] += len(rows)
+                self._told[engine] |= {genome_key(g) for g in sub_genomes}  # distinct, as records are
 
     def warm_start(self, genomes: Sequence[np.ndarray], values: np.ndarray) -> None:
-        """Phase 1 from the uncached records (in order, up to `solver_evaluations`); then the anchors they imply,
-        each GA warm-started from the records of its solver."""
+        """Phase 1 from the uncached records (in order, up to `solver_evaluations`), finished if any record is
+        cached (phase 2 had begun); then the anchors they imply, each GA warm-started from the records of its
+        solver. A study stopped between phase 1's last tell and phase 2's first record tops phase 1 up to
+        `solver_evaluations` distinct solvers instead."""
         if not len(genomes):
             return
         values = as_value_matrix(values, len(genomes), self.n_objectives)
@@ -162,7 +173,9 @@ class BilevelSearch(Strategy):
         if first:
             self._outer.warm_start([s for s, _ in first], np.array([v for _, v in first]))
             self._phase1 = list(first)
-        if len(self._phase1) < self.solver_evaluations:
+        cached = any(self.solver.lower(g) is None for g in genomes)
+        self._phase1_told = self.solver_evaluations if cached else len(self._phase1)
+        if self._phase1_told < self.solver_evaluations:
             return
         self._start_phase2()
         for i, (sub, engine) in enumerate(self._anchors):
@@ -170,4 +183,4 @@ class BilevelSearch(Strategy):
                     if s is not None]
             if rows:
                 engine.warm_start([s for s, _ in rows], np.array([v for _, v in rows]))
-                self._told[i] = len(rows)
+                self._told[i] = {genome_key(s) for s, _ in rows}
