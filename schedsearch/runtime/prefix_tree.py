@@ -105,6 +105,13 @@ class PrefixStates:
         while self.held_bytes > self.max_bytes and self._states:
             self._drop(next(iter(self._states)))
 
+    def forget(self, context: Hashable, rows: Sequence[str], start: int) -> None:
+        """Drop the states these rows reached after step `start` and later (a plan that failed left them)."""
+        rows = tuple(rows)
+        for i in range(start + 1, len(rows)):
+            if (context, rows[:i]) in self._states:
+                self._drop((context, rows[:i]))
+
     def _drop(self, key: tuple) -> None:
         _, storages = self._states.pop(key)
         for address in storages:
@@ -170,10 +177,7 @@ def run_shared_prefixes(
                 else:
                     failure = None
             if failure is not None:
-                for i in range(k + 1, solver.num_steps):  # what it left may be a failing run's state
-                    key = (context, rows[:i])
-                    if key in states._states:
-                        states._drop(key)
+                states.forget(context, rows, k)  # what it left may be a failing run's state
                 yield SharedRun(j, None, failure, counted[0], solver.num_steps - k)
                 continue
             yield SharedRun(j, x, None, counted[0], solver.num_steps - k)

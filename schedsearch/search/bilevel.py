@@ -77,7 +77,7 @@ class BilevelSearch(Strategy):
         self._phase1_told = 0
         self._anchors: list[tuple[Subproblem, EcadGenetic]] = []
         self._anchor_genes: list[np.ndarray] = []
-        self._told: list[set[bytes]] = [set() for _ in range(anchors)]  # each anchor's distinct genomes told
+        self._told: list[set[bytes]] = []  # each anchor's distinct genomes told (set with the anchors)
         # joint genome -> the engines (-1: phase 1) that asked it and were not told yet: two sub-genomes may lift to
         # one joint genome (e.g. a block-skip bit that no fully reused block uses), even within one batch
         self._asked: dict[bytes, list[int]] = {}
@@ -168,12 +168,12 @@ class BilevelSearch(Strategy):
             return
         values = as_value_matrix(values, len(genomes), self.n_objectives)
         genomes = [self.spec.clip(g) for g in genomes]
-        first = [(s, v) for s, v in ((self.solver.lower(g), v) for g, v in zip(genomes, values, strict=True))
-                 if s is not None][: self.solver_evaluations]
+        lowered = [self.solver.lower(g) for g in genomes]
+        first = [(s, v) for s, v in zip(lowered, values, strict=True) if s is not None][: self.solver_evaluations]
         if first:
             self._outer.warm_start([s for s, _ in first], np.array([v for _, v in first]))
             self._phase1 = list(first)
-        cached = any(self.solver.lower(g) is None for g in genomes)
+        cached = any(s is None for s in lowered)
         self._phase1_told = self.solver_evaluations if cached else len(self._phase1)
         if self._phase1_told < self.solver_evaluations:
             return
