@@ -777,9 +777,7 @@ def _qwen_image_prompts(pipe: Any, prompts: list[str], device: torch.device) -> 
     """Prompts and the empty negative prompt each through QwenImagePipeline.encode_prompt, truncated to its
     `__call__`'s default max_sequence_length as a `pipe(prompt=...)` call does; each batch is padded to its own
     longest prompt, and a mask of only valid tokens comes back as None (made explicit here)."""
-    import inspect
-
-    length = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
+    length = _call_default(pipe, "max_sequence_length")
     out = {}
     for prefix, texts in (("", prompts), ("negative_", [""] * len(prompts))):
         embeds, mask = pipe.encode_prompt(prompt=texts, device=device, max_sequence_length=length)
