@@ -43,17 +43,18 @@ OBJECTIVES = {"psnr": "max", "macs": "min"}
 DIRECTIONS = list(OBJECTIVES.values())
 LEVELS = (1.10, 1.12)
 # name: strategy options, evaluations budget, preparation runs of FEATURE_SAMPLES samples (CacheQuant's unit
-# distances for the DP seeds; the screen's reuse errors), prefix sharing, samples per evaluation (None: --samples)
+# distances for the DP seeds; the screen's reuse errors), prefix sharing and its state memory in GiB (the default
+# 2 unless given), samples per evaluation (None: --samples)
+SCREENED = {"population": 24, "shift_seeds": True, "screen": 8}
 CONFIGS = {
     "ecad": {"options": {"population": 24, "shift_seeds": True}, "budget": 972, "prepare": 1, "share": False},
-    "ecad+screen": {"options": {"population": 24, "shift_seeds": True, "screen": 8}, "budget": 384, "prepare": 2,
-                    "share": False},
-    "ecad+screen+share@16": {"options": {"population": 24, "shift_seeds": True, "screen": 8}, "budget": 384,
-                             "prepare": 2, "share": True, "samples": 16},
-    "ecad+screen+share@8": {"options": {"population": 24, "shift_seeds": True, "screen": 8}, "budget": 384,
-                            "prepare": 2, "share": True, "samples": 8},
+    "ecad+screen": {"options": SCREENED, "budget": 384, "prepare": 2, "share": False},
+    "ecad+screen+share@16": {"options": SCREENED, "budget": 384, "prepare": 2, "share": True, "samples": 16},
+    "ecad+screen+share@16+8GiB": {"options": SCREENED, "budget": 384, "prepare": 2, "share": True, "samples": 16,
+                                  "memory": 8.0},
+    "ecad+screen+share@8": {"options": SCREENED, "budget": 384, "prepare": 2, "share": True, "samples": 8},
 }
-CHECKPOINTS = (24, 48, 96, 144, 192, *range(288, 973, 96), 972)  # generations of 24: 1, 2, 4, 6, 8, then every 4th
+CHECKPOINTS = tuple(range(24, 973, 24))  # after every generation of 24
 
 
 def main() -> None:
@@ -93,7 +94,8 @@ def main() -> None:
                            study="ecad", store=store_path, budget=Budget(evaluations=budgets[name]),
                            samples=samples, cache_dir=work / "cache", space_options=space_options,
                            strategy_options=config["options"], seed=seed, progress=False, validate=False,
-                           resume=study_exists(store_path, "ecad"), share_prefixes=config["share"])
+                           resume=study_exists(store_path, "ecad"), share_prefixes=config["share"],
+                           prefix_memory=config.get("memory", 2.0))
             timing.setdefault(name, {})[seed] = round(time.perf_counter() - start, 1)
             with ResultStore(store_path) as store:
                 records = store.records("ecad")
@@ -194,7 +196,7 @@ def _figure(out: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     colors = {"ecad": "tab:orange", "ecad+screen": "tab:green", "ecad+screen+share@16": "tab:purple",
-              "ecad+screen+share@8": "tab:blue"}
+              "ecad+screen+share@16+8GiB": "tab:red", "ecad+screen+share@8": "tab:blue"}
     for name, runs in out["runs"].items():
         for i, run in enumerate(runs.values()):
             rows = run["checkpoints"]

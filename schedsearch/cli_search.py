@@ -68,7 +68,8 @@ def study_config(args: argparse.Namespace) -> Any:
         budget=_budget(args), preset=args.preset, samples=args.samples, seed=args.seed, guidance=args.guidance,
         prompts=prompts, fid_reference=args.fid_reference, low_fidelity_samples=args.low_fidelity_samples,
         space_options=space_options, strategy_options=strategy_options,
-        batch_size=args.batch_size, share_prefixes=not args.no_share_prefixes, cache_dir=args.cache_dir,
+        batch_size=args.batch_size, share_prefixes=not args.no_share_prefixes,
+        prefix_memory=args.prefix_memory, cache_dir=args.cache_dir,
         workers=args.workers, ray_address=args.ray_address,
         validate=not args.no_validate, progress=not args.quiet, resume=args.resume,
     )
@@ -339,6 +340,9 @@ def add_study_commands(sub: Any, parser: Callable[..., argparse.ArgumentParser])
     s.add_argument("--no-share-prefixes", action="store_true",
                    help="evaluate every cache plan from noise on its own (default: a generation's plans run as a "
                         "prefix tree, each shared prefix once; identical results, less model work)")
+    s.add_argument("--prefix-memory", type=float, default=2.0, metavar="GIB",
+                   help="memory the prefix tree may keep of earlier generations' states (default 2 GiB; more "
+                        "saves more model work, results do not depend on it)")
     s.add_argument("--no-validate", action="store_true", help="skip re-scoring the front on the held-out split")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(run=_cmd_search)

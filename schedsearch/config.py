@@ -95,6 +95,8 @@ class StudyConfig:
     batch_size: images per model call, ≥ 1 (default 64); memory, not results.
     share_prefixes: evaluate a generation's static cache plans as a prefix tree, each shared prefix computed
         once (default on; bit-identical results, less model work; local evaluation only).
+    prefix_memory: GiB the prefix tree may keep of states across generations (default 2; more saves more model
+        work where the device has the memory; results do not depend on it).
     cache_dir: calibration sets and cost tables (default: $SCHEDSEARCH_CACHE or ~/.cache/schedsearch).
     workers / ray_address: evaluate on Ray: `workers` ≥ 1 actors on a local Ray, or join `ray_address` ("auto").
     validate: re-score the final front on held-out seeds into `<study>@heldout` (default on).
@@ -123,6 +125,7 @@ class StudyConfig:
     strategy_options: Mapping[str, Any] = field(default_factory=dict)
     batch_size: int = 64
     share_prefixes: bool = True
+    prefix_memory: float = 2.0
     cache_dir: Path | None = None
     workers: int | None = None
     ray_address: str | None = None
@@ -149,6 +152,10 @@ class StudyConfig:
         check_combination(self.strategy, self.space, dict(self.strategy_options))
         if not isinstance(self.share_prefixes, bool):
             raise UserInputError("share_prefixes", f"{self.share_prefixes!r} is not a bool", "pass True or False")
+        memory = self.prefix_memory
+        if isinstance(memory, bool) or not isinstance(memory, (int, float)) or not (0 < memory < math.inf):
+            raise UserInputError("--prefix-memory", f"{memory!r} is not a positive number of GiB",
+                                 "give e.g. --prefix-memory 8, or leave it out for 2 GiB")
         if not isinstance(self.budget, Budget):
             raise UserInputError("budget", f"{self.budget!r} is not a Budget", "pass Budget(evaluations=N)")
         if not str(self.study).strip():

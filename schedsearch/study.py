@@ -257,7 +257,8 @@ def _evaluator(config: StudyConfig, model: Any, calibration: Any, cache_dir: Pat
     from schedsearch.evaluation.local import LocalEvaluator
 
     return LocalEvaluator(model, calibration, list(config.objectives), batch_size=config.batch_size,
-                          cost_cache_dir=str(cache_dir), share_prefixes=config.share_prefixes)
+                          cost_cache_dir=str(cache_dir), share_prefixes=config.share_prefixes,
+                          prefix_memory_bytes=int(config.prefix_memory * 1024**3))
 
 
 def _record_settings(store: ResultStore, config: StudyConfig, directions: dict[str, str], calibration: str) -> None:

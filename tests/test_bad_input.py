@@ -118,6 +118,8 @@ CASES = [  # (argv, the field the error must name)
     ([*SEARCH, "--generations", "0"], "--generations"),
     ([*SEARCH, "--samples", "0"], "--samples"),
     ([*SEARCH, "--batch-size", "0"], "--batch-size"),
+    ([*SEARCH, "--prefix-memory", "0"], "--prefix-memory"),
+    ([*SEARCH, "--prefix-memory", "inf"], "--prefix-memory"),
     ([*SEARCH, "--workers", "0"], "--workers"),
     ([*SEARCH, "--seed", "-1"], "--seed"),
     ([*SEARCH, "--guidance", "-1"], "--guidance"),

@@ -141,3 +141,25 @@ def test_evaluator_keeps_states_between_generations(builtin_model, space, tmp_pa
     fresh = list(LocalEvaluator(builtin_model, calibration, objectives, share_prefixes=True).evaluate(schedules[5:]))
     assert all(e.metrics == alone[e.schedule.key].metrics for e in later)
     assert sum(e.forward_passes for e in later) < sum(e.forward_passes for e in fresh)
+    # a memory bound that holds no state: the same metrics, every plan run from noise as alone
+    starved = LocalEvaluator(builtin_model, calibration, objectives, share_prefixes=True, prefix_memory_bytes=1)
+    list(starved.evaluate(schedules[:5]))
+    again = list(starved.evaluate(schedules[5:]))
+    assert all(e.metrics == alone[e.schedule.key].metrics for e in again)
+    assert [e.forward_passes for e in again] == [alone[e.schedule.key].forward_passes for e in again]
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_states_kept_every_kth_step_resume_from_the_deepest_kept(builtin_model, space, every) -> None:
+    """The same plan run again resumes from the deepest kept state: before the last step when every state is
+    kept, else before the last multiple of `every`; the latents stay identical."""
+    schedule = plans(space, 1, seed=3, skip=True)[0]
+    denoise = builtin_model.denoiser([5], None)
+    states = PrefixStates(every=every)
+    first, = run_shared_prefixes(builtin_model, [schedule], denoise, [31], states=states)
+    again, = run_shared_prefixes(builtin_model, [schedule], denoise, [31], states=states)
+    assert first.steps_run == STEPS
+    assert again.steps_run == STEPS - (STEPS - 1) // every * every
+    assert torch.equal(again.latents, first.latents)
+    with pytest.raises(ValueError, match="every"):
+        PrefixStates(every=0)

@@ -54,6 +54,7 @@ class LocalEvaluator:
         cost_cache_dir: str | None = None,
         options: dict[str, Any] | None = None,
         share_prefixes: bool = False,
+        prefix_memory_bytes: int | None = None,
     ) -> None:
         if calibration.spec.model != model.info.name:
             raise ValueError(f"calibration set is for {calibration.spec.model!r}, model is {model.info.name!r}")
@@ -62,6 +63,7 @@ class LocalEvaluator:
         calibration.spec.head(self.samples)  # range check
         self.batch_size = batch_size
         self.share_prefixes = share_prefixes
+        self.prefix_memory_bytes = prefix_memory_bytes
         self._prefix_states: Any = None  # the prefix tree's kept states, across calls (one study's generations)
         if objectives and isinstance(objectives[0], str):
             context = ObjectiveContext(model, calibration.reference_stats_by_name(model.info), cost_cache_dir,
@@ -102,10 +104,10 @@ class LocalEvaluator:
     def _evaluate_group(self, schedules: list[Schedule]) -> Iterator[Evaluation]:
         """Score plans that share prefixes: every plan on each sample batch through the prefix tree, each plan's
         images streamed into its own accumulators. Results come when the last batch is done."""
-        from schedsearch.runtime.prefix_tree import PrefixStates, run_shared_prefixes
+        from schedsearch.runtime.prefix_tree import DEFAULT_MAX_BYTES, PrefixStates, run_shared_prefixes
 
         if self._prefix_states is None:
-            self._prefix_states = PrefixStates()
+            self._prefix_states = PrefixStates(self.prefix_memory_bytes or DEFAULT_MAX_BYTES)
         spec = self.calibration.spec.head(self.samples)
         image_objectives = [o for o in self.objectives if isinstance(o, ImageObjective)]
         cost_objectives = [o for o in self.objectives if isinstance(o, CostObjective)]
