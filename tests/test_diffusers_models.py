@@ -546,6 +546,7 @@ def test_models_lists_saved_pipelines_under_a_directory_with_their_family(saved,
 
     root = next(iter(saved.values())).parent
     for name, pipeline, denoiser, scheduler in (
+        ("mochi", "MochiPipeline", "MochiTransformer3DModel", "FlowMatchEulerDiscreteScheduler"),
         ("cog", "CogVideoXPipeline", "CogVideoXTransformer3DModel", "CogVideoXDDIMScheduler"),
         ("ltx", "LTXPipeline", "LTXVideoTransformer3DModel", "FlowMatchEulerDiscreteScheduler"),
     ):
@@ -558,10 +559,11 @@ def test_models_lists_saved_pipelines_under_a_directory_with_their_family(saved,
         assert rows[str(path)]["family"] == family and rows[str(path)]["status"] == "local"
         assert rows[str(path)]["name"] == f"diffusers:{path}"
     listed = {row["where"]: row for row in available_models(str(tmp_path))}
-    unsupported = listed[str(tmp_path / "cog")]
-    assert unsupported["family"] == "unsupported (CogVideoXTransformer3DModel)"
+    unsupported = listed[str(tmp_path / "mochi")]
+    assert unsupported["family"] == "unsupported (MochiTransformer3DModel)"
     assert unsupported["status"] == "not supported"
     assert listed[str(tmp_path / "ltx")]["family"] == "ltx"
+    assert listed[str(tmp_path / "cog")]["family"] == "cogvideox"
     assert main(["models", "--dir", str(root)]) == 0
     assert main(["models", "--dir", str(tmp_path / "none")]) == 2
     assert "--dir" in capsys.readouterr().err

@@ -28,6 +28,7 @@ from schedsearch.errors import UserInputError
 from schedsearch.runtime.experts import ExpertPair, experts_of
 from schedsearch.runtime.models import BlockGroup, LoadedModel, ModelInfo, ModelNotAvailableError
 from schedsearch.runtime.noise import FlowSchedule, NoiseSchedule, VPSchedule
+from schedsearch.runtime.scheduler_plan import refuse_stochastic
 from schedsearch.spaces.baselines import expert_of_time
 
 # denoiser class name -> family ("sd" UNets with SDXL's text_time added conditioning become "sdxl")
@@ -42,14 +43,16 @@ FAMILY_BY_CLASS = {
     "HunyuanVideoTransformer3DModel": "hunyuan_video",
     "LTXVideoTransformer3DModel": "ltx",
     "QwenImageTransformer2DModel": "qwen_image",
+    "CogVideoXTransformer3DModel": "cogvideox",
 }
 # the pipelines' own `guidance_scale` defaults (Qwen-Image: `true_cfg_scale`, its CFG scale)
 GUIDANCE_DEFAULTS = {"dit": 4.0, "pixart": 4.5, "sana": 4.5, "sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5,
-                     "wan": 5.0, "hunyuan_video": 6.0, "ltx": 3.0, "qwen_image": 4.0}
-VIDEO_FAMILIES = ("wan", "hunyuan_video", "ltx")
+                     "wan": 5.0, "hunyuan_video": 6.0, "ltx": 3.0, "qwen_image": 4.0, "cogvideox": 6.0}
+VIDEO_FAMILIES = ("wan", "hunyuan_video", "ltx", "cogvideox")
 # guidance-distilled families: guidance is a network input (×1000 for HunyuanVideo), never a CFG pair
 DISTILLED_GUIDANCE_SCALE = {"flux": 1.0, "hunyuan_video": 1000.0}
-# the video pipelines' defaults (height, frames; we sample square videos of `resolution`)
+# the video pipelines' defaults (height, frames; we sample square videos of `resolution`); CogVideoX's come from its
+# transformer config (sample_height · spatial factor, sample_frames), as CogVideoXPipeline.__call__ reads them
 VIDEO_DEFAULTS = {"wan": (480, 81), "hunyuan_video": (720, 129), "ltx": (512, 161)}
 LTX_FRAME_RATE = 25  # LTXPipeline's default `frame_rate`, which scales the rotary positions in time
 # Pre-encoded conditions: a dict with these keys (diffusers' own `__call__` argument names), each batched (N, ...),
@@ -65,6 +68,7 @@ EMBEDDING_KEYS = {
     "hunyuan_video": ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds"),
     "ltx": ("prompt_embeds", "prompt_attention_mask"),
     "qwen_image": ("prompt_embeds", "prompt_embeds_mask"),
+    "cogvideox": ("prompt_embeds",),  # T5 padded to max_sequence_length, no mask (the pipeline passes none)
 }
 # the text mask among a family's EMBEDDING_KEYS: every token is attended when it is not given, and a pair of
 # conditional and unconditional embeddings of different lengths is zero-padded to one length under it
@@ -277,19 +281,28 @@ def _video_layout(pipe: Any, network: torch.nn.Module, family: str, resolution: 
     HunyuanVideo, LTX: patch_size_t, patch_size)."""
     spatial = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_spatial_compression_ratio", 8)
     temporal = getattr(pipe, "vae_scale_factor_temporal", None) or getattr(pipe, "vae_temporal_compression_ratio", 4)
-    default_pixels, default_frames = VIDEO_DEFAULTS[family]
+    cfg = network.config
+    default_pixels, default_frames = (
+        (cfg.sample_height * spatial, cfg.sample_frames) if family == "cogvideox" else VIDEO_DEFAULTS[family])
     pixels = resolution or default_pixels
     frames = frames or default_frames
     if (frames - 1) % temporal:
         raise UserInputError("--frames", f"{frames} frames: frames - 1 must be divisible by {temporal}",
                              f"use e.g. {(frames - 1) // temporal * temporal + 1}")
-    cfg = network.config
-    pt, ph, pw = cfg.patch_size if family == "wan" else (cfg.patch_size_t, cfg.patch_size, cfg.patch_size)
+    if family == "wan":
+        pt, ph, pw = cfg.patch_size
+    elif family == "cogvideox":  # CogVideoX 1.0 has no temporal patch (patch_size_t None)
+        pt, ph, pw = cfg.patch_size_t or 1, cfg.patch_size, cfg.patch_size
+    else:
+        pt, ph, pw = cfg.patch_size_t, cfg.patch_size, cfg.patch_size
     if pixels % (spatial * ph):
         raise UserInputError("--resolution", f"{pixels} is not a multiple of {spatial * ph}",
                              f"use e.g. {pixels // (spatial * ph) * spatial * ph}")
     latent_frames, side = (frames - 1) // temporal + 1, pixels // spatial
-    return {
+    padding = _cogvideox_padding(cfg, latent_frames) if family == "cogvideox" else 0
+    latent_frames += padding
+    extra = {"padding_frames": padding} if family == "cogvideox" else {}
+    return extra | {
         "sample_shape": (network.config.in_channels, latent_frames, side, side),
         "resolution": pixels,
         "num_frames": frames,
@@ -299,6 +312,13 @@ def _video_layout(pipe: Any, network: torch.nn.Module, family: str, resolution: 
         "patch_size_t": pt,
         "tokens_per_sample": (latent_frames // pt) * (side // ph) * (side // pw),
     }
+
+
+def _cogvideox_padding(cfg: Any, latent_frames: int) -> int:
+    """CogVideoX 1.5 (`patch_size_t` set): CogVideoXPipeline.__call__ pads the latent frames up to a multiple of
+    patch_size_t (extra frames of noise in front, dropped before decoding); 1.0 pads nothing."""
+    pt = cfg.patch_size_t
+    return 0 if pt is None or latent_frames % pt == 0 else pt - latent_frames % pt
 
 
 def _latent_layout(pipe: Any, network: torch.nn.Module, family: str, resolution: int | None,
@@ -342,6 +362,8 @@ def transformer_block_groups(network: torch.nn.Module, family: str) -> tuple[Blo
         return (BlockGroup("blocks", len(network.blocks), ("attn1", "attn2", "ffn")),)
     if family == "ltx":
         return (BlockGroup("transformer_blocks", len(network.transformer_blocks), ("attn1", "attn2", "ff")),)
+    if family == "cogvideox":  # joint attention over text and video tokens, one feed-forward over both
+        return (BlockGroup("transformer_blocks", len(network.transformer_blocks), ("attn1", "ff")),)
     if family == "qwen_image":  # MM-DiT blocks only: joint attention, the image and the text stream's MLPs
         return (BlockGroup("transformer_blocks", len(network.transformer_blocks), ("attn", "img_mlp", "txt_mlp")),)
     if family in ("flux", "hunyuan_video"):  # double-stream blocks, then single-stream blocks
@@ -429,12 +451,16 @@ def is_flow_scheduler(scheduler: Any) -> bool:
 
 
 def noise_schedule_of(scheduler: Any, tokens_per_sample: int) -> NoiseSchedule:
-    """FlowSchedule for flow-matching schedulers, else the DDPM ᾱ of the config (DDIM/DPM/Euler/PNDM configs all
-    carry the betas; DDPMScheduler builds ᾱ from them exactly as the scheduler itself does)."""
+    """FlowSchedule for flow-matching schedulers, else the VP schedule of the scheduler's own ᾱ: what its steps
+    use, settings included (CogVideoX's `snr_shift_scale`, `rescale_betas_zero_snr`, which multistep schedulers
+    end at 2^-24 rather than 0). A scheduler without `alphas_cumprod` gets DDPMScheduler's ᾱ of its config."""
     cfg = scheduler.config
     if is_flow_scheduler(scheduler):
         shift = cfg.get("flow_shift", 1.0) if cfg.get("use_flow_sigmas") else _flow_shift(cfg, tokens_per_sample)
         return FlowSchedule(int(cfg.num_train_timesteps), float(shift))
+    own = getattr(scheduler, "alphas_cumprod", None)
+    if isinstance(own, torch.Tensor) and len(own) == int(cfg.num_train_timesteps):
+        return VPSchedule(own.detach().double().cpu().numpy().copy())
     if "beta_schedule" not in cfg and cfg.get("trained_betas") is None:
         raise ValueError(f"scheduler {type(scheduler).__name__}: no betas in its config, cannot build a VP schedule")
     from diffusers import DDPMScheduler
@@ -487,9 +513,10 @@ def flux_image_ids(height: int, width: int) -> torch.Tensor:
 
 
 def _forward(network: torch.nn.Module, family: str, layout: dict[str, Any], guidance: float,
-             expert: int | None = None) -> Forward:
+             expert: int | None = None, pipe: Any = None) -> Forward:
     """One network call on a batch x with batched conditions; returns the output in x's layout. `expert`: which
-    transformer of an `ExpertPair` (Wan 2.2) makes the call."""
+    transformer of an `ExpertPair` (Wan 2.2) makes the call; `pipe`: the pipeline, for inputs only its own
+    functions compute (CogVideoX's rotary embedding)."""
     channels = layout["sample_shape"][0]
     dtype = network.dtype
     time_dtype = dtype if family == "flux" else torch.float32  # as the pipelines pass it (bf16 would round t)
@@ -607,6 +634,8 @@ def _forward(network: torch.nn.Module, family: str, layout: dict[str, Any], guid
         return ltx
     if family == "qwen_image":
         return _qwen_image_forward(network, layout)
+    if family == "cogvideox":
+        return _cogvideox_forward(pipe, network, layout)
     raise ValueError(f"family {family!r}: no forward")
 
 
@@ -624,6 +653,31 @@ def _wan_forward(network: torch.nn.Module, layout: dict[str, Any], expert: int |
         return network(hidden_states=x, timestep=timestep, encoder_hidden_states=c["prompt_embeds"], **route).sample
 
     return wan
+
+
+def _cogvideox_forward(pipe: Any, network: torch.nn.Module, layout: dict[str, Any]) -> Forward:
+    """CogVideoXPipeline.__call__'s transformer call: latents as (N, F, C, H, W) (frames before channels, permuted
+    around the call; schedsearch keeps (C, F, H, W) per sample), the timestep per sample, and the rotary embedding
+    the pipeline's own `_prepare_rotary_positional_embeddings` makes for this size when the transformer uses rotary
+    positions (computed once: the size is fixed). The pipeline's `use_dynamic_cfg` (off by default) is not
+    modelled: guidance is the static scale."""
+    _, frames, _, _ = layout["sample_shape"]
+    pixels = layout["resolution"]
+    rotary = None
+    if network.config.use_rotary_positional_embeddings:
+        rotary = pipe._prepare_rotary_positional_embeddings(pixels, pixels, frames, network.device)
+
+    def cogvideox(x: torch.Tensor, tv: float, c: Conds) -> torch.Tensor:
+        out = network(
+            hidden_states=x.permute(0, 2, 1, 3, 4),
+            encoder_hidden_states=c["prompt_embeds"],
+            timestep=torch.full((len(x),), tv, dtype=torch.float32, device=x.device),
+            image_rotary_emb=rotary,
+            return_dict=False,
+        )[0]
+        return out.permute(0, 2, 1, 3, 4)
+
+    return cogvideox
 
 
 def _qwen_image_forward(network: torch.nn.Module, layout: dict[str, Any]) -> Forward:
@@ -754,6 +808,11 @@ def encode_prompts(pipe: Any, family: str, prompts: Sequence[str]) -> dict[str, 
                                     do_classifier_free_guidance=True, device=device,
                                     max_sequence_length=_call_default(pipe, "max_sequence_length"))
         return {"prompt_embeds": pe, "negative_prompt_embeds": ne}
+    if family == "cogvideox":  # T5 at __call__'s max_sequence_length (226), the empty negative prompt
+        pe, ne = pipe.encode_prompt(prompt=prompts, negative_prompt=[""] * len(prompts),
+                                    do_classifier_free_guidance=True, device=device,
+                                    max_sequence_length=_call_default(pipe, "max_sequence_length"))
+        return {"prompt_embeds": pe, "negative_prompt_embeds": ne}
     if family == "ltx":
         pe, pm, ne, nm = pipe.encode_prompt(prompt=prompts, negative_prompt=[""] * len(prompts),
                                             do_classifier_free_guidance=True, device=device)
@@ -869,7 +928,7 @@ def _denoiser_factory(
             uncond = _to(uncond, network.device, network.dtype)
             both = {k: torch.cat([uncond[k], v]) for k, v in cond.items()}  # one forward of batch 2N
         if boundary is None:
-            forwards, scales = (_forward(network, family, layout, guidance),), (guidance,)
+            forwards, scales = (_forward(network, family, layout, guidance, pipe=pipe),), (guidance,)
         else:  # Wan 2.2: per expert its transformer and scale (WanPipeline: guidance_scale_2 = guidance_scale if None)
             forwards = tuple(_forward(network, family, layout, guidance, expert=e) for e in (0, 1))
             scales = (guidance, guidance if guidance_2 is None else guidance_2)
@@ -927,9 +986,10 @@ def _qwen_image_cfg(layout: dict[str, Any]) -> Guide:
 # ---------------------------------------------------------------------------------------------------- decode
 
 
-def _vae_decoder(pipe: Any, one_frame: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+def _vae_decoder(pipe: Any, one_frame: bool = False, drop_frames: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
     """`one_frame`: image latents through a video VAE as a video of one frame (QwenImagePipeline decodes
-    (N, C, 1, H, W) and keeps frame 0)."""
+    (N, C, 1, H, W) and keeps frame 0). `drop_frames`: leading latent frames the pipeline discards before decoding
+    (CogVideoX 1.5's padding)."""
     vae = getattr(pipe, "vae", None)
     if vae is None and _vae_scale_factor(pipe) == 1:  # a pixel-space pipeline: samples are images
         return lambda samples: samples.float().clamp(-1.0, 1.0)
@@ -941,7 +1001,7 @@ def _vae_decoder(pipe: Any, one_frame: bool = False) -> Callable[[torch.Tensor],
             raise UserInputError("--model", f"{type(pipe).__name__} has no VAE: latents cannot be decoded to images",
                                  "load the pipeline with its VAE")
         latents = samples.to(device=vae.device, dtype=vae.dtype)
-        latents = latents.unsqueeze(2) if one_frame else latents
+        latents = latents.unsqueeze(2) if one_frame else latents[:, :, drop_frames:] if drop_frames else latents
         buffers = dict(vae.named_buffers(recurse=False))  # not getattr: diffusers warns on config attributes
         if "latents_mean" in buffers:  # LTX: statistics as buffers, as LTXPipeline undoes them
             shape = (1, -1) + (1,) * (latents.dim() - 2)
@@ -979,6 +1039,33 @@ def _check_qwen_image(pipe: Any, network: torch.nn.Module) -> None:
         if network.config.get(setting):
             raise UserInputError("--model", f"QwenImageTransformer2DModel with {setting}=True cannot run in "
                                  f"QwenImagePipeline: {why}", "use a text-to-image Qwen-Image checkpoint")
+
+
+def _check_cogvideox(pipe: Any, network: torch.nn.Module) -> None:
+    """Refuse what CogVideoXPipeline's text-to-video call cannot drive: the pipelines that feed the transformer an
+    image or a video (image-to-video, video-to-video, Fun-Control), and transformers that need an input it never
+    passes (the image-to-video `ofs` embedding of CogVideoX 1.5 I2V, learned positions of CogVideoX-5b-I2V)."""
+    from diffusers import CogVideoXPipeline
+
+    if type(pipe) is not CogVideoXPipeline:
+        raise UserInputError("--model", f"{type(pipe).__name__} feeds its CogVideoXTransformer3DModel inputs "
+                             "schedsearch does not supply",
+                             "load the checkpoint as a CogVideoXPipeline (text to video)")
+    for setting in ("ofs_embed_dim", "use_learned_positional_embeddings"):
+        if network.config.get(setting):
+            raise UserInputError("--model", f"CogVideoXTransformer3DModel with {setting}={network.config[setting]!r} "
+                                 "is an image-to-video transformer: CogVideoXPipeline never passes its image inputs",
+                                 "use a text-to-video CogVideoX checkpoint")
+
+
+def _check_zero_terminal_snr(scheduler: Any, schedule: NoiseSchedule) -> None:
+    """ᾱ = 0 at the first step (zero terminal SNR) leaves ε-prediction without an x0 there (x0 = (x − σε)/α):
+    refused before any work; v-prediction (CogVideoX) is exact there (x0 = −v)."""
+    if isinstance(schedule, VPSchedule) and schedule.zero_terminal_snr and prediction_type_of(scheduler) == "epsilon":
+        raise UserInputError("scheduler", f"{type(scheduler).__name__} has zero terminal SNR (ᾱ = 0 at t = "
+                             f"{schedule.num_train_timesteps - 1}) with prediction_type='epsilon': the model's output "
+                             "gives no x0 at pure noise", "use a v_prediction scheduler config, or "
+                             "rescale_betas_zero_snr=False")
 
 
 def _two_transformers(pipe: Any) -> bool:
@@ -1042,14 +1129,18 @@ def loaded_model_from_pipeline(
     if getattr(pipe, "scheduler", None) is None:
         raise UserInputError("--model", f"{type(pipe).__name__} has no scheduler: its config defines the noise "
                              "schedule", "load the pipeline with its scheduler")
+    refuse_stochastic(pipe.scheduler)
     if family == "qwen_image":
         _check_qwen_image(pipe, network)
+    if family == "cogvideox":
+        _check_cogvideox(pipe, network)
     if two:
         network = ExpertPair(network, pipe.transformer_2)
     layout = _latent_layout(pipe, network, family, resolution, num_frames)
     if family == "wan" and pipe.config.get("expand_timesteps"):  # Wan 2.2 TI2V-5B: a timestep per latent token
         layout["expand_timesteps"] = True
     schedule = noise_schedule_of(pipe.scheduler, layout["tokens_per_sample"])
+    _check_zero_terminal_snr(pipe.scheduler, schedule)
     if two:
         layout["expert_boundary"] = _expert_boundary(pipe, schedule)
     first = experts_of(network)[0]  # blocks every expert shares (checked below); class and widths: the first's
@@ -1081,7 +1172,7 @@ def loaded_model_from_pipeline(
         extra=extra,
     )
     make = _denoiser_factory(pipe, family, network, layout, schedule, class_conditioner)
-    decode = _vae_decoder(pipe, one_frame=family == "qwen_image")
+    decode = _vae_decoder(pipe, one_frame=family == "qwen_image", drop_frames=layout.get("padding_frames", 0))
     return LoadedModel(info, network, schedule, make, decode, scheduler=pipe.scheduler)
 
 

@@ -42,11 +42,30 @@ class VPSchedule:
 
     @functools.cached_property
     def _log_ratio(self) -> np.ndarray:
-        """log(σ/α) at the integer timesteps: the table both directions interpolate."""
-        return 0.5 * np.log((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
+        """log(σ/α) at the integer timesteps: the table both directions interpolate (+inf where ᾱ = 0)."""
+        with np.errstate(divide="ignore"):
+            return 0.5 * np.log((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
+
+    @functools.cached_property
+    def zero_terminal_snr(self) -> bool:
+        """ᾱ = 0 at the last training timestep (`rescale_betas_zero_snr`, CogVideoX's DDIM): pure noise there,
+        λ = −∞, which only v- (or x0-) prediction can start from."""
+        return bool(self.alphas_cumprod[-1] == 0.0)
+
+    def _last_alpha(self, t: float) -> float | None:
+        """With zero terminal SNR, α on the last interval (T − 2, T − 1], interpolated linearly down to α = 0:
+        log(σ/α) is infinite at its end, so interpolating it would make the whole interval pure noise. None
+        elsewhere (the log(σ/α) table applies)."""
+        top = self.num_train_timesteps - 1
+        if not self.zero_terminal_snr or t <= top - 1:
+            return None
+        return math.sqrt(float(self.alphas_cumprod[-2])) * max(top - t, 0.0)
 
     def sigma_ratio(self, t: float) -> float:
-        """σ_t / α_t (diffusers' "sigma" for VP models)."""
+        """σ_t / α_t (diffusers' "sigma" for VP models); inf at a zero-SNR end."""
+        alpha = self._last_alpha(t)
+        if alpha is not None:
+            return math.inf if alpha == 0.0 else math.sqrt(1.0 - alpha * alpha) / alpha
         log_ratio = self._log_ratio
         return float(np.exp(np.interp(t, np.arange(len(log_ratio)), log_ratio)))
 
@@ -58,12 +77,23 @@ class VPSchedule:
         """The model time whose σ/α is `sigma_ratio` (a diffusers VP scheduler's `sigmas` entry): the inverse of
         `diffusers_sigma`, diffusers' `_sigma_to_t` without its rounding."""
         log_ratio = self._log_ratio
+        if self.zero_terminal_snr:
+            top = self.num_train_timesteps - 1
+            if math.isinf(sigma_ratio):
+                return float(top)
+            if math.log(sigma_ratio) > log_ratio[-2]:  # inside the last interval: invert `_last_alpha`
+                alpha = 1.0 / math.sqrt(sigma_ratio * sigma_ratio + 1.0)
+                return top - alpha / math.sqrt(float(self.alphas_cumprod[-2]))
+            log_ratio = log_ratio[:-1]
         return float(np.interp(np.log(sigma_ratio), log_ratio, np.arange(len(log_ratio))))
 
     def alpha_sigma(self, t: float | None) -> tuple[float, float]:
-        """(α_t, σ_t); t = None is the clean end point (σ = 0)."""
+        """(α_t, σ_t); t = None is the clean end point (σ = 0); (0, 1) at a zero-SNR end."""
         if t is None:
             return 1.0, 0.0
+        alpha = self._last_alpha(t)
+        if alpha is not None:
+            return alpha, math.sqrt(1.0 - alpha * alpha)
         s = self.sigma_ratio(t)
         alpha = 1.0 / math.sqrt(s * s + 1.0)
         return alpha, s * alpha

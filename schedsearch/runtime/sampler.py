@@ -70,6 +70,24 @@ def _history_terms(
     return rks, diffs
 
 
+def _finite_terms(rks: list[float], diffs: list[torch.Tensor]) -> tuple[list[float], list[torch.Tensor], bool]:
+    """The history terms without the points at λ = −∞ (pure noise, α = 0: zero terminal SNR, where CogVideoX's
+    DDIM starts), and whether any was dropped. There r_k = −∞, so D_k = 0 and, in the limit of R ρ = b, ρ_k = 0:
+    the step is the one of the remaining points with ρ solved from their system (not the fixed ρ = 1/2 UniPC uses
+    for its own order 2, which is a convention of that order, not this limit). Without the drop the solve is NaN."""
+    keep = [k for k, r in enumerate(rks) if math.isfinite(r)]
+    if len(keep) == len(rks):
+        return rks, diffs, False
+    return [rks[k] for k in keep], [diffs[k] for k in keep], True
+
+
+def _from_pure_noise(newest: _Output, a_t: float, s_t: float) -> torch.Tensor:
+    """A step from α_s = 0 (λ_s = −∞) to (α_t, σ_t): the limit of every order and of both forms is the DDIM step
+    α_t·x0 + σ_t·ε of the newest output (e^{−h} = 0); the noise form's own expression is ∞·0 there. CogVideoX's
+    DDIM takes exactly this first step (x0 = −v, ε = x at ᾱ = 0)."""
+    return a_t * newest.x0 + s_t * newest.eps
+
+
 def _base_step(
     x: torch.Tensor, m0: torch.Tensor, a_s: float, s_s: float, a_t: float, s_t: float, hh: float, data: bool
 ) -> torch.Tensor:
@@ -92,6 +110,8 @@ def predictor_step(
     data = step.prediction == "data"
     newest = history[-1]
     m0 = newest.value(step.prediction)
+    if newest.lam == -math.inf:  # from pure noise: only a first step can start there
+        return _from_pure_noise(newest, a_t, s_t)
     if s_t == 0.0:  # end point σ = 0: the denoised estimate (order 1 is enforced by SolverPlan.validate)
         return m0 if data else (x - s_s * m0) / a_s
     lam_t = log_snr(a_t, s_t)
@@ -107,8 +127,12 @@ def predictor_step(
     if step.order == 3 and step.rule == "dpmsolver":
         return x_t + _dpmsolver_third_order_terms(history, h, hh, step.prediction, scale)
     rks, diffs = _history_terms(history, newest.lam, h, step.order, step.prediction)
-    b_value, rows, rhs = _uni_coefficients(hh, [*rks, 1.0], step.order, step.rule)
-    rhos = [0.5] if step.order == 2 else np.linalg.solve(rows[:-1, :-1], rhs[:-1]).tolist()
+    rks, diffs, limit = _finite_terms(rks, diffs)
+    if not rks:
+        return x_t
+    order = len(rks) + 1
+    b_value, rows, rhs = _uni_coefficients(hh, [*rks, 1.0], order, step.rule)
+    rhos = [0.5] if order == 2 and not limit else np.linalg.solve(rows[:-1, :-1], rhs[:-1]).tolist()
     residual = sum(rho * d for rho, d in zip(rhos, diffs, strict=True))
     return x_t - (scale * b_value) * residual
 
@@ -141,13 +165,19 @@ def corrector_step(
     (a_s, s_s), (a_t, s_t) = alpha_sigma_s, alpha_sigma_t
     data = step.prediction == "data"
     newest = history[-1]
+    if newest.lam == -math.inf and (not data or step.rule == "bh1"):
+        # from pure noise the correction's coefficient grows without bound in the noise form (e^h − 1) and with
+        # bh1's B(h) = h: no limit, so that step stays the predictor's (its exact limit); data-form bh2 keeps UniC
+        return _from_pure_noise(newest, a_t, s_t)
     m0 = newest.value(step.prediction)
     h = current.lam - newest.lam
     hh = -h if data else h
     x_t = _base_step(x_prev, m0, a_s, s_s, a_t, s_t, hh, data)
     rks, diffs = _history_terms(history, newest.lam, h, step.order, step.prediction)
-    b_value, rows, rhs = _uni_coefficients(hh, [*rks, 1.0], step.order, step.rule)
-    rhos = [0.5] if step.order == 1 else np.linalg.solve(rows, rhs).tolist()
+    rks, diffs, limit = _finite_terms(rks, diffs)
+    order = len(rks) + 1
+    b_value, rows, rhs = _uni_coefficients(hh, [*rks, 1.0], order, step.rule)
+    rhos = [0.5] if order == 1 and not limit else np.linalg.solve(rows, rhs).tolist()
     residual = sum(rho * d for rho, d in zip(rhos[:-1], diffs, strict=True))
     residual = residual + rhos[-1] * (current.value(step.prediction) - m0)
     return x_t - ((a_t if data else s_t) * b_value) * residual

@@ -23,26 +23,42 @@ from schedsearch.spaces.schedule import SolverPlan
 
 SUPPORTED = (
     "DDIMScheduler",
+    "CogVideoXDDIMScheduler",
     "EulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",
     "DPMSolverMultistepScheduler",
     "UniPCMultistepScheduler",
 )
+DDIM_CLASSES = ("DDIMScheduler", "CogVideoXDDIMScheduler")  # CogVideoX's: DDIM on its SNR-shifted ᾱ, never clipping
+# schedulers that add fresh noise at every step: no deterministic plan reproduces them (refused on load)
+STOCHASTIC = {"CogVideoXDPMScheduler": "it adds fresh noise at every step (DPM-Solver++(2M) SDE)"}
 
 
 def _refuse(cls: str, setting: str, value: Any, fix: str) -> UserInputError:
     return UserInputError("scheduler", f"{cls} with {setting}={value!r} cannot be expressed as a schedsearch plan", fix)
 
 
+def refuse_stochastic(scheduler: Any) -> None:
+    """Refuse, before any work, a scheduler whose steps add fresh noise: the unified sampler is deterministic, and
+    running it instead would silently sample something else than the pipeline does."""
+    cls = type(scheduler).__name__
+    if cls in STOCHASTIC:
+        raise UserInputError("scheduler", f"{cls} is not supported: {STOCHASTIC[cls]}, which no schedsearch plan "
+                             "expresses", f"supported: {', '.join(SUPPORTED)}; e.g. pipe.scheduler = "
+                             "CogVideoXDDIMScheduler.from_config(pipe.scheduler.config)")
+
+
 def _check_settings(scheduler: Any) -> None:
     cls, cfg = type(scheduler).__name__, scheduler.config
+    refuse_stochastic(scheduler)
     if cls not in SUPPORTED:
         raise UserInputError("scheduler", f"{cls} is not supported as a baseline plan",
                              f"supported: {', '.join(SUPPORTED)}; or give the plan as a schedule file")
     if cfg.get("thresholding"):
         raise _refuse(cls, "thresholding", True, "dynamic thresholding clips x0 per step; set thresholding=False")
-    if cls == "DDIMScheduler" and cfg.get("rescale_betas_zero_snr"):
-        raise _refuse(cls, "rescale_betas_zero_snr", True, "zero terminal SNR needs v-prediction at σ = ∞")
+    if cls in DDIM_CLASSES and cfg.get("rescale_betas_zero_snr") and cfg.get("prediction_type") == "epsilon":
+        raise _refuse(cls, "rescale_betas_zero_snr", True, "zero terminal SNR (ᾱ = 0 at the first step) needs "
+                      "prediction_type='v_prediction': ε-prediction has no x0 at σ = ∞")
     if cls == "DPMSolverMultistepScheduler":
         if cfg.get("algorithm_type") not in ("dpmsolver++", "dpmsolver"):
             raise _refuse(cls, "algorithm_type", cfg.get("algorithm_type"), "use dpmsolver++ or dpmsolver (ODE)")
@@ -85,6 +101,26 @@ def _run_set_timesteps(scheduler: Any, num_steps: int, noise_schedule: NoiseSche
     return copy
 
 
+def _check_ddim_targets(cls: str, cfg: Any, timesteps: tuple[float, ...]) -> None:
+    """diffusers' DDIM steps from t to t − T // N, not to its next timestep: with trailing or linspace spacing at a
+    step count N that does not divide T the two differ (CogVideoX at 3 steps: 666 → 333, then the model is called
+    at 332), which a plan cannot express. Refused with the spacing named rather than approximated."""
+    stride = int(cfg.num_train_timesteps) // len(timesteps)
+    targets = [t - stride for t in timesteps]
+    expected = [*timesteps[1:], None]
+    for target, following in zip(targets, expected, strict=True):
+        if (following is None and target >= 0) or (following is not None and target != following):
+            spacing, total = cfg.get("timestep_spacing", "leading"), int(cfg.num_train_timesteps)
+            raise _refuse(cls, "timestep_spacing", spacing, f"at {len(timesteps)} steps it steps from t to "
+                          f"t - {stride} but calls the model at {list(timesteps)}: use a step count that divides "
+                          f"{total} (e.g. {_divisor_near(total, len(timesteps))})")
+
+
+def _divisor_near(total: int, steps: int) -> int:
+    """The step count dividing `total` nearest to `steps` (the larger on a tie: more steps, not fewer)."""
+    return min((d for d in range(1, total + 1) if total % d == 0), key=lambda d: (abs(d - steps), -d))
+
+
 def plan_from_scheduler(scheduler: Any, num_steps: int, noise_schedule: NoiseSchedule,
                         sigmas: list[float] | None = None) -> SolverPlan:
     """The plan that runs exactly what `scheduler` (a diffusers scheduler, e.g. `pipe.scheduler`) runs in
@@ -96,9 +132,11 @@ def plan_from_scheduler(scheduler: Any, num_steps: int, noise_schedule: NoiseSch
     cls, cfg = type(scheduler).__name__, scheduler.config
     run = _run_set_timesteps(scheduler, num_steps, noise_schedule, sigmas)
     network = tuple(float(t) for t in run.timesteps)
-    if cls == "DDIMScheduler":  # integrates at its integer timesteps; ends at ᾱ = 1 (σ = 0) or at ᾱ_0
+    if cls in DDIM_CLASSES:  # integrates at its integer timesteps; ends at ᾱ = 1 (σ = 0) or at ᾱ_0
+        _check_ddim_targets(cls, cfg, network)
         final = None if cfg.get("set_alpha_to_one", True) else 0.0
-        clip = float(cfg.get("clip_sample_range", 1.0)) if cfg.get("clip_sample") else None
+        clips = cls == "DDIMScheduler" and cfg.get("clip_sample")  # CogVideoXDDIMScheduler.step never clips
+        clip = float(cfg.get("clip_sample_range", 1.0)) if clips else None
         plan = replace(ddim_plan(network, "data", final_timestep=final), clip_x0=clip)
         return plan.validate(noise_schedule.num_train_timesteps)
     sigmas = [float(s) for s in run.sigmas]
