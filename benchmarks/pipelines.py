@@ -2,9 +2,11 @@
 loaded back): how close the all-recompute default plan is to the stock `pipe(...)` call, what the cache hooks cost
 when they change nothing, analytic against counted MACs, and the seconds of a quick ECAD study.
 
-    python benchmarks/pipelines.py [--rounds 5]
+    python benchmarks/pipelines.py [--rounds 5] [--families cogvideox,ltx] [--note "..."]
 
-Prints one JSON object (a row per family) and writes benchmarks/results/pipelines.json. The tiny pipelines come
+Prints one JSON object (a row per family) and writes benchmarks/results/pipelines.json; with --families only those
+rows are measured and replaced in it, the others kept as they were (--note: how they were measured, e.g. on a
+shared machine, kept on those rows). The tiny pipelines come
 from the tests (tests/test_diffusers_models.py, tests/test_wan.py, ...), so the benchmark and the suite measure the same
 objects. Equivalence is in float32 at 4 steps with the pipeline's own default scheduler; `dit` has no entry there
 (DiTPipeline draws its own noise and takes no latents).
@@ -24,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 
+import test_cogvideox
 import test_diffusers_models as tdm
 import test_hunyuan_video
 import test_ltx
@@ -41,19 +44,21 @@ from schedsearch.spaces.cache_plan import ComponentCachePlan
 from schedsearch.study import run_search
 
 FAMILIES = ["dit", "pixart", "sana", "sd", "sdxl", "sd3", "flux", "wan", "wan22", "hunyuan_video", "ltx",
-            "qwen_image"]  # rows; "wan22" is family "wan" with two transformers (Wan 2.2 A14B)
+            "qwen_image", "cogvideox"]  # rows; "wan22" is family "wan" with two transformers (Wan 2.2 A14B)
+RESULTS = Path(__file__).parent / "results" / "pipelines.json"
 STEPS = 4
 SIZE = {"flux": {"resolution": 16}, "sana": {"resolution": test_sana.PIXELS},
         "wan": {"resolution": test_wan.PIXELS, "num_frames": test_wan.FRAMES},
         "wan22": {"resolution": test_wan22.PIXELS, "num_frames": test_wan22.FRAMES},
         "hunyuan_video": {"resolution": test_hunyuan_video.PIXELS, "num_frames": test_hunyuan_video.FRAMES},
         "ltx": {"resolution": test_ltx.PIXELS, "num_frames": test_ltx.FRAMES},
-        "qwen_image": {"resolution": test_qwen_image.PIXELS}}
+        "qwen_image": {"resolution": test_qwen_image.PIXELS},
+        "cogvideox": {"resolution": test_cogvideox.PIXELS, "num_frames": test_cogvideox.FRAMES}}
 OWN_TEST = {"sana": test_sana, "wan": test_wan, "wan22": test_wan22, "hunyuan_video": test_hunyuan_video,
-            "ltx": test_ltx, "qwen_image": test_qwen_image}  # builders, embeddings
+            "ltx": test_ltx, "qwen_image": test_qwen_image, "cogvideox": test_cogvideox}  # builders, embeddings
 # the tiny pipelines that have a text encoder
 PROMPTED = {"sd": ["a cat", "a dog"], "wan": ["a cat", "a dog"], "wan22": ["a cat", "a dog"], "ltx": ["a cat", "a dog"],
-            "qwen_image": ["a cat", "a dog"]}
+            "qwen_image": ["a cat", "a dog"], "cogvideox": ["a cat", "a dog"]}
 # the CFG scale of the equivalence call where the test's differs from the model's default
 GUIDANCE = {"ltx": test_ltx.GUIDANCE, "qwen_image": test_qwen_image.GUIDANCE}
 GUIDANCE_2 = {"wan22": 2.0}  # Wan 2.2's low-noise scale (guidance_scale_2), unlike the high-noise 5.0
@@ -80,6 +85,8 @@ def equivalence(family: str, model, path: Path) -> dict:
             theirs = test_hunyuan_video._call(pipe, x, cond, STEPS)
         elif family == "ltx":
             theirs = test_ltx._call(test_ltx._pipe(path), x, cond, STEPS)
+        elif family == "cogvideox":  # latents (F, C, H, W) at the pipeline, permuted by the test's call
+            theirs = test_cogvideox._call(test_cogvideox._pipe(path), x, STEPS, **cond)
         elif family == "qwen_image":  # true CFG: two calls per step, norm-preserving combination
             theirs = test_qwen_image._call(test_qwen_image._pipe(path), x, STEPS, **cond)
         elif family in ("wan", "wan22"):  # Wan 2.2: the low-noise transformer at guidance_scale_2
@@ -152,32 +159,51 @@ def quick_study(family: str, model, work: Path) -> dict:
             "ecad_failed": result.failed}
 
 
+def _build(family: str, work: Path):
+    """The family's tiny pipeline, as its tests build it."""
+    builders = {"wan": lambda: test_wan.build_wan(work), "wan22": lambda: test_wan22.build_wan22(work),
+                "sana": test_sana.build_sana, "hunyuan_video": test_hunyuan_video.build_hunyuan,
+                "ltx": lambda: test_ltx.build_ltx(work), "qwen_image": test_qwen_image.build_qwen_image,
+                "cogvideox": test_cogvideox.build_cogvideox}
+    return builders[family]() if family in builders else tdm.build_pipeline(family, work)
+
+
+def _families(arg: str | None) -> list[str]:
+    if arg is None:
+        return FAMILIES
+    chosen = [f.strip() for f in arg.split(",") if f.strip()]
+    unknown = sorted(set(chosen) - set(FAMILIES))
+    if unknown or not chosen:
+        raise SystemExit(f"--families: unknown {unknown or arg!r}; choose from {', '.join(FAMILIES)}")
+    return chosen
+
+
+def _merged(rows: list[dict], partial: bool) -> list[dict]:
+    """The measured rows, and with --families the JSON's other rows kept, in FAMILIES order."""
+    if not partial or not RESULTS.is_file():
+        return rows
+    by_family = {row["family"]: row for row in json.loads(RESULTS.read_text())["rows"]}
+    by_family |= {row["family"]: row for row in rows}
+    return [by_family[f] for f in FAMILIES if f in by_family]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5, help="interleaved A/B rounds of the hook overhead")
+    parser.add_argument("--families", help="comma-separated rows to measure; the JSON's other rows are kept")
+    parser.add_argument("--note", help="how these rows were measured (kept on them), e.g. a shared machine")
     args = parser.parse_args()
+    families = _families(args.families)
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="sspipes"))
     rows = []
-    for family in FAMILIES:
+    for family in families:
         path = work / family
-        if family == "wan":
-            pipe = test_wan.build_wan(work)
-        elif family == "wan22":
-            pipe = test_wan22.build_wan22(work)
-        elif family == "sana":
-            pipe = test_sana.build_sana()
-        elif family == "hunyuan_video":
-            pipe = test_hunyuan_video.build_hunyuan()
-        elif family == "ltx":
-            pipe = test_ltx.build_ltx(work)
-        elif family == "qwen_image":
-            pipe = test_qwen_image.build_qwen_image()
-        else:
-            pipe = tdm.build_pipeline(family, work)
-        pipe.save_pretrained(path)
+        _build(family, work).save_pretrained(path)
         model = load_model(f"diffusers:{path}", **SIZE.get(family, {}))
         row = {"family": family, "denoiser": model.info.extra["denoiser_class"]}
+        if args.note:
+            row["note"] = args.note
         parts = ((equivalence, (family, model, path)), (hook_overhead, (model, args.rounds)), (macs, (model,)),
                  (quick_study, (family, model, work)))
         for part, part_args in parts:
@@ -187,10 +213,10 @@ def main() -> None:
                 row.setdefault("errors", []).append(f"{type(exc).__name__}: {exc}")
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    out = {"steps": STEPS, "dtype": "float32", "rows": rows}
+    out = {"steps": STEPS, "dtype": "float32", "rows": _merged(rows, args.families is not None)}
     text = json.dumps(out, indent=1)
     print(text)
-    (Path(__file__).parent / "results" / "pipelines.json").write_text(text + "\n")
+    RESULTS.write_text(text + "\n")
 
 
 if __name__ == "__main__":

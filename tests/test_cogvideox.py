@@ -27,7 +27,7 @@ from schedsearch.runtime.sampler import sample  # noqa: E402
 from schedsearch.spaces import baselines  # noqa: E402
 from schedsearch.spaces.schedule import Schedule, SolverPlan, SolverStep  # noqa: E402
 
-TEXT_DIM, FRAMES, PIXELS, GUIDANCE, STEPS = 16, 9, 32, 6.0, 4  # 9 frames -> 3 latent, 32 px -> 4 (2x2 tokens)
+TEXT_DIM, TEXT_LEN, FRAMES, PIXELS, GUIDANCE, STEPS = 16, 6, 9, 32, 6.0, 4  # 9 frames -> 3 latent, 32 px -> 4
 PROMPTS = ["a cat", "a dog on a mat"]
 TOL = 1e-5
 
@@ -76,9 +76,18 @@ def _pipe(saved):
     return pipe
 
 
+def embeddings(n: int) -> dict:
+    """Pre-encoded conditions (rotary positions take any text length): the prompts' and the negative prompts'."""
+    g = torch.Generator().manual_seed(1)
+    return {"prompt_embeds": torch.randn(n, TEXT_LEN, TEXT_DIM, generator=g),
+            "negative_prompt_embeds": torch.randn(n, TEXT_LEN, TEXT_DIM, generator=g)}
+
+
 def _call(pipe, x, steps=STEPS, **kwargs):
-    """The stock call on our (C, F, H, W) noise, which CogVideoXPipeline takes and returns as (F, C, H, W)."""
-    kwargs.setdefault("prompt", PROMPTS)
+    """The stock call on our (C, F, H, W) noise, which CogVideoXPipeline takes and returns as (F, C, H, W); the
+    prompt strings unless embeddings are given."""
+    if "prompt_embeds" not in kwargs:
+        kwargs.setdefault("prompt", PROMPTS)
     out = pipe(latents=x.permute(0, 2, 1, 3, 4), num_inference_steps=steps, guidance_scale=GUIDANCE, height=PIXELS,
                width=PIXELS, num_frames=FRAMES, **{"output_type": "latent"} | kwargs).frames
     return out.permute(0, 2, 1, 3, 4) if kwargs.get("output_type", "latent") == "latent" else out
@@ -128,6 +137,36 @@ def test_default_plan_is_the_pipelines_own_call(saved, name):
         theirs = _call(pipe, x)
     torch.testing.assert_close(ours, theirs, rtol=TOL, atol=TOL)
     assert (ours - x).abs().max() > 0.5  # the model moved the noise
+
+
+def test_pre_encoded_conditions_equal_the_pipeline(model, saved):
+    """Embeddings given directly (`prompt_embeds`, `negative_prompt_embeds`), as the pipeline takes them."""
+    cond = embeddings(2)
+    x = initial_noise([0, 1], model.info.sample_shape)
+    with torch.no_grad():
+        ours = sample(model.denoiser(cond, GUIDANCE), x, model.default_plan(STEPS), model.noise_schedule,
+                      "v_prediction")
+        theirs = _call(_pipe(saved), x, **cond)
+    torch.testing.assert_close(ours, theirs, rtol=TOL, atol=TOL)
+
+
+def test_macs_are_counted_on_the_video_and_text_tokens(model, saved):
+    """MACs counted on the real forward: the feed-forward runs on text and video tokens together (6 + F·2·2), so
+    one more latent frame (13 frames) scales it by exactly (6 + 16) / (6 + 12); attention grows faster."""
+    from schedsearch.objectives.cost import measured_macs_table
+
+    def table(m):
+        x = initial_noise([0], m.info.sample_shape)
+        denoise = m.denoiser({"prompt_embeds": embeddings(1)["prompt_embeds"]}, guidance=1.0)
+        return measured_macs_table(m.network, m.info, lambda: denoise(x, 500.0, 0), batch=1)
+
+    longer = load_model(f"diffusers:{saved}", resolution=PIXELS, num_frames=FRAMES + 4)
+    assert longer.info.extra["tokens_per_sample"] == 16
+    short, long = table(model), table(longer)
+    ff = "transformer_blocks.0.ff"
+    assert long.slots[ff] / short.slots[ff] == pytest.approx((6 + 16) / (6 + 12), rel=1e-9)
+    attn = "transformer_blocks.0.attn1"
+    assert long.slots[attn] / short.slots[attn] > (6 + 16) / (6 + 12)
 
 
 def test_ddim_at_a_step_count_not_dividing_1000_is_refused(model):
@@ -225,6 +264,25 @@ def test_every_space_and_baseline_runs(model):
     solver plans (DPM-Solver, UniPC with UniC, noise and data forms) starting at t = 999 where α = 0, component
     caches, CacheQuant's unit, DC ratios and joint ones."""
     assert every_baseline_runs(model, ["a cat"]) > 10
+
+
+def test_random_solver_and_joint_schedules_run_from_pure_noise(model):
+    """The solver space starts every plan at t = 999 (α = 0 here): random genomes, whose first steps take the noise
+    form, higher orders after it and UniC of it in every rule, all sample to finite outputs."""
+    import numpy as np
+
+    from schedsearch.study import build_space
+
+    rng, firsts = np.random.default_rng(0), set()
+    for name in ("solver", "joint"):
+        space = build_space(name, model.info)
+        for _ in range(12):
+            schedule = space.sample(rng)
+            first = schedule.solver.steps[0]
+            firsts.add((first.prediction, first.corrector and first.rule))
+            with apply_schedule(model, schedule) as applied:
+                assert torch.isfinite(applied.sample(embeddings(1), [0], decode=False)).all(), schedule.solver
+    assert {("noise", False), ("noise", "bh2"), ("data", "bh1"), ("data", "dpmsolver")} <= firsts
 
 
 def test_cache_search_runs_from_prompts(model, tmp_path):
