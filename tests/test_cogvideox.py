@@ -307,13 +307,57 @@ def test_search_export_evaluate_and_apply_in_the_pipeline(saved, tmp_path, capsy
     assert (uncached - ours).abs().max() > 1e-3
 
 
-def test_unit_features_are_the_video_streams_residual(model):
+def test_cachequant_search_calibrates_on_the_video_stream(model, tmp_path):
     """CacheQuant's calibration features: the video tokens' residual over the unit (CogVideoXBlock returns (video,
-    text)), the CFG pair batched: 2 prompts x 2, 12 video tokens, width 2 x 16."""
+    text)), the CFG pair batched: 2 prompts x 2, 12 video tokens, width 2 x 16; then its DP search from prompts."""
     from schedsearch.calibration.unit_features import unit_features
+    from schedsearch.search.base import Budget
+    from schedsearch.study import run_search
 
-    features = unit_features(model, model.default_plan(3), ("transformer_blocks", 0, 2), PROMPTS, [0, 1], GUIDANCE)
+    features = unit_features(model, model.default_plan(4), ("transformer_blocks", 0, 2), PROMPTS, [0, 1], GUIDANCE)
     assert all(f.shape == (4, 12, 32) and torch.isfinite(f).all() for f in features)
+    assert (features[1] - features[2]).abs().max() > 1e-4
+    result = run_search(model=model, space="cachequant", strategy="dp", objectives=["psnr", "macs"], study="cq",
+                        store=tmp_path / "r.db", budget=Budget(evaluations=3), samples=2, prompts=PROMPTS,
+                        cache_dir=tmp_path / "cache", batch_size=2, space_options={"num_steps": 4},
+                        progress=False, validate=False)
+    assert result.evaluations >= 1 and result.failed == 0
+
+
+def test_skipped_blocks_in_the_pipeline_equal_our_sampler(model, saved):
+    """Block skipping (a block whose every component is reused returns its input plus both streams' residuals,
+    modulation skipped) works on CogVideoXBlock through diffusers' block registry, inside `pipe(...)` as in our
+    sampler; the cache space does not generate such plans for CogVideoX yet (runtime.models.BLOCK_SKIP_FAMILIES)."""
+    from schedsearch.spaces.cache_plan import ComponentCachePlan
+
+    plan = model.default_plan(STEPS)
+    layout = model_layout(model.info)  # 2 blocks x (attn1, ff): block 1 skipped at steps 1 and 3
+    cache = ComponentCachePlan(layout, ("1111", "1100", "1111", "1100"), skip_reused_blocks=True)
+    plain = ComponentCachePlan(layout, cache.recompute)
+    x = initial_noise([0, 1], model.info.sample_shape)
+    pipe = _pipe(saved)
+    schedule = Schedule(model.info.name, plan, cache)
+    with apply_schedule(pipe, schedule, resolution=PIXELS, num_frames=FRAMES), torch.no_grad():
+        theirs = _call(pipe, x)
+    outs = []
+    for c in (cache, plain):
+        with apply_schedule(model, Schedule(model.info.name, plan, c)) as applied:
+            outs.append(applied.sample(PROMPTS, [0, 1], GUIDANCE, decode=False))
+    torch.testing.assert_close(theirs, outs[0], rtol=TOL, atol=TOL)
+    assert (outs[0] - outs[1]).abs().max() > 1e-4  # skipping the modulation is not plain reuse
+
+
+def test_info_shows_the_layout(saved, capsys):
+    import json
+
+    from schedsearch.cli import main
+
+    assert main(["info", "--model", f"diffusers:{saved}", "--resolution", str(PIXELS), "--frames",
+                 str(FRAMES)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["family"], info["prediction_type"], info["sample_shape"]) == ("cogvideox", "v_prediction",
+                                                                               [4, 3, 4, 4])
+    assert [(g["path"], g["count"]) for g in info["block_groups"]] == [("transformer_blocks", 2)]
 
 
 # ---------------------------------------------------------------------------------- the sampler from α = 0
