@@ -188,6 +188,19 @@ def test_stochastic_dpm_scheduler_is_refused_before_any_work(saved):
     assert "CogVideoXDDIMScheduler" in err.value.fix and "DPMSolverMultistepScheduler" in err.value.fix
 
 
+def test_image_to_video_is_refused_by_name(saved):
+    """The image-to-video pipeline feeds the transformer image latents, and 1.5 I2V's transformer wants an `ofs`
+    input CogVideoXPipeline never passes: both refused before any work, naming what."""
+    pipe = _pipe(saved)
+    i2v = diffusers.CogVideoXImageToVideoPipeline(**pipe.components)
+    with pytest.raises(UserInputError, match="CogVideoXImageToVideoPipeline"):
+        loaded_model_from_pipeline(i2v, resolution=PIXELS, num_frames=FRAMES)
+    pipe.register_modules(transformer=diffusers.CogVideoXTransformer3DModel.from_config(
+        pipe.transformer.config, ofs_embed_dim=4))
+    with pytest.raises(UserInputError, match="ofs_embed_dim"):
+        loaded_model_from_pipeline(pipe, resolution=PIXELS, num_frames=FRAMES)
+
+
 def test_epsilon_prediction_at_zero_terminal_snr_is_refused(saved):
     pipe = _pipe(saved)
     pipe.scheduler = diffusers.CogVideoXDDIMScheduler.from_config(pipe.scheduler.config, prediction_type="epsilon")

@@ -1047,7 +1047,7 @@ def _check_cogvideox(pipe: Any, network: torch.nn.Module) -> None:
     passes (the image-to-video `ofs` embedding of CogVideoX 1.5 I2V, learned positions of CogVideoX-5b-I2V)."""
     from diffusers import CogVideoXPipeline
 
-    if type(pipe) is not CogVideoXPipeline:
+    if not isinstance(pipe, CogVideoXPipeline):
         raise UserInputError("--model", f"{type(pipe).__name__} feeds its CogVideoXTransformer3DModel inputs "
                              "schedsearch does not supply",
                              "load the checkpoint as a CogVideoXPipeline (text to video)")

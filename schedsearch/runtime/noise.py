@@ -81,7 +81,7 @@ class VPSchedule:
             top = self.num_train_timesteps - 1
             if math.isinf(sigma_ratio):
                 return float(top)
-            if math.log(sigma_ratio) > log_ratio[-2]:  # inside the last interval: invert `_last_alpha`
+            if sigma_ratio > math.exp(log_ratio[-2]):  # inside the last interval: invert `_last_alpha`
                 alpha = 1.0 / math.sqrt(sigma_ratio * sigma_ratio + 1.0)
                 return top - alpha / math.sqrt(float(self.alphas_cumprod[-2]))
             log_ratio = log_ratio[:-1]
