@@ -118,7 +118,11 @@ SCHEDULERS = {
     "DDIMScheduler": diffusers.DDIMScheduler,
     "DPMSolverMultistepScheduler": diffusers.DPMSolverMultistepScheduler,
     "UniPCMultistepScheduler": diffusers.UniPCMultistepScheduler,
+    "EulerDiscreteScheduler": diffusers.EulerDiscreteScheduler,
 }
+# Euler's step upcasts to float32 whatever the dtype and keeps x/α, 4096x the noise at σ_max = (1 - 2^-24)^½ / 2^-12:
+# 1.7e-4 in float32 and in float64 alike (measured), as test_scheduler_plan's TOL_VE_STATE allows for it
+TOL_SCHEDULER = {"EulerDiscreteScheduler": 1e-3}
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
@@ -135,7 +139,8 @@ def test_default_plan_is_the_pipelines_own_call(saved, name):
         ours = sample(model.denoiser(PROMPTS, GUIDANCE), x, model.default_plan(STEPS), model.noise_schedule,
                       model.info.prediction_type)
         theirs = _call(pipe, x)
-    torch.testing.assert_close(ours, theirs, rtol=TOL, atol=TOL)
+    tol = TOL_SCHEDULER.get(name, TOL)
+    torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
     assert (ours - x).abs().max() > 0.5  # the model moved the noise
 
 
