@@ -275,10 +275,11 @@ def _vae_scale_factor(pipe: Any) -> int:
 
 def _video_layout(pipe: Any, network: torch.nn.Module, family: str, resolution: int | None,
                   frames: int | None) -> dict[str, Any]:
-    """Video latents (C, F, H, W) as the Wan / HunyuanVideo / LTX pipelines' prepare_latents make them (LTX then
-    packs them into tokens, which we do only around the network call): F = (frames - 1) // t + 1 latent frames for
-    a temporal factor t, H = W = pixels // s; tokens after the patch embedding (Wan: patch_size (1, 2, 2);
-    HunyuanVideo, LTX: patch_size_t, patch_size)."""
+    """Video latents (C, F, H, W) as the Wan / HunyuanVideo / LTX / CogVideoX pipelines' prepare_latents make them
+    (LTX then packs them into tokens, CogVideoX puts frames first, which we do only around the network call):
+    F = (frames - 1) // t + 1 latent frames for a temporal factor t (CogVideoX 1.5: padded to its patch_size_t),
+    H = W = pixels // s; tokens after the patch embedding (Wan: patch_size (1, 2, 2); HunyuanVideo, LTX: patch_size_t,
+    patch_size; CogVideoX: patch_size, and patch_size_t where set)."""
     spatial = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_spatial_compression_ratio", 8)
     temporal = getattr(pipe, "vae_scale_factor_temporal", None) or getattr(pipe, "vae_temporal_compression_ratio", 4)
     cfg = network.config
