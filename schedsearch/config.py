@@ -94,7 +94,7 @@ class StudyConfig:
         {"block_skip": False}, {"population": 24, "shift_seeds": True}).
     batch_size: images per model call, ≥ 1 (default 64); memory, not results.
     share_prefixes: evaluate a generation's static cache plans as a prefix tree, each shared prefix computed
-        once (default on; bit-identical results, less model work; local evaluation only).
+        once (default on; bit-identical results, less model work; on Ray, each worker shares within its run).
     prefix_memory: GiB the prefix tree may keep of states across generations (default 2; more saves more model
         work where the device has the memory; results do not depend on it).
     cache_dir: calibration sets and cost tables (default: $SCHEDSEARCH_CACHE or ~/.cache/schedsearch).

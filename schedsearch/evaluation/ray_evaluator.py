@@ -5,6 +5,12 @@ a candidate that still fails comes back as status "failed" with its error, never
 
 Workers run the same `LocalEvaluator` code (same seeds, same noise), so a study gives the same records either way.
 Schedules travel as JSON strings and results as plain dicts; `Evaluation` objects are rebuilt on the driver.
+
+With `share_prefixes`, a batch's static cache plans of one solver plan are sorted by their rows and cut into one
+contiguous run per worker: each worker evaluates its run as a prefix tree (`runtime/prefix_tree.py`) and keeps its
+states for its later runs, so neighbouring plans, which share the longest prefixes, share them on one worker.
+If a worker dies, each candidate of its run is retried as a task of its own, so a candidate that kills its worker
+cannot take its neighbours' retries with it.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +66,11 @@ class _LocalFactory:
     """Builds a worker's `LocalEvaluator` from names (picklable; runs inside the actor)."""
 
     def __init__(self, model_name: str, calibration_spec: Any, cache_dir: str, objectives: Sequence[str],
-                 samples: int | None, batch_size: int, options: dict[str, Any] | None) -> None:
+                 samples: int | None, batch_size: int, options: dict[str, Any] | None, share_prefixes: bool = False,
+                 prefix_memory_bytes: int | None = None) -> None:
         self.model_name, self.spec, self.cache_dir = model_name, calibration_spec, cache_dir
         self.objectives, self.samples, self.batch_size, self.options = list(objectives), samples, batch_size, options
+        self.share_prefixes, self.prefix_memory_bytes = share_prefixes, prefix_memory_bytes
 
     def __call__(self) -> Any:
         from schedsearch.calibration.calibration_set import CalibrationSet
@@ -73,11 +82,13 @@ class _LocalFactory:
             raise FileNotFoundError(f"calibration set {calibration.hash} is not built at {calibration.root}; the "
                                     "driver builds it before starting workers (is cache_dir shared with the workers?)")
         return LocalEvaluator(load_model(self.model_name), calibration, self.objectives, samples=self.samples,
-                              batch_size=self.batch_size, cost_cache_dir=self.cache_dir, options=self.options)
+                              batch_size=self.batch_size, cost_cache_dir=self.cache_dir, options=self.options,
+                              share_prefixes=self.share_prefixes, prefix_memory_bytes=self.prefix_memory_bytes)
 
 
 class _Worker:
-    """The actor body: one evaluator built once, then `evaluate_one(schedule_json) -> dict` per candidate."""
+    """The actor body: one evaluator built once, then `evaluate_many([(tag, schedule_json), ...]) -> [dict]` per
+    task (one candidate, or a run of plans that share prefixes)."""
 
     def __init__(self, factory: Callable[[], Any], threads: int, crash_on: Mapping[str, int] | None = None,
                  crash_dir: str | None = None) -> None:
@@ -95,16 +106,28 @@ class _Worker:
         objectives = [{"name": o.name, "direction": o.direction} for o in self.evaluator.objectives]
         return {"calibration_hash": self.evaluator.calibration_hash, "objectives": objectives, "pid": os.getpid()}
 
-    def evaluate_one(self, schedule_json: str, tag: int = 0) -> dict[str, Any]:
+    def evaluate_many(self, items: Sequence[tuple[int, str]]) -> list[dict[str, Any]]:
+        """The task's candidates through the evaluator's `evaluate` (a prefix tree where it shares prefixes); a
+        candidate the worker cannot even read becomes a failed record, not a lost task."""
         start = time.perf_counter()
-        try:
-            schedule = Schedule.from_json(schedule_json)
+        out, readable = [], []
+        for tag, text in items:
+            try:
+                schedule = Schedule.from_json(text)
+            except Exception as exc:
+                out.append(_failed(tag, exc, start))
+                continue
+            readable.append((tag, schedule))
+        for _, schedule in readable:
             self._maybe_crash(schedule.key)
-            out = evaluation_to_dict(self.evaluator.evaluate_one(schedule))
-        except Exception as exc:  # e.g. a schedule the worker cannot even read: a failed record, not a lost task
-            out = {"metrics": {}, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                   "wall_time_s": time.perf_counter() - start, "device": "", "samples": 0}
-        out["tag"] = tag
+        tags: dict[str, list[int]] = {}
+        for tag, schedule in readable:
+            tags.setdefault(schedule.key, []).append(tag)
+        try:
+            for evaluation in self.evaluator.evaluate([schedule for _, schedule in readable]):
+                out.append({**evaluation_to_dict(evaluation), "tag": tags[evaluation.schedule.key].pop(0)})
+        except Exception as exc:  # the evaluator itself broke: every candidate not yet returned fails with it
+            out += [_failed(tag, exc, start) for left in tags.values() for tag in left]
         return out
 
     def _maybe_crash(self, key: str) -> None:
@@ -116,6 +139,11 @@ class _Worker:
         if done < times:
             Path(self.crash_dir, f"{key}.{done}.{os.getpid()}").touch()
             os._exit(17)
+
+
+def _failed(tag: int, exc: BaseException, start: float) -> dict[str, Any]:
+    return {"metrics": {}, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+            "wall_time_s": time.perf_counter() - start, "device": "", "samples": 0, "tag": tag}
 
 
 class SleepEvaluator:
@@ -169,7 +197,9 @@ class RayEvaluator:
     workers: actors in the pool (default: one per GPU if the cluster has GPUs, else one per CPU).
     num_gpus_per_worker: default 1 where the cluster has GPUs, else 0 (CPU actors with `threads_per_worker`).
     evaluator_factory: a picklable `() -> evaluator` run in each actor instead of building a `LocalEvaluator`
-    (fakes, benchmarks); the evaluator needs `evaluate_one(Schedule)`, `calibration_hash` and `objectives`.
+    (fakes, benchmarks); the evaluator needs `evaluate(schedules)`, `calibration_hash` and `objectives`.
+    share_prefixes / prefix_memory_bytes: each worker's `LocalEvaluator` shares prefixes, and a batch's plans go to
+    the workers as contiguous runs in prefix order (module docstring).
     crash_on: testing only — schedule key -> how many times a worker evaluating it exits hard.
     """
 
@@ -192,6 +222,8 @@ class RayEvaluator:
         objective_options: dict[str, Any] | None = None,
         include_dashboard: bool = False,
         crash_on: Mapping[str, int] | None = None,
+        share_prefixes: bool = False,
+        prefix_memory_bytes: int | None = None,
     ) -> None:
         import ray
         from ray.util import ActorPool
@@ -229,7 +261,8 @@ class RayEvaluator:
                 cache = str(default_cache_dir())
             _ensure_built(model_name, calibration_spec, cache, batch_size)
             evaluator_factory = _LocalFactory(model_name, calibration_spec, cache, objectives, samples, batch_size,
-                                              objective_options)
+                                              objective_options, share_prefixes, prefix_memory_bytes)
+        self.share_prefixes = share_prefixes
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus; the actor also caps torch's intra-op threads.
         self._actor_cls = ray.remote(_Worker).options(  # type: ignore[attr-defined]
             num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, max_restarts=0, max_task_retries=0,
@@ -249,7 +282,7 @@ class RayEvaluator:
         self.objectives = [_Objective(o["name"], o["direction"]) for o in info["objectives"]]
         self._actors = [first] + [self._spawn() for _ in range(workers - 1)]
         self._pool = ActorPool(list(self._actors))
-        self._on_actor: dict[str, tuple[int, Any]] = {}  # actor id -> (tag, actor) in flight
+        self._on_actor: dict[str, tuple[list[int], Any]] = {}  # actor id -> (tags, actor) in flight
         self._next_tag = 0
         self.replaced = 0  # workers replaced after dying
         self.device = f"ray x{workers}"
@@ -261,12 +294,31 @@ class RayEvaluator:
     def _spawn(self) -> Any:
         return self._actor_cls.remote(*self._worker_args)
 
-    def _submit(self, tag: int, schedule_json: str) -> None:
-        def call(actor: Any, value: tuple[int, str]) -> Any:
-            self._on_actor[actor._actor_id.hex()] = (value[0], actor)
-            return actor.evaluate_one.remote(value[1], value[0])
+    def _submit(self, items: list[tuple[int, str]]) -> None:
+        """One task: candidates (tag, schedule JSON) for whichever worker frees up first."""
+        def call(actor: Any, value: list[tuple[int, str]]) -> Any:
+            self._on_actor[actor._actor_id.hex()] = ([tag for tag, _ in value], actor)
+            return actor.evaluate_many.remote(value)
 
-        self._pool.submit(call, (tag, schedule_json))
+        self._pool.submit(call, items)
+
+    def _tasks(self, tagged: list[tuple[int, Schedule]]) -> list[list[int]]:
+        """The batch's tags as tasks: one per candidate, except that with `share_prefixes` the plans of each
+        prefix-sharing group are sorted by their rows and cut into one contiguous run per worker."""
+        if not self.share_prefixes:
+            return [[tag] for tag, _ in tagged]
+        from schedsearch.runtime.prefix_tree import group_key
+
+        groups: dict[Any, list[tuple[int, Schedule]]] = {}
+        for tag, schedule in tagged:
+            groups.setdefault(group_key(schedule) or ("alone", tag), []).append((tag, schedule))
+        tasks = []
+        for members in groups.values():
+            members.sort(key=lambda m: m[1].cache.recompute if group_key(m[1]) is not None else ())
+            runs = min(self.workers, len(members))
+            bounds = [round(i * len(members) / runs) for i in range(runs + 1)]
+            tasks += [[tag for tag, _ in members[lo:hi]] for lo, hi in pairwise(bounds)]
+        return tasks
 
     def evaluate(self, schedules: Iterable[Schedule]) -> Iterator[Any]:
         """Submit the whole batch, yield `Evaluation`s as workers finish them; dead workers are replaced."""
@@ -276,10 +328,13 @@ class RayEvaluator:
 
         self._drain()
         pending: dict[int, tuple[Schedule, str, int]] = {}  # tag -> (schedule, json, attempt)
+        tagged = []
         for schedule in schedules:
             tag, self._next_tag = self._next_tag, self._next_tag + 1
             pending[tag] = (schedule, schedule.to_json(indent=None), 1)
-            self._submit(tag, pending[tag][1])
+            tagged.append((tag, schedule))
+        for task in self._tasks(tagged):
+            self._submit([(tag, pending[tag][1]) for tag in task])
         lost_error = ""
         while pending:
             if not self._pool.has_next():  # nothing in flight: what is still pending was lost with a task error
@@ -288,24 +343,25 @@ class RayEvaluator:
                 lost_error = ""
                 continue
             try:
-                out = self._pool.get_next_unordered()
+                results = self._pool.get_next_unordered()
             except ray.exceptions.RayActorError as exc:
                 if exc.actor_init_failed:
                     raise RuntimeError(f"a Ray worker failed to start: {exc}") from exc
                 entry = self._on_actor.pop(exc.actor_id, None) if exc.actor_id else None
                 self._replace(entry[1] if entry else None)
-                if entry is not None:
-                    yield from self._retry_or_fail(pending, entry[0], f"worker died: {exc}")
+                for tag in entry[0] if entry is not None else ():
+                    yield from self._retry_or_fail(pending, tag, f"worker died: {exc}")
                 continue
             except ray.exceptions.RayError as exc:  # the task lost, the worker kept: retried once the pool drains
                 lost_error = f"{type(exc).__name__}: {exc}"
                 continue
-            tag = int(out.pop("tag"))
-            if tag not in pending:  # a result of an abandoned batch
-                continue
-            schedule = pending.pop(tag)[0]
-            yield Evaluation(schedule, out["metrics"], out["status"], out["error"], out["wall_time_s"],
-                             out["device"], out["samples"], out.get("forward_passes", 0))
+            for out in results:
+                tag = int(out.pop("tag"))
+                if tag not in pending:  # a result of an abandoned batch
+                    continue
+                schedule = pending.pop(tag)[0]
+                yield Evaluation(schedule, out["metrics"], out["status"], out["error"], out["wall_time_s"],
+                                 out["device"], out["samples"], out.get("forward_passes", 0))
 
     def _retry_or_fail(self, pending: dict[int, tuple[Schedule, str, int]], tag: int, message: str) -> Iterator[Any]:
         from schedsearch.evaluation.local import Evaluation
@@ -315,7 +371,7 @@ class RayEvaluator:
         schedule, text, attempt = pending[tag]
         if attempt <= self.max_retries:
             pending[tag] = (schedule, text, attempt + 1)
-            self._submit(tag, text)
+            self._submit([(tag, text)])
             return
         del pending[tag]
         yield Evaluation(schedule, {}, "failed", f"{WorkerDied.__name__}: {message} (after {attempt} attempt(s))",
