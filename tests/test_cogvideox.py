@@ -345,7 +345,7 @@ def test_cachequant_search_calibrates_on_the_video_stream(model, tmp_path):
 def test_skipped_blocks_in_the_pipeline_equal_our_sampler(model, saved):
     """Block skipping (a block whose every component is reused returns its input plus both streams' residuals,
     modulation skipped) works on CogVideoXBlock through diffusers' block registry, inside `pipe(...)` as in our
-    sampler; the cache space does not generate such plans for CogVideoX yet (runtime.models.BLOCK_SKIP_FAMILIES)."""
+    sampler, so the cache space searches them."""
     from schedsearch.spaces.cache_plan import ComponentCachePlan
 
     plan = model.default_plan(STEPS)
@@ -363,6 +363,9 @@ def test_skipped_blocks_in_the_pipeline_equal_our_sampler(model, saved):
             outs.append(applied.sample(PROMPTS, [0, 1], GUIDANCE, decode=False))
     torch.testing.assert_close(theirs, outs[0], rtol=TOL, atol=TOL)
     assert (outs[0] - outs[1]).abs().max() > 1e-4  # skipping the modulation is not plain reuse
+    from schedsearch.runtime.models import model_structure
+
+    assert model_structure(model.info).block_skip  # the cache space's block-skip gene is on
 
 
 def test_info_shows_the_layout(saved, capsys):

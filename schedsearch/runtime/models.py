@@ -82,7 +82,7 @@ def model_layout(info: ModelInfo) -> str:
 
 
 # their blocks are in diffusers' TransformerBlockRegistry
-BLOCK_SKIP_FAMILIES = ("dit", "pixart", "sd3", "flux", "wan", "ltx", "qwen_image")
+BLOCK_SKIP_FAMILIES = ("dit", "pixart", "sd3", "flux", "wan", "ltx", "qwen_image", "cogvideox")
 
 
 def model_structure(info: ModelInfo) -> ModelStructure:
