@@ -54,10 +54,11 @@ PRESETS = {
 
 # Fields that define what a study computes: stored with it, and compared on --resume.
 STUDY_FIELDS = ("model", "space", "strategy", "preset", "samples", "seed", "guidance", "fid_reference",
-                "low_fidelity_samples", "space_options", "strategy_options", "resolution", "num_frames")
+                "low_fidelity_samples", "space_options", "strategy_options", "resolution", "num_frames", "guidance_2")
 # How a field is spelled on the command line, for messages.
 _FLAGS = {"space_options": "--no-block-skip (space options)",
-          "strategy_options": "--shift-seeds / --screen (strategy options)", "num_frames": "--frames"}
+          "strategy_options": "--shift-seeds / --screen (strategy options)", "num_frames": "--frames",
+          "guidance_2": "--guidance-2"}
 
 
 def _frozen(options: Mapping[str, Any] | None, name: str) -> Mapping[str, Any]:
@@ -86,6 +87,7 @@ class StudyConfig:
     samples: calibration samples per evaluation, ≥ 1 (default: the preset's, 32 quick / 1000 paper).
     seed: the strategy's random seed, ≥ 0 (default 0). Sample seeds are fixed by the calibration set.
     guidance: classifier-free guidance scale, ≥ 0 (default: the model's own).
+    guidance_2: a two-transformer model's low-noise guidance scale (Wan 2.2's guidance_scale_2; default: guidance).
     prompts: prompts for prompt-conditioned models (one calibration condition each).
     fid_reference: "real" | "teacher" (default: real images where the model has them, else the teacher's).
     low_fidelity_samples: score each batch on this many samples first and promote the better half
@@ -118,6 +120,7 @@ class StudyConfig:
     samples: int | None = None
     seed: int = 0
     guidance: float | None = None
+    guidance_2: float | None = None
     prompts: tuple[str, ...] | None = None
     fid_reference: str | None = None
     low_fidelity_samples: int | None = None
@@ -173,6 +176,10 @@ class StudyConfig:
                                               and self.guidance >= 0):
             raise UserInputError("--guidance", f"{self.guidance!r} is not a finite number ≥ 0",
                                  "give e.g. --guidance 2, or leave it out for the model's default")
+        if self.guidance_2 is not None and not (isinstance(self.guidance_2, (int, float))
+                                                and math.isfinite(self.guidance_2) and self.guidance_2 >= 0):
+            raise UserInputError("--guidance-2", f"{self.guidance_2!r} is not a finite number ≥ 0",
+                                 "give e.g. --guidance-2 3, or leave it out for --guidance")
         if self.fid_reference not in (None, "real", "teacher"):
             raise UserInputError("--fid-reference", f"{self.fid_reference!r}", "use 'real' or 'teacher'")
         if self.low_fidelity_samples is not None:
@@ -224,10 +231,10 @@ class StudyConfig:
                                      "e.g. --steps-range 8,20")
 
     @property
-    def model_kwargs(self) -> dict[str, int]:
-        """The size options given, as `load_model` keyword arguments."""
-        sizes = {"resolution": self.resolution, "num_frames": self.num_frames}
-        return {k: v for k, v in sizes.items() if v is not None}
+    def model_kwargs(self) -> dict[str, Any]:
+        """The size options and the second transformer's guidance given, as `load_model` keyword arguments."""
+        given = {"resolution": self.resolution, "num_frames": self.num_frames, "guidance_2": self.guidance_2}
+        return {k: v for k, v in given.items() if v is not None}
 
     @property
     def resolved_samples(self) -> int:

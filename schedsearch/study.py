@@ -254,7 +254,7 @@ def _evaluator(config: StudyConfig, model: Any, calibration: Any, cache_dir: Pat
         calibration.build(model, batch_size=config.batch_size, progress=config.progress)  # workers only read it
         return RayEvaluator(model.info.name, calibration.spec, cache_dir, list(config.objectives),
                             batch_size=config.batch_size, workers=config.workers, address=config.ray_address,
-                            share_prefixes=config.share_prefixes,
+                            share_prefixes=config.share_prefixes, model_kwargs=config.model_kwargs,
                             prefix_memory_bytes=int(config.prefix_memory * 1024**3))
     from schedsearch.evaluation.local import LocalEvaluator
 

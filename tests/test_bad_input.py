@@ -119,6 +119,8 @@ CASES = [  # (argv, the field the error must name)
     ([*SEARCH, "--samples", "0"], "--samples"),
     ([*SEARCH, "--batch-size", "0"], "--batch-size"),
     ([*SEARCH, "--prefix-memory", "0"], "--prefix-memory"),
+    ([*SEARCH, "--guidance-2", "nan"], "--guidance-2"),
+    ([*SEARCH, "--guidance-2", "2"], "--guidance-2: builtin:mnist-dit runs one network"),
     ([*SEARCH, "--prefix-memory", "inf"], "--prefix-memory"),
     ([*SEARCH, "--workers", "0"], "--workers"),
     ([*SEARCH, "--seed", "-1"], "--seed"),

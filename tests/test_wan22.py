@@ -134,6 +134,40 @@ def test_what_the_pipeline_cannot_run_is_refused(pipe, saved):
     assert main(["info", "--model", f"diffusers:{saved}", "--resolution", str(PIXELS), "--frames", str(FRAMES)]) == 0
 
 
+def test_a_second_guidance_scale_given_at_load_is_the_models_and_its_calibrations(model, saved, pipe, tmp_path):
+    """`--guidance-2` (load_model's guidance_2): the loaded model's denoiser runs the low-noise transformer at that
+    scale (the same output as passing it per call), the calibration set's identity holds it (a teacher at another
+    second scale is never reused), and the CLI takes it; refused on a one-transformer pipeline, before any work."""
+    from schedsearch.calibration.calibration_set import default_spec
+    from schedsearch.cli import main
+    from schedsearch.errors import UserInputError
+    from schedsearch.runtime.diffusers_models import loaded_model_from_pipeline
+
+    scaled = load_model(f"diffusers:{saved}", resolution=PIXELS, num_frames=FRAMES, guidance_2=2.0)
+    x = initial_noise([0, 1], model.info.sample_shape)
+    plan = model.default_plan(STEPS)
+    with torch.no_grad():
+        loaded_scale = sample(scaled.denoiser(PROMPTS, 5.0), x, plan, model.noise_schedule, "flow_prediction")
+        per_call = sample(model.denoiser(PROMPTS, 5.0, guidance_2=2.0), x, plan, model.noise_schedule,
+                          "flow_prediction")
+    assert torch.equal(loaded_scale, per_call)
+    spec, plain = default_spec(scaled.info, samples=2, prompts=PROMPTS), default_spec(model.info, samples=2,
+                                                                                        prompts=PROMPTS)
+    assert spec.guidance_2 == 2.0 and plain.guidance_2 is None and spec.hash != plain.hash
+    assert type(spec).from_dict(spec.to_dict()) == spec
+    parts = {k: v for k, v in pipe.components.items() if k != "transformer_2"}
+    with pytest.raises(UserInputError, match=r"--guidance-2: WanPipeline runs one transformer"):
+        loaded_model_from_pipeline(diffusers.WanPipeline(**parts, transformer_2=None), guidance_2=2.0)
+    schedule = tmp_path / "fora.json"
+    schedule.write_text(fora(scaled, 2).to_json())
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    assert main(["evaluate", "--model", f"diffusers:{saved}", "--resolution", str(PIXELS), "--frames", str(FRAMES),
+                 "--guidance-2", "2", "--schedule", str(schedule), "--objectives", "psnr", "--samples", "2",
+                 "--prompts", str(prompts), "--cache-dir", str(tmp_path / "cache"), "--json"]) == 0
+    built = list((tmp_path / "cache" / "calibration").glob("*/manifest.json"))
+    assert len(built) == 1 and '"guidance_2": 2.0' in built[0].read_text()
+
 def test_a_runtime_policy_is_refused(model):
     """A runtime policy keeps one network's state: refused before any work, with the static-plan fix."""
     from schedsearch.runtime.execute import run_batches

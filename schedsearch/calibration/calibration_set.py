@@ -52,6 +52,9 @@ class CalibrationSpec:
     # how prompts were encoded, where a family's encoding changed (Wan: at the call's 512 tokens), so teacher images
     # of the older encoding are never reused; None elsewhere (hashes unchanged)
     text_encoding: str | None = None
+    # a two-transformer model's low-noise guidance scale where it was given (Wan 2.2's guidance_scale_2); None
+    # otherwise (hashes unchanged)
+    guidance_2: float | None = None
 
     def __post_init__(self) -> None:
         if len(self.conditions) != len(self.seeds) or not self.seeds:
@@ -75,6 +78,7 @@ class CalibrationSpec:
             "fid_reference": self.fid_reference,
             **({} if self.sample_shape is None else {"sample_shape": list(self.sample_shape)}),
             **({} if self.text_encoding is None else {"text_encoding": self.text_encoding}),
+            **({} if self.guidance_2 is None else {"guidance_2": self.guidance_2}),
         }
 
     @property
@@ -88,7 +92,8 @@ class CalibrationSpec:
         if not 1 <= n <= len(self):
             raise ValueError(f"samples: {n} is not in [1, {len(self)}] (the calibration set's size)")
         return CalibrationSpec(self.model, self.conditions[:n], self.seeds[:n], self.guidance, self.teacher,
-                               self.split, self.fid_reference, self.sample_shape, self.text_encoding)
+                               self.split, self.fid_reference, self.sample_shape, self.text_encoding,
+                               self.guidance_2)
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> CalibrationSpec:
@@ -97,7 +102,8 @@ class CalibrationSpec:
         shape = data.get("sample_shape")
         return CalibrationSpec(data["model"], tuple(data["conditions"]), tuple(data["seeds"]), float(data["guidance"]),
                                Schedule.from_dict(data["teacher"]), data["split"], data["fid_reference"],
-                               None if shape is None else tuple(shape), data.get("text_encoding"))
+                               None if shape is None else tuple(shape), data.get("text_encoding"),
+                               data.get("guidance_2"))
 
 
 def teacher_schedule(model_name: str, num_train_timesteps: int, steps: int = 100) -> Schedule:
@@ -160,6 +166,7 @@ def default_spec(
         fid_reference=fid_reference or ("real" if builtin else "teacher"),
         sample_shape=None if builtin else tuple(int(v) for v in info.sample_shape),
         text_encoding=(getattr(info, "extra", None) or {}).get("text_encoding"),
+        guidance_2=(getattr(info, "extra", None) or {}).get("guidance_2"),
     )
 
 

@@ -67,10 +67,11 @@ class _LocalFactory:
 
     def __init__(self, model_name: str, calibration_spec: Any, cache_dir: str, objectives: Sequence[str],
                  samples: int | None, batch_size: int, options: dict[str, Any] | None, share_prefixes: bool = False,
-                 prefix_memory_bytes: int | None = None) -> None:
+                 prefix_memory_bytes: int | None = None, model_kwargs: Mapping[str, Any] | None = None) -> None:
         self.model_name, self.spec, self.cache_dir = model_name, calibration_spec, cache_dir
         self.objectives, self.samples, self.batch_size, self.options = list(objectives), samples, batch_size, options
         self.share_prefixes, self.prefix_memory_bytes = share_prefixes, prefix_memory_bytes
+        self.model_kwargs = dict(model_kwargs or {})  # size and second guidance scale: the driver's model
 
     def __call__(self) -> Any:
         from schedsearch.calibration.calibration_set import CalibrationSet
@@ -81,8 +82,9 @@ class _LocalFactory:
         if not calibration.is_built:
             raise FileNotFoundError(f"calibration set {calibration.hash} is not built at {calibration.root}; the "
                                     "driver builds it before starting workers (is cache_dir shared with the workers?)")
-        return LocalEvaluator(load_model(self.model_name), calibration, self.objectives, samples=self.samples,
-                              batch_size=self.batch_size, cost_cache_dir=self.cache_dir, options=self.options,
+        model = load_model(self.model_name, **self.model_kwargs)
+        return LocalEvaluator(model, calibration, self.objectives, samples=self.samples, batch_size=self.batch_size,
+                              cost_cache_dir=self.cache_dir, options=self.options,
                               share_prefixes=self.share_prefixes, prefix_memory_bytes=self.prefix_memory_bytes)
 
 
@@ -198,6 +200,7 @@ class RayEvaluator:
     num_gpus_per_worker: default 1 where the cluster has GPUs, else 0 (CPU actors with `threads_per_worker`).
     evaluator_factory: a picklable `() -> evaluator` run in each actor instead of building a `LocalEvaluator`
     (fakes, benchmarks); the evaluator needs `evaluate(schedules)`, `calibration_hash` and `objectives`.
+    model_kwargs: `load_model` keywords the workers load the model with (size, a second guidance scale).
     share_prefixes / prefix_memory_bytes: each worker's `LocalEvaluator` shares prefixes, and a batch's plans go to
     the workers as contiguous runs in prefix order (module docstring).
     crash_on: testing only — schedule key -> how many times a worker evaluating it exits hard.
@@ -224,6 +227,7 @@ class RayEvaluator:
         crash_on: Mapping[str, int] | None = None,
         share_prefixes: bool = False,
         prefix_memory_bytes: int | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         import ray
         from ray.util import ActorPool
@@ -259,9 +263,9 @@ class RayEvaluator:
                 from schedsearch.calibration.calibration_set import default_cache_dir
 
                 cache = str(default_cache_dir())
-            _ensure_built(model_name, calibration_spec, cache, batch_size)
+            _ensure_built(model_name, calibration_spec, cache, batch_size, model_kwargs or {})
             evaluator_factory = _LocalFactory(model_name, calibration_spec, cache, objectives, samples, batch_size,
-                                              objective_options, share_prefixes, prefix_memory_bytes)
+                                              objective_options, share_prefixes, prefix_memory_bytes, model_kwargs)
         self.share_prefixes = share_prefixes
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus; the actor also caps torch's intra-op threads.
         self._actor_cls = ray.remote(_Worker).options(  # type: ignore[attr-defined]
@@ -425,7 +429,8 @@ class RayEvaluator:
         self.close()
 
 
-def _ensure_built(model_name: str, spec: Any, cache_dir: str, batch_size: int) -> None:
+def _ensure_built(model_name: str, spec: Any, cache_dir: str, batch_size: int,
+                  model_kwargs: Mapping[str, Any]) -> None:
     """The driver builds the calibration set before workers start, so workers only read it."""
     from schedsearch.calibration.calibration_set import CalibrationSet
 
@@ -433,4 +438,4 @@ def _ensure_built(model_name: str, spec: Any, cache_dir: str, batch_size: int) -
     if not calibration.is_built:
         from schedsearch.runtime.models import load_model
 
-        calibration.build(load_model(model_name), batch_size=batch_size, progress=False)
+        calibration.build(load_model(model_name, **model_kwargs), batch_size=batch_size, progress=False)

@@ -216,12 +216,15 @@ def load_diffusers_model(
     resolution: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     num_frames: int | None = None,
+    guidance_2: float | None = None,
     **kwargs: Any,
 ) -> LoadedModel:
     """Load a pipeline from a local directory or the local HF cache (never the network) and adapt it.
 
     `resolution` (pixels, square) overrides the pipeline's default image size and `num_frames` a video pipeline's
-    frame count; other keyword arguments go to `DiffusionPipeline.from_pretrained` (e.g. `variant="fp16"`).
+    frame count; `guidance_2` is a two-transformer pipeline's low-noise guidance scale (its `guidance_scale_2`,
+    part of the calibration set's identity). Other keyword arguments go to `DiffusionPipeline.from_pretrained`
+    (e.g. `variant="fp16"`).
     """
     from diffusers import DiffusionPipeline
 
@@ -236,7 +239,7 @@ def load_diffusers_model(
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return loaded_model_from_pipeline(pipe, name=f"diffusers:{path_or_id}", resolution=resolution,
-                                      num_frames=num_frames)
+                                      num_frames=num_frames, guidance_2=guidance_2)
 
 
 # ---------------------------------------------------------------------------------------------------- info
@@ -1118,6 +1121,7 @@ def loaded_model_from_pipeline(
     class_conditioner: ClassConditioner | None = None,
     num_classes: int | None = None,
     guidance_default: float | None = None,
+    guidance_2: float | None = None,
 ) -> LoadedModel:
     """Adapt an already constructed pipeline (its denoiser, scheduler, text encoders, VAE) to a LoadedModel.
 
@@ -1125,6 +1129,9 @@ def loaded_model_from_pipeline(
     conditioner turns into the family's pre-encoded embeddings, as `builtin:mnist-flow` does in place of text
     encoders."""
     two = _two_transformers(pipe)
+    if guidance_2 is not None and not two:
+        raise UserInputError("--guidance-2", f"{type(pipe).__name__} runs one transformer (no transformer_2 and "
+                             "boundary_ratio)", "drop it; --guidance sets the scale")
     network = denoiser_of(pipe)
     family = family_of(network)
     if getattr(pipe, "scheduler", None) is None:
@@ -1158,6 +1165,8 @@ def loaded_model_from_pipeline(
     extra |= {"absent_components": absent_components(first, groups), "denoiser_class": type(first).__name__}
     if isinstance(schedule, FlowSchedule):
         extra["flow_shift"] = schedule.shift
+    if guidance_2 is not None:  # the calibration set's identity: teachers at another second scale are not reused
+        extra["guidance_2"] = float(guidance_2)
     if family in TEXT_ENCODING_CHANGES:  # the calibration set's identity: teachers of an older encoding are not reused
         extra["text_encoding"] = TEXT_ENCODING_CHANGES[family]
     info = ModelInfo(
@@ -1174,7 +1183,8 @@ def loaded_model_from_pipeline(
     )
     make = _denoiser_factory(pipe, family, network, layout, schedule, class_conditioner)
     decode = _vae_decoder(pipe, one_frame=family == "qwen_image", drop_frames=layout.get("padding_frames", 0))
-    return LoadedModel(info, network, schedule, make, decode, scheduler=pipe.scheduler)
+    return LoadedModel(info, network, schedule, make, decode, scheduler=pipe.scheduler,
+                       guidance_2=None if guidance_2 is None else float(guidance_2))
 
 
 __all__ = [

@@ -131,6 +131,7 @@ class LoadedModel:
     _make_denoiser: Callable[[Any, float], Callable[[torch.Tensor, float, int], torch.Tensor]]
     _decode: Callable[[torch.Tensor], torch.Tensor]
     scheduler: Any = None  # the pipeline's own diffusers scheduler (None for the builtin DiT)
+    guidance_2: float | None = None  # a two-transformer model's low-noise scale as loaded (None: `guidance`)
 
     def denoiser(
         self, conditions: Any, guidance: float | None = None, guidance_2: float | None = None
@@ -138,9 +139,10 @@ class LoadedModel:
         """The CFG-combined model output at (x, t); `conditions` are class ids or prompts, one per sample.
 
         `guidance_2`: the scale of the low-noise transformer of a two-transformer model (Wan 2.2's
-        `guidance_scale_2`; None: `guidance`, as WanPipeline defaults it); refused on a one-network model, as
-        WanPipeline refuses it without a `boundary_ratio`."""
+        `guidance_scale_2`; None: the scale it was loaded with, else `guidance`, as WanPipeline defaults it);
+        refused on a one-network model, as WanPipeline refuses it without a `boundary_ratio`."""
         guidance = self.info.guidance_default if guidance is None else guidance
+        guidance_2 = self.guidance_2 if guidance_2 is None else guidance_2
         if guidance_2 is None:
             return self._make_denoiser(conditions, guidance)
         if "expert_boundary" not in self.info.extra:
@@ -247,7 +249,8 @@ def load_model(name: str, **kwargs: Any) -> LoadedModel:
     if name in BUILTIN_MODELS and any(v is not None for v in kwargs.values()):
         given = next(k for k, v in kwargs.items() if v is not None)
         flag = {"num_frames": "--frames"}.get(given, "--" + given.replace("_", "-"))
-        raise UserInputError(flag, f"{name} has one size (1×28×28 images)", "drop it")
+        what = "runs one network" if given == "guidance_2" else "has one size (1×28×28 images)"
+        raise UserInputError(flag, f"{name} {what}", "drop it")
     if name == BUILTIN_MNIST_DIT:
         return load_builtin_mnist_dit()
     if name == BUILTIN_MNIST_FLOW:
