@@ -207,3 +207,17 @@ def test_fid_scores_videos_frame_by_frame(model, tmp_path):
         other = evaluator.evaluate_one(Schedule(model.info.name, model.default_plan(2))).metrics
     assert teacher["fid"] < 1e-3 and other["fid"] > 10 * max(teacher["fid"], 1e-4)  # sqrtm of a singular covariance
     assert other["psnr"] < teacher["psnr"]
+
+
+def test_the_reports_sample_figure_draws_each_video_as_a_frame_strip(model):
+    """The report's schedule-vs-teacher figure on videos: one row per video, its frames left to right (a 2-video,
+    9-frame call gives a grid 2 frames high and 9 wide in each panel)."""
+    from schedsearch.results.plots import sample_grid_figure
+
+    plan = model.default_plan(3)
+    schedule = Schedule(model.info.name, plan)
+    teacher = Schedule(model.info.name, model.default_plan(4))
+    fig = sample_grid_figure(model, schedule, teacher, ["a cat", "a dog"], [0, 1], guidance=5.0)
+    for panel in fig.axes:
+        height, width, _ = panel.get_images()[0].get_array().shape
+        assert (height, width) == (2 + 2 * (PIXELS + 2), 2 + FRAMES * (PIXELS + 2))  # make_grid's 2-pixel padding

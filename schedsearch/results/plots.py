@@ -424,20 +424,23 @@ def sample_grid_figure(
     ax: Sequence[Axes] | None = None,
 ) -> Figure:
     """The schedule's images beside the teacher's for the same conditions and seeds (same initial noise), so what a
-    cheaper schedule loses is visible, not only its metric. Keep it small: both schedules run here.
+    cheaper schedule loses is visible, not only its metric. Keep it small: both schedules run here. Videos are drawn
+    as frame strips, one video per row, its frames left to right.
 
     ax: two Axes (schedule, teacher).
     """
     import torch
     from torchvision.utils import make_grid
 
-    from schedsearch.objectives.images import to_unit_interval
+    from schedsearch.objectives.images import frames, to_unit_interval
     from schedsearch.runtime.execute import run_batches
 
     def images(s: Schedule) -> torch.Tensor:
         return torch.cat([im for _, im in run_batches(model, s, conditions, seeds, guidance, batch_size)])
 
     ours, teacher = images(schedule), images(teacher_schedule)
+    if ours.dim() == 5:  # (N, C, F, H, W): a row of F frames per video
+        nrow = ours.shape[2]
     nrow = nrow or max(1, int(np.ceil(np.sqrt(len(seeds)))))
     if ax is None:
         fig = Figure(figsize=(8.0, 4.2), layout="constrained")
@@ -451,7 +454,7 @@ def sample_grid_figure(
     titles = (f"schedule (NFE {schedule.solver.nfe}, MSE to teacher {mse:.4f})",
               f"teacher (NFE {teacher_schedule.solver.nfe})")
     for panel, batch, title in zip(axes, (ours, teacher), titles, strict=True):
-        grid = make_grid(to_unit_interval(batch), nrow=nrow, padding=2, pad_value=1.0)
+        grid = make_grid(to_unit_interval(frames(batch)), nrow=nrow, padding=2, pad_value=1.0)
         panel.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
         panel.set_title(title, fontsize=9)
         panel.set_axis_off()
