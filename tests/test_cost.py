@@ -178,3 +178,19 @@ def test_calibrated_base_reproduces_the_measured_full_run(builtin_model):
     assert schedule_cost(calibrated, PLAN, info) == pytest.approx(2.0)
     fora = baselines.fora_cache_plan(model_layout(info), PLAN.num_steps, 2)
     assert schedule_cost(calibrated, PLAN, info, fora) == pytest.approx(2.0 - 5 * 12 * 1e-3)
+
+
+def test_calibrated_per_transformer_table_predicts_the_measured_uncached_run() -> None:
+    """calibrate_base on a per-transformer table: the uncached run (2 evaluations on the first transformer, 3 on
+    the second) is predicted at exactly its measured seconds, whatever the timed parts were."""
+    from schedsearch.objectives.cost import CostTable, ExpertCostTable, calibrate_base, table_from_dict, table_to_dict
+
+    first = CostTable("s", 0.5, {"a": 1.0, "b": 2.0}, {"blk": 0.25})
+    second = CostTable("s", 0.5, {"a": 1.5, "b": 3.0}, {"blk": 0.5})
+    table = ExpertCostTable("s", 0.5, first.slots, first.block_overhead, (first, second))
+    calibrated = calibrate_base(table, 30.0, [2, 3])
+    assert 2 * calibrated.experts[0].full + 3 * calibrated.experts[1].full == pytest.approx(30.0)
+    assert calibrated.experts[0].base == calibrated.experts[1].base == pytest.approx((30.0 - 2 * 3.25 - 3 * 5.0) / 5)
+    assert table_from_dict(table_to_dict(calibrated)) == calibrated
+    with pytest.raises(ValueError, match="2 transformers"):
+        calibrate_base(table, 30.0, [5])

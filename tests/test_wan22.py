@@ -210,6 +210,23 @@ def test_cached_schedule_in_the_stock_pipeline_equals_our_sampler(model, pipe):
     assert (untouched - uncached).abs().max() < 1e-5  # removed: the stock pipeline is itself again
 
 
+def test_latency_is_timed_per_transformer_and_charged_to_its_steps(model, tmp_path):
+    """latency_s on two transformers: each transformer's components timed with the probe routed to it, the
+    uncached run's unexplained time spread over its evaluations, the table kept on disk and read back as it was;
+    a cached schedule is predicted faster than the uncached one."""
+    from schedsearch.objectives.cost import ExpertCostTable
+    from schedsearch.objectives.standard import PredictedLatency
+
+    objective = PredictedLatency(model, str(tmp_path))
+    objective.batch = 2  # the tiny probe
+    table = objective.table()
+    assert isinstance(table, ExpertCostTable) and len(table.experts) == 2
+    assert table.experts[0].base == table.experts[1].base  # one unexplained time per evaluation
+    assert 0 < objective.value(fora(model, 2)) < objective.value(Schedule(model.info.name, model.default_plan(STEPS)))
+    again = PredictedLatency(model, str(tmp_path))
+    again.batch = 2
+    assert again.table() == table and len(list(tmp_path.glob("latency_*_b2.json"))) == 1
+
 def test_a_reuse_at_a_transformers_first_step_is_refused(model, pipe):
     """FORA every 3 reuses at step 2, where transformer_2 has computed nothing: refused before any work, by our
     sampler's entry point, apply_schedule on the pipeline and on the model, naming the step and the fix."""

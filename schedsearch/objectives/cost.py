@@ -8,17 +8,17 @@ scores and values included, per sample; a CFG pair costs twice. The analytic tab
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from schedsearch.errors import UserInputError
 from schedsearch.runtime.experts import ExpertPair
 from schedsearch.runtime.models import ModelInfo, block_module_name, model_layout
 from schedsearch.spaces.baselines import step_experts
@@ -409,10 +409,21 @@ def measured_latency_table(
 ) -> CostTable:
     """Seconds per evaluation (at the batch `forward` uses) of every component and block, timed with module hooks
     over `repeats` full forwards (median); measured once per model and device so that a schedule's latency can be
-    predicted without running it."""
+    predicted without running it. On an `ExpertPair` each transformer is timed with the forward routed to it (the
+    same probe through either): an `ExpertCostTable`, as `measured_macs_table` counts one."""
     if isinstance(network, ExpertPair):
-        raise UserInputError("--objectives", f"latency_s: {info.name} runs two transformers, and a latency table "
-                             "holds one", "use macs (counted per transformer) or nfe")
+        tables = []
+        for e, expert in enumerate(network.experts):
+            with network.routed_to(e):
+                tables.append(_timed_table(expert, info, forward, repeats, device))
+        first = tables[0]
+        return ExpertCostTable(first.unit, first.base, first.slots, first.block_overhead, tuple(tables))
+    return _timed_table(network, info, forward, repeats, device)
+
+
+def _timed_table(network: torch.nn.Module, info: ModelInfo, forward: Callable[[], Any], repeats: int,
+                 device: str) -> CostTable:
+    """`measured_latency_table` of one network that `forward` runs."""
     names = slot_names_of(info)
     blocks = [f"{g.path}.{b}" for g in info.block_groups for b in range(g.count)]
     samples: dict[str, list[float]] = {n: [] for n in [*names, *blocks, ""]}
@@ -602,9 +613,31 @@ def observe_units(network: torch.nn.Module, info: ModelInfo, run: Callable[[], A
     return observer.take()
 
 
-def calibrate_base(table: CostTable, measured_full_s: float, evaluations: int) -> CostTable:
+def calibrate_base(table: CostTable, measured_full_s: float, evaluations: int | Sequence[int]) -> CostTable:
     """Fold what module timing cannot see (the sampler's own arithmetic, CFG combination, Python between modules)
     into `base`, from one measured uncached run, so that predicted = measured for the uncached schedule and a cached
-    schedule is predicted as that minus the latency of what it skips."""
+    schedule is predicted as that minus the latency of what it skips. For an `ExpertCostTable`, `evaluations` are
+    per transformer (the run's steps each ran), and the unexplained time is spread evenly over every evaluation."""
+    if isinstance(table, ExpertCostTable):
+        counts = list(evaluations) if isinstance(evaluations, Sequence) else [evaluations]
+        if len(counts) != len(table.experts):
+            raise ValueError(f"calibrate_base: {len(counts)} evaluation counts for {len(table.experts)} transformers")
+        timed = sum(n * (t.full - t.base) for n, t in zip(counts, table.experts, strict=True))
+        base = (measured_full_s - timed) / sum(counts)
+        experts = tuple(CostTable(t.unit, base, t.slots, t.block_overhead) for t in table.experts)
+        return ExpertCostTable(table.unit, base, table.slots, table.block_overhead, experts)
     per_eval = measured_full_s / evaluations
     return CostTable(table.unit, per_eval - (table.full - table.base), table.slots, table.block_overhead)
+
+
+def table_to_dict(table: CostTable) -> dict[str, Any]:
+    """A cost table as JSON-ready data (a per-transformer table keeps its tables under "experts")."""
+    return dataclasses.asdict(table)
+
+
+def table_from_dict(data: Mapping[str, Any]) -> CostTable:
+    """The inverse of `table_to_dict`."""
+    fields = {k: v for k, v in data.items() if k != "experts"}
+    if "experts" in data:
+        return ExpertCostTable(**fields, experts=tuple(CostTable(**t) for t in data["experts"]))
+    return CostTable(**fields)

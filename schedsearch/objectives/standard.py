@@ -248,24 +248,28 @@ class PredictedLatency(CostObjective):
         return Path(self.cache_dir) / f"latency_{safe}_{_device_tag(self.model)}_b{self.batch}.json"
 
     def table(self) -> CostTable:
-        from schedsearch.objectives.cost import CostTable
+        from schedsearch.objectives.cost import table_from_dict, table_to_dict
 
         if self._table is not None:
             return self._table
         path = self._path()
         if path is not None and path.is_file():
-            data = json.loads(path.read_text())
-            self._table = CostTable(**data)
+            self._table = table_from_dict(json.loads(path.read_text()))
             return self._table
         self._table = self._measure()
         if path is not None:
             from schedsearch.results.atomic import atomic_write_text
 
-            atomic_write_text(path, json.dumps(self._table.__dict__, indent=1))
+            atomic_write_text(path, json.dumps(table_to_dict(self._table), indent=1))
         return self._table
 
     def _measure(self) -> CostTable:
-        from schedsearch.objectives.cost import calibrate_base, measure_latency, measured_latency_table
+        from schedsearch.objectives.cost import (
+            calibrate_base,
+            evaluated_steps,
+            measure_latency,
+            measured_latency_table,
+        )
         from schedsearch.runtime.models import initial_noise
         from schedsearch.runtime.sampler import sample
 
@@ -279,7 +283,14 @@ class PredictedLatency(CostObjective):
         x = initial_noise(list(range(self.batch)), model.info.sample_shape)
         timing = measure_latency(lambda: sample(denoise, x, plan, model.noise_schedule, model.info.prediction_type),
                                  warmup=1, repeats=3, device=device)
-        return calibrate_base(table, timing.median_s, plan.nfe)
+        boundary = model.info.extra.get("expert_boundary")
+        if boundary is None:
+            return calibrate_base(table, timing.median_s, plan.nfe)
+        from schedsearch.spaces.baselines import step_experts
+
+        experts = step_experts(plan, boundary)  # the run's model evaluations per transformer
+        return calibrate_base(table, timing.median_s, [sum(experts[i] == e for i in evaluated_steps(plan))
+                                                       for e in range(2)])
 
     def value(self, schedule: Schedule) -> float:
         from schedsearch.objectives.cost import schedule_cost
