@@ -52,6 +52,7 @@ CONFIGS = {
     "ecad+screen+share@16": {"options": SCREENED, "budget": 384, "prepare": 2, "share": True, "samples": 16},
     "ecad+screen+share@16+8GiB": {"options": SCREENED, "budget": 384, "prepare": 2, "share": True, "samples": 16,
                                   "memory": 8.0},
+    "ecad+screen+share@12": {"options": SCREENED, "budget": 384, "prepare": 2, "share": True, "samples": 12},
     "ecad+screen+share@12+8GiB": {"options": SCREENED, "budget": 384, "prepare": 2, "share": True, "samples": 12,
                                   "memory": 8.0},
     "ecad+screen+share@8": {"options": SCREENED, "budget": 384, "prepare": 2, "share": True, "samples": 8},
@@ -198,7 +199,8 @@ def _figure(out: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     colors = {"ecad": "tab:orange", "ecad+screen": "tab:green", "ecad+screen+share@16": "tab:purple",
-              "ecad+screen+share@16+8GiB": "tab:red", "ecad+screen+share@12+8GiB": "tab:brown",
+              "ecad+screen+share@16+8GiB": "tab:red", "ecad+screen+share@12": "tab:pink",
+              "ecad+screen+share@12+8GiB": "tab:brown",
               "ecad+screen+share@8": "tab:blue"}
     for name, runs in out["runs"].items():
         for i, run in enumerate(runs.values()):
