@@ -181,6 +181,9 @@ def test_ddim_at_a_step_count_not_dividing_1000_is_refused(model):
         model.pipeline_plan(3)
     assert "e.g. 4" in err.value.fix
     assert model.pipeline_plan(5).timesteps == (999.0, 799.0, 599.0, 399.0, 199.0)
+    with pytest.warns(UserWarning, match=r"cannot run as a plan at 3 steps .*timestep_spacing.*DPM-Solver\+\+"):
+        fallback = model.default_plan(3)  # not the pipeline's output, and said so
+    assert fallback.num_steps == 3
 
 
 def test_stochastic_dpm_scheduler_is_refused_before_any_work(saved):

@@ -7,6 +7,7 @@ built from the info and never from the network itself. It also makes the denoise
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,12 +167,14 @@ class LoadedModel:
 
     def default_plan(self, num_steps: int = 20) -> SolverPlan:
         """The pipeline's own scheduler where it can be expressed (what users run); otherwise DPM-Solver++(2M) on
-        diffusers' linspace timesteps (the builtin DiT; PNDM and other schedulers a plan cannot express)."""
+        diffusers' linspace timesteps (the builtin DiT; PNDM and other schedulers a plan cannot express), with a
+        warning naming why, since the result is then not the pipeline's own output."""
         if self.scheduler is not None:
             try:
                 return self.pipeline_plan(num_steps)
-            except UserInputError:
-                pass
+            except UserInputError as err:
+                warnings.warn(f"{self.info.name}: the pipeline's scheduler cannot run as a plan at {num_steps} steps "
+                              f"({err}); the default plan is DPM-Solver++(2M) instead", stacklevel=2)
         return dpm_solver_plan(linspace_timesteps(self.info.num_train_timesteps, num_steps), order=2)
 
 
