@@ -1,8 +1,9 @@
 """Search cost: hypervolume on held-out samples against the model work spent, ECAD (the reference: its GA, every plan
-run from noise) against ECAD with the reuse-error screen and bounded seeds (`--screen 8`), then with 16 samples per
-evaluation instead of 32 and prefix sharing (`share_prefixes`: each generation's plans as a prefix tree, resuming
-from the states earlier generations left; bit-identical records), then with 8 samples, on the builtin DiT's cache
-space (20 DPM-Solver++ steps, PSNR to the 100-step teacher ↑ / MACs ↓).
+run from noise) against ECAD with the reuse-error screen and bounded seeds (`--screen 8`), then with fewer samples
+per evaluation (16, 12, 8 instead of 32) and prefix sharing (`share_prefixes`: each generation's plans as a prefix
+tree, resuming from the states earlier generations left; bit-identical records), its states bounded by the default
+2 GiB or by 8 GiB (`--prefix-memory`; the same records, fewer passes), on the builtin DiT's cache space (20
+DPM-Solver++ steps, PSNR to the 100-step teacher ↑ / MACs ↓).
 
 Each (configuration, strategy seed) is one study in its own store (resumable: re-running continues each study to
 its budget). Model work is denoiser forward passes (one per sample row of every denoiser call; a CFG pair is two),
@@ -12,7 +13,7 @@ left out. At checkpoints along each study the search-split front of the records 
 `--heldout-samples` held-out seeds (one shared store: a schedule on several fronts is scored once), and its
 hypervolume is divided by that of the baselines' held-out front (ECAD's and CacheQuant's hand-made schedules), one
 reference point for all: below the worst baseline's PSNR by 1 dB, at 1.05× the uncached MACs. The passes needed to
-reach 1.10× and 1.12× are the first checkpoint at or above them.
+reach 1.10× and 1.12× are the first checkpoint (one after every generation of 24) at or above them.
 
     python benchmarks/search_cost.py [--seeds 0,1,2] [--work-dir DIR] [--configs ecad,ecad+screen]
 
