@@ -806,13 +806,9 @@ def encode_prompts(pipe: Any, family: str, prompts: Sequence[str]) -> dict[str, 
     if family == "flux":
         pe, ppe, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device)
         return {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
-    if family == "wan":  # at __call__'s max_sequence_length (512), not encode_prompt's (226): zero-padded to it,
-        # the text tokens the transformer attends to are what `pipe(prompt=...)` gives it
-        pe, ne = pipe.encode_prompt(prompt=prompts, negative_prompt=[""] * len(prompts),
-                                    do_classifier_free_guidance=True, device=device,
-                                    max_sequence_length=_call_default(pipe, "max_sequence_length"))
-        return {"prompt_embeds": pe, "negative_prompt_embeds": ne}
-    if family == "cogvideox":  # T5 at __call__'s max_sequence_length (226), the empty negative prompt
+    if family in ("wan", "cogvideox"):  # T5 / UMT5 at __call__'s max_sequence_length (Wan 512, not encode_prompt's
+        # 226; CogVideoX 226), zero-padded to it: the text tokens the transformer attends to are what
+        # `pipe(prompt=...)` gives it; the empty negative prompt
         pe, ne = pipe.encode_prompt(prompt=prompts, negative_prompt=[""] * len(prompts),
                                     do_classifier_free_guidance=True, device=device,
                                     max_sequence_length=_call_default(pipe, "max_sequence_length"))
