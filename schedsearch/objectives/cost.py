@@ -296,14 +296,20 @@ def measured_macs_table(network: torch.nn.Module, info: ModelInfo, forward: Call
     works for every family, and is the independent check of the analytic table. On an `ExpertPair` the forward is
     counted once routed to each transformer (the same inputs through either): an `ExpertCostTable`."""
     if isinstance(network, ExpertPair):
-        tables = []
-        for e, expert in enumerate(network.experts):
-            with network.routed_to(e):
-                counts = _flop_counts(forward)
-            tables.append(_counted_table(counts, f"{type(network).__name__}.experts.{e}", expert, info, batch))
-        first = tables[0]
-        return ExpertCostTable(first.unit, first.base, first.slots, first.block_overhead, tuple(tables))
+        return _per_expert(network, lambda e, expert: _counted_table(
+            _flop_counts(forward), f"{type(network).__name__}.experts.{e}", expert, info, batch))
     return _counted_table(_flop_counts(forward), type(network).__name__, network, info, batch)
+
+
+def _per_expert(pair: ExpertPair, table_of: Callable[[int, torch.nn.Module], CostTable]) -> ExpertCostTable:
+    """`table_of(e, transformer)` for each transformer of the pair with every call routed to it (the same probe
+    through either), as one `ExpertCostTable`."""
+    tables = []
+    for e, expert in enumerate(pair.experts):
+        with pair.routed_to(e):
+            tables.append(table_of(e, expert))
+    first = tables[0]
+    return ExpertCostTable(first.unit, first.base, first.slots, first.block_overhead, tuple(tables))
 
 
 def _flop_counts(forward: Callable[[], Any]) -> dict[str, dict[Any, int]]:
@@ -412,12 +418,7 @@ def measured_latency_table(
     predicted without running it. On an `ExpertPair` each transformer is timed with the forward routed to it (the
     same probe through either): an `ExpertCostTable`, as `measured_macs_table` counts one."""
     if isinstance(network, ExpertPair):
-        tables = []
-        for e, expert in enumerate(network.experts):
-            with network.routed_to(e):
-                tables.append(_timed_table(expert, info, forward, repeats, device))
-        first = tables[0]
-        return ExpertCostTable(first.unit, first.base, first.slots, first.block_overhead, tuple(tables))
+        return _per_expert(network, lambda _, expert: _timed_table(expert, info, forward, repeats, device))
     return _timed_table(network, info, forward, repeats, device)
 
 

@@ -265,6 +265,7 @@ class PredictedLatency(CostObjective):
 
     def _measure(self) -> CostTable:
         from schedsearch.objectives.cost import (
+            ExpertCostTable,
             calibrate_base,
             evaluated_steps,
             measure_latency,
@@ -283,14 +284,13 @@ class PredictedLatency(CostObjective):
         x = initial_noise(list(range(self.batch)), model.info.sample_shape)
         timing = measure_latency(lambda: sample(denoise, x, plan, model.noise_schedule, model.info.prediction_type),
                                  warmup=1, repeats=3, device=device)
-        boundary = model.info.extra.get("expert_boundary")
-        if boundary is None:
+        if not isinstance(table, ExpertCostTable):
             return calibrate_base(table, timing.median_s, plan.nfe)
         from schedsearch.spaces.baselines import step_experts
 
-        experts = step_experts(plan, boundary)  # the run's model evaluations per transformer
+        experts = step_experts(plan, model.info.extra["expert_boundary"])  # the run's evaluations per transformer
         return calibrate_base(table, timing.median_s, [sum(experts[i] == e for i in evaluated_steps(plan))
-                                                       for e in range(2)])
+                                                       for e in range(len(table.experts))])
 
     def value(self, schedule: Schedule) -> float:
         from schedsearch.objectives.cost import schedule_cost
