@@ -10,6 +10,7 @@ from schedsearch.calibration.calibration_set import CalibrationSet, default_spec
 from schedsearch.evaluation.local import LocalEvaluator
 from schedsearch.runtime.execute import run_batches
 from schedsearch.runtime.prefix_tree import PrefixStates, group_key, run_shared_prefixes
+from schedsearch.spaces.schedule import Schedule
 from schedsearch.study import build_space
 
 STEPS = 6
@@ -163,3 +164,16 @@ def test_states_kept_every_kth_step_resume_from_the_deepest_kept(builtin_model, 
     assert torch.equal(again.latents, first.latents)
     with pytest.raises(ValueError, match="every"):
         PrefixStates(every=0)
+
+
+def test_prefix_groups_keep_first_appearance_order_and_leave_unshareable_plans_alone(builtin_model, space) -> None:
+    """Shareable plans of one group_key together, in the order they first appear; an uncached schedule (key None)
+    is a group of its own each time, duplicates included."""
+    from schedsearch.runtime.prefix_tree import prefix_groups
+
+    skip, plain = plans(space, 6, seed=1, skip=True)[:2], plans(space, 6, seed=2, skip=False)[:2]
+    uncached = Schedule(builtin_model.info.name, space.solver)
+    groups = prefix_groups([skip[0], uncached, plain[0], skip[1], uncached, plain[1]])
+    assert [members for _, members in groups] == [[0, 3], [1], [2, 5], [4]]
+    assert [key is None for key, _ in groups] == [False, True, False, True]
+    assert groups[0][0] == group_key(skip[0]) != groups[2][0]

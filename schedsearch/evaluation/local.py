@@ -90,16 +90,13 @@ class LocalEvaluator:
             for schedule in schedules:
                 yield self.evaluate_one(schedule)
             return
-        from schedsearch.runtime.prefix_tree import group_key
+        from schedsearch.runtime.prefix_tree import prefix_groups
 
-        groups: dict[Any, list[Schedule]] = {}
-        for schedule in schedules:
-            groups.setdefault(group_key(schedule) or ("alone", schedule.key), []).append(schedule)
-        for members in groups.values():
-            if group_key(members[0]) is None:
-                yield self.evaluate_one(members[0])
+        for key, members in prefix_groups(schedules):
+            if key is None:
+                yield self.evaluate_one(schedules[members[0]])
             else:
-                yield from self._evaluate_group(members)
+                yield from self._evaluate_group([schedules[i] for i in members])
 
     def _evaluate_group(self, schedules: list[Schedule]) -> Iterator[Evaluation]:
         """Score plans that share prefixes: every plan on each sample batch through the prefix tree, each plan's

@@ -311,17 +311,15 @@ class RayEvaluator:
         prefix-sharing group are sorted by their rows and cut into one contiguous run per worker."""
         if not self.share_prefixes:
             return [[tag] for tag, _ in tagged]
-        from schedsearch.runtime.prefix_tree import group_key
+        from schedsearch.runtime.prefix_tree import prefix_groups
 
-        groups: dict[Any, list[tuple[int, Schedule]]] = {}
-        for tag, schedule in tagged:
-            groups.setdefault(group_key(schedule) or ("alone", tag), []).append((tag, schedule))
         tasks = []
-        for members in groups.values():
-            members.sort(key=lambda m: m[1].cache.recompute if group_key(m[1]) is not None else ())
+        for key, members in prefix_groups([schedule for _, schedule in tagged]):
+            if key is not None:
+                members = sorted(members, key=lambda i: tagged[i][1].cache.recompute)
             runs = min(self.workers, len(members))
             bounds = [round(i * len(members) / runs) for i in range(runs + 1)]
-            tasks += [[tag for tag, _ in members[lo:hi]] for lo, hi in pairwise(bounds)]
+            tasks += [[tagged[i][0] for i in members[lo:hi]] for lo, hi in pairwise(bounds)]
         return tasks
 
     def evaluate(self, schedules: Iterable[Schedule]) -> Iterator[Any]:

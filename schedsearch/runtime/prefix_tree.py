@@ -37,7 +37,8 @@ from schedsearch.runtime.sampler import PlanRunner, start_latent
 from schedsearch.spaces.cache_plan import ComponentCachePlan
 from schedsearch.spaces.schedule import Schedule
 
-__all__ = ["DEFAULT_MAX_BYTES", "PrefixStates", "SharedRun", "group_key", "run_shared_prefixes", "template_plan"]
+__all__ = ["DEFAULT_MAX_BYTES", "PrefixStates", "SharedRun", "group_key", "prefix_groups", "run_shared_prefixes",
+           "template_plan"]
 
 DEFAULT_MAX_BYTES = 2 * 1024**3  # kept states, beyond what one plan's run holds anyway
 DEFAULT_EVERY = 1  # keep the state before every step
@@ -63,6 +64,23 @@ def group_key(schedule: Schedule) -> tuple | None:
     if schedule.policy is not None or not isinstance(cache, ComponentCachePlan):
         return None
     return schedule.model, schedule.solver, cache.layout, cache.skip_reused_blocks
+
+
+def prefix_groups(schedules: Sequence[Schedule]) -> list[tuple[tuple | None, list[int]]]:
+    """(group_key, indices) of `schedules`, groups in order of first appearance: the plans that can share prefixes
+    together, and each schedule that cannot (key None) on its own."""
+    out: list[tuple[tuple | None, list[int]]] = []
+    shared: dict[tuple, list[int]] = {}
+    for i, schedule in enumerate(schedules):
+        key = group_key(schedule)
+        if key is None:
+            out.append((None, [i]))
+        elif key in shared:
+            shared[key].append(i)
+        else:
+            shared[key] = [i]
+            out.append((key, shared[key]))
+    return out
 
 
 def template_plan(plan: ComponentCachePlan) -> ComponentCachePlan:
