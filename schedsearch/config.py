@@ -237,6 +237,11 @@ class StudyConfig:
         return {k: v for k, v in given.items() if v is not None}
 
     @property
+    def prefix_memory_bytes(self) -> int:
+        """`prefix_memory` (GiB) in bytes, what the evaluators bound their kept states by."""
+        return int(self.prefix_memory * 1024**3)
+
+    @property
     def resolved_samples(self) -> int:
         return PRESETS[self.preset].samples if self.samples is None else self.samples
 

@@ -255,12 +255,12 @@ def _evaluator(config: StudyConfig, model: Any, calibration: Any, cache_dir: Pat
         return RayEvaluator(model.info.name, calibration.spec, cache_dir, list(config.objectives),
                             batch_size=config.batch_size, workers=config.workers, address=config.ray_address,
                             share_prefixes=config.share_prefixes, model_kwargs=config.model_kwargs,
-                            prefix_memory_bytes=int(config.prefix_memory * 1024**3))
+                            prefix_memory_bytes=config.prefix_memory_bytes)
     from schedsearch.evaluation.local import LocalEvaluator
 
     return LocalEvaluator(model, calibration, list(config.objectives), batch_size=config.batch_size,
                           cost_cache_dir=str(cache_dir), share_prefixes=config.share_prefixes,
-                          prefix_memory_bytes=int(config.prefix_memory * 1024**3))
+                          prefix_memory_bytes=config.prefix_memory_bytes)
 
 
 def _record_settings(store: ResultStore, config: StudyConfig, directions: dict[str, str], calibration: str) -> None:
